@@ -1,0 +1,5 @@
+"""CLI subcommands (placeholder until written)."""
+
+
+def register(sub) -> None:
+    pass
