@@ -1,0 +1,118 @@
+"""What every evaluation command shares: which model, heads, device and dtype, and loading them.
+
+``bench``, ``heads-accuracy`` and ``tree`` take the same model options; they are declared once here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medusa_llama.errors import MedusaError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKENDS = ("auto", "fast", "hf")
+
+
+@dataclass
+class ModelOptions:
+    model: str | None = None
+    """--model: HF hub id, local checkpoint directory, or None / "embedded" for the embedded SmolLM2-135M."""
+    heads: str | None = None
+    """--heads: directory of trained Medusa heads; None = the heads shipped for the embedded model."""
+    device: str | None = None
+    """--device: "cpu", "cuda", "cuda:1"...; None = CUDA when available, else CPU."""
+    dtype: str | None = None
+    """--dtype: float32, bfloat16 or float16; None = float32 on CPU, bfloat16 on CUDA."""
+    backend: str = "auto"
+    """--backend: the decoding backbone: "fast" (our static-cache model), "hf" (transformers), "auto"."""
+    max_seq_len: int = 2048
+    """--max-seq-len: KV cache capacity in tokens (prompt + new tokens + one tree)."""
+
+    def __post_init__(self):
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.max_seq_len < 16:
+            raise ValueError(f"--max-seq-len must be >= 16, got {self.max_seq_len}")
+        if self.device is not None:
+            try:
+                dev = torch.device(self.device)
+            except RuntimeError as exc:
+                raise ValueError(f"--device {self.device!r} is not a device name such as cpu or cuda:0") from exc
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"--device {self.device!r}: CUDA is not available on this machine")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return DTYPES[self.dtype]
+        return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+
+
+def resolve_heads_dir(spec: str | None) -> Path:
+    """``--heads`` or, when omitted, the shipped heads; a clear error when there are none."""
+    if spec:
+        return Path(spec).expanduser()
+    try:
+        from medusa_llama.heads_default import default_heads_dir
+    except ImportError:
+        default_heads_dir = None
+    found = default_heads_dir() if default_heads_dir is not None else None
+    if found is None:
+        raise MedusaError(
+            "no Medusa heads given and none are installed: pass --heads DIR (train with `medusa-llama train`)"
+        )
+    return Path(found)
+
+
+def load_backbone_and_heads(opts: ModelOptions):
+    """The decoding backbone and its heads, checked against each other. Returns ``(backbone, heads)``."""
+    from medusa_llama.backbone import load_backbone
+    from medusa_llama.heads import MedusaHeads
+
+    heads_dir = resolve_heads_dir(opts.heads)
+    if not heads_dir.exists():
+        raise MedusaError(f"--heads {heads_dir}: no such directory")
+    backbone = load_backbone(
+        opts.model, device=opts.torch_device, dtype=opts.torch_dtype, max_seq_len=opts.max_seq_len, backend=opts.backend
+    )
+    heads = MedusaHeads.load(heads_dir, device=opts.torch_device, dtype=opts.torch_dtype)
+    heads.check_compatible(backbone.hidden_size, backbone.vocab_size, getattr(backbone, "name", None))
+    log.info("model %s, heads %s (%d heads), %s %s", backbone.name, heads_dir, heads.num_heads, backbone.device,
+             str(opts.torch_dtype).removeprefix("torch."))  # fmt: skip
+    return backbone, heads
+
+
+def device_name(device: torch.device | str) -> str:
+    """The GPU's name, or the CPU model and core count: recorded in every report."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued GPU work before reading a timer."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,152 @@
+"""Per-head top-k accuracy on held-out prompts, measured the way the decoder sees the heads.
+
+For each prompt: the backbone's greedy continuation (what greedy acceptance compares against), then one backbone
+forward over prompt + continuation for the final hidden states h_t. At each continuation position t, head k
+(1-based) ranks its candidates for token t+k+1; sequential heads walk the true continuation as their path (in a
+tree, the accepted path is exactly the true tokens). ``accuracy[d][r]`` = P(head d+1's rank-r token is the true
+token): per rank, not cumulative, the input of ``tree.grow_tree`` and the tree optimizer (Medusa, Sec. 2.3.3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medusa_llama.errors import MedusaError
+from medusa_llama.eval_setup import ModelOptions, device_name
+
+log = logging.getLogger(__name__)
+
+MAX_TOPK = 10
+
+
+def _decoder_body(hf_model):
+    """The transformer body (embeddings + layers + final norm) of an HF causal LM."""
+    body = getattr(hf_model, "model", None)
+    return body if isinstance(body, torch.nn.Module) else hf_model.base_model
+
+
+@torch.inference_mode()
+def head_rank_hits(hf_model, heads, ids: list[int], prompt_len: int, topk: int = MAX_TOPK):
+    """Hit counts of one sequence: ``hits[d, r]`` = positions where head d+1's rank-r token was the true one,
+    ``n[d]`` = positions scored for head d+1. ``ids`` = prompt + greedy continuation (``prompt_len`` prompt tokens).
+    """
+    k_heads, length = heads.num_heads, len(ids)
+    hits = torch.zeros(k_heads, topk, dtype=torch.long)
+    n = torch.zeros(k_heads, dtype=torch.long)
+    first, last = prompt_len - 1, length - 2  # h_t for t in [first, last) has a target for head 1 (t + 2 < L)
+    if last <= first:
+        return hits, n
+    device = next(hf_model.parameters()).device
+    seq = torch.tensor([ids], device=device)  # (1, L)
+    hidden = _decoder_body(hf_model)(input_ids=seq).last_hidden_state[0, first:last]  # (N, D), N = last - first
+    pos = torch.arange(first, last, device=device)  # (N,) position t of each state
+    emb = hf_model.get_input_embeddings()
+    lm_head = hf_model.get_output_embeddings()
+    # path_emb[k, i] = e(x_{t+k+1}): the true token before head k+1's target (clamped past the end, masked below)
+    path_idx = (pos[None, :] + torch.arange(1, k_heads + 1, device=device)[:, None]).clamp(max=length - 1)  # (K, N)
+    path_emb = emb(seq[0][path_idx]).to(hidden.dtype)  # (K, N, D)
+    states = heads.chain_states(hidden.to(next(heads.parameters()).dtype), path_emb)  # K x (N, D)
+    for k, state in enumerate(states):
+        target_idx = pos + k + 2  # (N,) head k+1 predicts x_{t+k+2} (0-based k)
+        valid = target_idx < length
+        if not bool(valid.any()):
+            continue
+        logits = heads.project(k, state[valid], lm_head)  # (N_k, V)
+        top = logits.topk(topk, dim=-1).indices  # (N_k, topk)
+        match = top == seq[0][target_idx[valid]][:, None]  # (N_k, topk): at most one True per row
+        hits[k] += match.sum(0).cpu()
+        n[k] += int(valid.sum())
+    return hits, n
+
+
+def measure_head_accuracy(
+    backbone, heads, prompt_ids: list[list[int]], max_new_tokens: int = 128, topk: int = MAX_TOPK, progress: bool = True
+) -> dict:
+    """Greedy continuations with ``VanillaDecoder``, then per-head, per-rank accuracy over all of them."""
+    from tqdm.auto import tqdm
+
+    from medusa_llama.decoding import GenerationConfig, VanillaDecoder
+
+    if not 1 <= topk <= MAX_TOPK:
+        raise ValueError(f"--topk must be in 1..{MAX_TOPK}, got {topk}")
+    decoder = VanillaDecoder(backbone)
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
+    hits = torch.zeros(heads.num_heads, topk, dtype=torch.long)
+    n = torch.zeros(heads.num_heads, dtype=torch.long)
+    new_tokens = 0
+    for ids in tqdm(prompt_ids, desc="head accuracy", unit="prompt", disable=not progress):
+        cont = decoder.generate(list(ids), gen).tokens
+        new_tokens += len(cont)
+        h, c = head_rank_hits(backbone.hf_model, heads, list(ids) + list(cont), len(ids), topk)
+        hits += h
+        n += c
+    if int(n.min()) == 0:
+        raise MedusaError("too few continuation tokens to score every head: use more prompts or --max-new-tokens")
+    acc = hits.double() / n.double()[:, None]  # (K, topk) per rank
+    return {
+        "accuracy": acc.tolist(),
+        "top_k_cumulative": acc.cumsum(-1).tolist(),
+        "positions": n.tolist(),
+        "num_prompts": len(prompt_ids),
+        "new_tokens": new_tokens,
+        "topk": topk,
+    }
+
+
+def format_accuracy(report: dict) -> str:
+    """A small text table of cumulative top-1/3/5/10 accuracy per head."""
+    cum = report["top_k_cumulative"]
+    ks = [k for k in (1, 3, 5, 10) if k <= len(cum[0])]
+    lines = ["head  " + "  ".join(f"top-{k:<3d}" for k in ks) + "  positions"]
+    for d, row in enumerate(cum):
+        lines.append(f"{d + 1:>4d}  " + "  ".join(f"{row[k - 1]:7.3f}" for k in ks) + f"  {report['positions'][d]:9d}")
+    return "\n".join(lines)
+
+
+@dataclass
+class HeadAccuracyConfig(ModelOptions):
+    prompts: str | None = None
+    """--prompts: JSONL prompt file; None = the built-in held-out ShareGPT prompts."""
+    limit: int = 40
+    """--limit: number of prompts."""
+    skip: int = 0
+    """--skip: drop this many prompts first (e.g. to stay disjoint from the benchmark prompts)."""
+    max_new_tokens: int = 128
+    """--max-new-tokens: length of each greedy continuation that the heads are scored on."""
+    topk: int = MAX_TOPK
+    """--topk: ranks scored per head (at most 10)."""
+    out: str = "heads_accuracy.json"
+    """--out: where to write the accuracy report (the tree optimizer's --accuracy input)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        if self.skip < 0:
+            raise ValueError(f"--skip must be >= 0, got {self.skip}")
+        if self.max_new_tokens < 4:
+            raise ValueError(f"--max-new-tokens must be >= 4, got {self.max_new_tokens}")
+        if not 1 <= self.topk <= MAX_TOPK:
+            raise ValueError(f"--topk must be in 1..{MAX_TOPK}, got {self.topk}")
+
+
+def run_head_accuracy(cfg: HeadAccuracyConfig) -> dict:
+    """The `heads-accuracy` command: measure and write ``cfg.out``."""
+    from medusa_llama.eval_setup import load_backbone_and_heads
+    from medusa_llama.prompts import chat_ids, load_prompts
+
+    prompts = load_prompts(cfg.prompts, limit=cfg.limit, skip=cfg.skip)
+    backbone, heads = load_backbone_and_heads(cfg)
+    ids = [chat_ids(backbone.tokenizer, p.text) for p in prompts]
+    report = measure_head_accuracy(backbone, heads, ids, cfg.max_new_tokens, cfg.topk)
+    report.update(model=backbone.name, heads=str(cfg.heads or "default"), device=device_name(backbone.device))
+    report["max_new_tokens"] = cfg.max_new_tokens
+    report["prompt_ids"] = [p.id for p in prompts]
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).write_text(json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,234 @@
+"""The hardware-aware tree optimizer: the tree that maximises expected tokens per second on this device.
+
+A bigger tree accepts more tokens per step but costs more per step; how much more depends on the hardware
+(a GPU verifies 64 tokens for about the price of one; a CPU pays roughly per token). So:
+
+1. ``measure_latency_curve``: the real step time of ``MedusaDecoder`` for trees of several sizes (size 1 is
+   vanilla decoding), median over a few short generations on this device.
+2. ``optimize_tree`` (pure): for every size n the best tree under the product model of per-depth, per-rank head
+   accuracies is ``grow_tree(accuracy, n - 1)`` (Medusa, Sec. 2.3.3); its expected speed is
+   ``expected_accept_length / latency(n)``, the latency interpolated between measured sizes. Pick the fastest.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medusa_llama.errors import MedusaError
+from medusa_llama.eval_setup import ModelOptions, device_name
+from medusa_llama.tree import build_tree, expected_accept_length, grow_tree, save_choices
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZES = (1, 4, 8, 16, 32, 64, 96, 128, 192, 256)
+
+
+def interpolate_latency(curve: dict[int, float], n: int) -> float:
+    """Seconds per step for a tree of ``n`` tokens (root included), piecewise linear between measured sizes.
+
+    Outside the measured range the nearest end is used (no extrapolation).
+    """
+    if not curve:
+        raise ValueError("the latency curve is empty")
+    sizes = sorted(curve)
+    if n <= sizes[0]:
+        return curve[sizes[0]]
+    if n >= sizes[-1]:
+        return curve[sizes[-1]]
+    i = bisect.bisect_left(sizes, n)
+    lo, hi = sizes[i - 1], sizes[i]
+    if hi == n:
+        return curve[n]
+    w = (n - lo) / (hi - lo)
+    return curve[lo] * (1 - w) + curve[hi] * w
+
+
+def tree_table(accuracy: list[list[float]], latency_curve: dict[int, float], sizes=None) -> list[dict]:
+    """One row per tree size n (tokens, root included): expected accepted length, latency, expected tokens/s.
+
+    ``sizes`` defaults to every n from 1 to the largest measured size. ``grow_tree`` adds nodes best-first, so the
+    best tree of n - 1 nodes is a prefix of the best tree of more nodes: one growth serves every size.
+    """
+    sizes = sorted(set(sizes if sizes is not None else range(1, max(latency_curve) + 1)))
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"tree sizes must be >= 1, got {sizes}")
+    grown = grow_tree(accuracy, sizes[-1] - 1)
+    rows = []
+    for n in sizes:
+        if n - 1 > len(grown):
+            break  # the heads cannot fill a tree this big (every rank of every depth is used)
+        eal = expected_accept_length(grown[: n - 1], accuracy)
+        latency = interpolate_latency(latency_curve, n)
+        rows.append(
+            {
+                "size": n,
+                "expected_accept_length": eal,
+                "latency_ms": latency * 1e3,
+                "expected_tokens_per_s": eal / latency,
+            }
+        )
+    return rows
+
+
+def optimize_tree(
+    accuracy: list[list[float]], latency_curve: dict[int, float], sizes=None
+) -> tuple[list[list[int]], list[dict]]:
+    """Pure: the tree with the highest expected tokens/s, and the table it was chosen from.
+
+    Returns ``(choices, table)``. A Medusa tree needs at least one node, so the choice is the best size >= 2; when
+    plain decoding (size 1) is expected to be faster still, that is logged and visible in the table.
+    """
+    table = tree_table(accuracy, latency_curve, sizes)
+    candidates = [r for r in table if r["size"] >= 2]
+    if not candidates:
+        raise ValueError("no tree size >= 2 to choose from: measure the latency of larger trees")
+    best = max(candidates, key=lambda r: r["expected_tokens_per_s"])
+    vanilla = next((r for r in table if r["size"] == 1), None)
+    if vanilla is not None and vanilla["expected_tokens_per_s"] > best["expected_tokens_per_s"]:
+        log.warning(
+            "plain decoding is expected to be faster (%.1f tok/s) than the best tree (%d tokens, %.1f tok/s)",
+            vanilla["expected_tokens_per_s"], best["size"], best["expected_tokens_per_s"],
+        )  # fmt: skip
+    return grow_tree(accuracy, best["size"] - 1), table
+
+
+def step_time(result) -> float:
+    """Seconds per decode step of one generation (prefill excluded)."""
+    if not result.steps:
+        raise MedusaError("a latency probe generated no decode steps: raise --probe-tokens")
+    return (result.total_s - result.prefill_s) / result.steps
+
+
+def measure_latency_curve(
+    backbone, heads, accuracy: list[list[float]], prompt_ids: list[list[int]], sizes=DEFAULT_SIZES,
+    max_new_tokens: int = 32, progress: bool = True,
+) -> dict[int, float]:  # fmt: skip
+    """Median seconds per decode step of the real decoders for trees of each size (1 = ``VanillaDecoder``).
+
+    Each tree is ``grow_tree(accuracy, n - 1)``, the tree the optimizer would pick at that size, so the step time
+    includes that tree's heads, verification and acceptance work. One warm-up generation precedes each size.
+    """
+    from tqdm.auto import tqdm
+
+    from medusa_llama.decoding import GenerationConfig, MedusaDecoder, VanillaDecoder
+
+    if not prompt_ids:
+        raise MedusaError("the latency probe needs at least one prompt")
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, acceptance="greedy")
+    curve: dict[int, float] = {}
+    for n in tqdm(sorted(set(sizes)), desc="verify latency", unit="tree", disable=not progress):
+        if n == 1:
+            dec = VanillaDecoder(backbone)
+        else:
+            dec = MedusaDecoder(backbone, heads, build_tree(grow_tree(accuracy, n - 1), heads.num_heads))
+        dec.generate(prompt_ids[0], GenerationConfig(max_new_tokens=min(8, max_new_tokens), temperature=0.0))
+        times = [step_time(dec.generate(ids, gen)) for ids in prompt_ids]
+        curve[n] = statistics.median(times)
+        log.debug("tree of %d tokens: %.2f ms per step", n, curve[n] * 1e3)
+        del dec
+    return curve
+
+
+# -- the `tree` command --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TreeOptConfig(ModelOptions):
+    accuracy: str | None = None
+    """--accuracy: a heads_accuracy.json from `heads-accuracy` (or a tree file holding "accuracy"); None = measure."""
+    sizes: tuple[int, ...] = DEFAULT_SIZES
+    """--sizes: tree sizes (tokens, root included; 1 = vanilla) whose step time is measured."""
+    prompts: str | None = None
+    """--prompts: JSONL prompt file for the measurements; None = the built-in held-out prompts."""
+    probe_prompts: int = 3
+    """--probe-prompts: generations per tree size for the latency curve."""
+    probe_tokens: int = 32
+    """--probe-tokens: new tokens per latency-probe generation."""
+    accuracy_prompts: int = 24
+    """--accuracy-prompts: prompts for measuring head accuracy when --accuracy is not given."""
+    accuracy_tokens: int = 128
+    """--accuracy-tokens: greedy continuation length per prompt for the accuracy measurement."""
+    out: str = "medusa_choices.json"
+    """--out: where to write the chosen tree (medusa_choices JSON, usable as --tree FILE)."""
+    extra: dict = field(default_factory=dict)
+    """Not a flag: extra keys to store in the output file."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.sizes or any(n < 1 for n in self.sizes):
+            raise ValueError(f"--sizes must be positive tree sizes, got {list(self.sizes)}")
+        if max(self.sizes) < 2:
+            raise ValueError(f"--sizes must include a size >= 2 (a tree), got {list(self.sizes)}")
+        for name in ("probe_prompts", "probe_tokens", "accuracy_prompts", "accuracy_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+def load_accuracy(path: str | Path) -> list[list[float]]:
+    """Per-depth, per-rank head accuracies from a ``heads-accuracy`` report or an optimizer tree file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedusaError(f"--accuracy file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+        acc = data["accuracy"] if isinstance(data, dict) else data
+        acc = [[float(x) for x in row] for row in acc]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise MedusaError(f"--accuracy file {path} holds no per-depth accuracy table ({exc})") from exc
+    if not acc or not all(acc) or any(not 0.0 <= x <= 1.0 for row in acc for x in row):
+        raise MedusaError(f"--accuracy file {path}: accuracies must be non-empty rows of probabilities")
+    return acc
+
+
+def optimize_for_device(backbone, heads, accuracy: list[list[float]], prompt_ids: list[list[int]], cfg: TreeOptConfig):
+    """Measure the latency curve here, optimise, and return ``(choices, info)`` (info = the saved extra keys)."""
+    accuracy = [row for row in accuracy[: heads.num_heads]]
+    curve = measure_latency_curve(backbone, heads, accuracy, prompt_ids, cfg.sizes, cfg.probe_tokens)
+    choices, table = optimize_tree(accuracy, curve)
+    best = next(r for r in table if r["size"] == len(choices) + 1)
+    info = {
+        "tree_size": best["size"],
+        "expected_accept_length": best["expected_accept_length"],
+        "expected_tokens_per_s": best["expected_tokens_per_s"],
+        "latency_curve_ms": {str(n): t * 1e3 for n, t in sorted(curve.items())},
+        "measured_sizes": sorted(curve),
+        "table": [r for r in table if r["size"] in curve or r["size"] == best["size"]],
+        "accuracy": accuracy,
+        "device": device_name(backbone.device),
+        "model": backbone.name,
+    }
+    log.info(
+        "best tree: %d tokens, expected %.2f tokens/step, %.1f tokens/s (vanilla measured %.1f tokens/s)",
+        best["size"], best["expected_accept_length"], best["expected_tokens_per_s"],
+        1.0 / curve[1] if 1 in curve else float("nan"),
+    )  # fmt: skip
+    return choices, info
+
+
+def run_tree_opt(cfg: TreeOptConfig) -> dict:
+    """The `tree` command: accuracy (given or measured), latency curve, optimised tree saved to ``cfg.out``."""
+    from medusa_llama.eval_setup import load_backbone_and_heads
+    from medusa_llama.head_accuracy import measure_head_accuracy
+    from medusa_llama.prompts import chat_ids, load_prompts
+
+    accuracy = load_accuracy(cfg.accuracy) if cfg.accuracy else None
+    probe = load_prompts(cfg.prompts, limit=cfg.probe_prompts)
+    backbone, heads = load_backbone_and_heads(cfg)
+    if accuracy is None:
+        acc_prompts = load_prompts(cfg.prompts, limit=cfg.accuracy_prompts)
+        ids = [chat_ids(backbone.tokenizer, p.text) for p in acc_prompts]
+        accuracy = measure_head_accuracy(backbone, heads, ids, cfg.accuracy_tokens)["accuracy"]
+    if len(accuracy) < heads.num_heads:
+        raise MedusaError(f"the accuracy table covers {len(accuracy)} heads but the heads have {heads.num_heads}")
+    choices, info = optimize_for_device(
+        backbone, heads, accuracy, [chat_ids(backbone.tokenizer, p.text) for p in probe], cfg
+    )
+    info.update(cfg.extra)
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    save_choices(choices, cfg.out, **info)
+    return {"out": str(cfg.out), "choices": choices, **info}
