@@ -145,6 +145,34 @@ class MedusaHeads(nn.Module):
                 states.append(self.head_state(k, hidden))
         return states
 
+    # -- proposal -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def propose(self, hidden: torch.Tensor, root: torch.Tensor, tree, embed, lm_head) -> torch.Tensor:
+        """Fill a candidate tree: (T,) token per node, node 0 = ``root``. Fixed shapes, no host syncs.
+
+        hidden: (D,) backbone state at the last accepted token; root: 0-d, the token the backbone chose after it.
+        ``medusa`` heads run once on h_t; a node at depth d holds head d's rank-r token. ``sequential`` heads expand
+        the tree depth by depth: one batched head call per depth over the nodes that have children there.
+        """
+        tokens = root.new_zeros(tree.size)  # (T,)
+        tokens[0] = root
+        if self.config.kind == "medusa":
+            states = torch.stack(self.chain_states(hidden))  # (K, D)
+            k = max(tree.level_topk)
+            top = torch.stack([self.project(i, states[i], lm_head) for i in range(len(tree.level_topk))])  # (D, V)
+            top = top.topk(k, dim=-1).indices  # (D_tree, k)
+            tokens[1:] = top[tree.depth[1:] - 1, tree.rank[1:]]
+            return tokens
+        prev = hidden[None]  # (1, D): the state the root's children are predicted from
+        for d, nodes in enumerate(tree.expanders):  # nodes: (n_d,) nodes at depth d with children
+            parent_rows = tree.child_slot[nodes] if d > 0 else torch.zeros_like(nodes)
+            state = self.head_state(d, prev[parent_rows], embed(tokens[nodes]))  # (n_d, D)
+            top = self.project(d, state, lm_head).topk(tree.level_topk[d], dim=-1).indices  # (n_d, k_d)
+            lo, hi = tree.levels[d + 1]
+            tokens[lo:hi] = top[tree.child_slot[lo:hi], tree.rank[lo:hi]]
+            prev = state
+        return tokens
+
     # -- persistence ---------------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().contiguous() for k, v in self.state_dict().items()}

@@ -63,6 +63,8 @@ class Tree:
     """For depth d in 0..D-1: (n_d,) the nodes at depth d that have children (one batched head call each)."""
     child_slot: torch.Tensor
     """(T,) long: for node i > 0, the row of its parent in ``expanders[depth-1]`` (0 for the root)."""
+    level_topk: tuple[int, ...]
+    """For depth d in 1..D (index d-1): how many top-k candidates the head at that depth must give."""
 
     @property
     def size(self) -> int:
@@ -113,7 +115,8 @@ def build_tree(choices, num_heads: int | None = None) -> Tree:
         slot_of.update({n: s for s, n in enumerate(nodes)})
         expanders.append(torch.tensor(nodes, dtype=torch.long))
     child_slot = torch.tensor([0] + [slot_of[index[p[:-1]]] for p in paths])
-    return Tree(tuple(paths), depth, rank, parent, mask, retrieve, levels, tuple(expanders), child_slot)
+    level_topk = tuple(max(p[-1] for p in paths if len(p) == d) + 1 for d in range(1, max_depth + 1))
+    return Tree(tuple(paths), depth, rank, parent, mask, retrieve, levels, tuple(expanders), child_slot, level_topk)
 
 
 # -- built-in trees -----------------------------------------------------------------------------------------------

@@ -1,0 +1,126 @@
+"""Acceptance rules: which path of the verified tree to keep, and the bonus token after it.
+
+Every rule maps the verify pass to ``(path, n, bonus)``: ``path`` (D+1,) node indices root first (entries past n
+are padding), ``n`` (0-d) the number of accepted candidate tokens, ``bonus`` (0-d) the backbone's own next token
+after them. All are tensor-only (no host syncs), so a CUDA graph can capture a whole decode step.
+
+- ``greedy``: accept the longest path whose every token is the backbone's argmax. Lossless: the output equals
+  greedy decoding of the backbone.
+- ``typical``: Medusa's typical acceptance (Cai et al., 2024, Sec. 2.3.1): accept x if
+  ``p(x) > min(epsilon, delta * exp(-H(p)))``; the longest such path; bonus sampled from p. NOT lossless: the
+  output distribution differs from the backbone's.
+- ``sampling``: tree-aware rejection sampling, lossless for temperature > 0. At each node its children's tokens
+  x_1, x_2, ... (deterministic top-k drafts) are tried in rank order; x_i is accepted with probability
+  ``p(x_i) / (1 - sum_{j<i} p(x_j))`` (the residual after the rejected siblings, SpecInfer's multi-round rule
+  with a point-mass draft); if all are rejected the bonus is drawn from p without them. Each emitted token is
+  therefore distributed exactly as the backbone's p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medusa_llama.tree import Tree
+
+ACCEPTANCE_RULES = ("greedy", "typical", "sampling")
+
+
+@dataclass(frozen=True)
+class AcceptanceConfig:
+    rule: str = "greedy"
+    """greedy (lossless), typical (Medusa's rule, not lossless) or sampling (lossless rejection sampling)."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 means greedy. typical and sampling need > 0."""
+    typical_epsilon: float = 0.09
+    """Typical acceptance: the hard probability threshold epsilon."""
+    typical_delta: float = 0.3
+    """Typical acceptance: delta, the entropy-scaled threshold factor."""
+
+    def __post_init__(self):
+        if self.rule not in ACCEPTANCE_RULES:
+            raise ValueError(f"--acceptance must be one of {ACCEPTANCE_RULES}, got {self.rule!r}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.rule in ("typical", "sampling") and self.temperature == 0:
+            raise ValueError(f"--acceptance {self.rule} needs --temperature > 0 (temperature 0 is greedy)")
+        if self.rule == "greedy" and self.temperature > 0:
+            raise ValueError("--acceptance greedy takes --temperature 0; use --acceptance sampling to sample")
+
+
+def sample(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row from (..., V) probabilities, by the Gumbel-max trick (graph-safe, no host sync)."""
+    gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp_(1e-20, 1.0)))
+    return (probs.clamp_min(0).log() + gumbel).argmax(-1)
+
+
+def _longest_path(ok: torch.Tensor, tree: Tree) -> tuple[torch.Tensor, torch.Tensor]:
+    """ok: (T,) bool, node accepted given its parent. -> (path (D+1,), n (0-d)) of the longest accepted path."""
+    ret = tree.retrieve  # (P, D+1), -1 padded
+    path_ok = ok[ret.clamp(min=0)] & (ret >= 0)  # (P, D+1)
+    accepted = path_ok.long().cumprod(dim=1).sum(dim=1) - 1  # (P,) accepted tokens per path, root excluded
+    best = accepted.argmax()  # the first longest path
+    return ret[best].clamp(min=0), accepted[best]
+
+
+def accept_greedy(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree):
+    """logits: (T, V) float; tokens: (T,) tree tokens. Lossless greedy acceptance."""
+    pred = logits.argmax(-1)  # (T,) the backbone's choice after each node
+    ok = tokens == pred[tree.parent.clamp(min=0)]
+    ok[0] = True
+    path, n = _longest_path(ok, tree)
+    return path, n, pred[path[n]]
+
+
+def accept_typical(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg: AcceptanceConfig):
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)  # (T, V)
+    entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)  # (T,)
+    threshold = torch.minimum(torch.full_like(entropy, cfg.typical_epsilon), cfg.typical_delta * torch.exp(-entropy))
+    parent = tree.parent.clamp(min=0)
+    ok = probs[parent, tokens] > threshold[parent]  # (T,)
+    ok[0] = True
+    path, n = _longest_path(ok, tree)
+    return path, n, sample(probs[path[n]])
+
+
+def accept_sampling(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg: AcceptanceConfig):
+    """Lossless tree rejection sampling, vectorised over all nodes (see module docstring)."""
+    t = tokens.shape[0]
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)  # (T, V)
+    parent = tree.parent.clamp(min=0)
+    p_child = probs[parent, tokens]  # (T,) p of each node's token under its parent's distribution
+    idx = torch.arange(t, device=tokens.device)
+    earlier_sibling = (tree.parent[:, None] == tree.parent[None, :]) & (idx[None, :] < idx[:, None])  # (T, T)
+    mass_before = earlier_sibling.to(probs.dtype) @ p_child  # (T,) mass of siblings tried before
+    accept_prob = p_child / (1 - mass_before).clamp_min(1e-12)
+    flag = torch.rand(t, device=tokens.device) < accept_prob  # (T,)
+    flag[0] = True
+    # A node wins if it is accepted and no earlier sibling was; it is reached if it and all its ancestors won.
+    win = flag & ((earlier_sibling.to(probs.dtype) @ flag.to(probs.dtype)) == 0)
+    reached = ~(tree.mask & ~win[None, :]).any(dim=1)  # (T,)
+    n = (tree.depth * reached).max()
+    levels = torch.arange(tree.retrieve.shape[1], device=tokens.device)
+    on_path = reached[None, :] & (tree.depth[None, :] == levels[:, None])  # (D+1, T): at most one per depth
+    path = on_path.long().argmax(dim=1)  # (D+1,) padding (0) past depth n
+    last = path[n]
+    rejected = (tree.parent == last) & (idx > 0)  # (T,) children of the last node: all were rejected
+    residual = probs[last].clone()  # (V,)
+    drop = torch.zeros_like(residual).index_put_((tokens,), rejected.to(residual.dtype), accumulate=True) > 0
+    residual = residual.masked_fill(drop, 0.0)
+    return path, n, sample(residual / residual.sum())
+
+
+def accept(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg: AcceptanceConfig):
+    if cfg.rule == "greedy":
+        return accept_greedy(logits, tokens, tree)
+    if cfg.rule == "typical":
+        return accept_typical(logits, tokens, tree, cfg)
+    return accept_sampling(logits, tokens, tree, cfg)
+
+
+def next_token(logits: torch.Tensor, cfg: AcceptanceConfig) -> torch.Tensor:
+    """The vanilla decoder's rule: argmax at temperature 0, else a draw from softmax(logits / T)."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    return sample(torch.softmax(logits / cfg.temperature, dim=-1))

@@ -1,0 +1,188 @@
+"""The decoding backbone: the one interface the decoders use, over the fast model or the HF forward.
+
+Both implementations hold a KV cache of ``cache_len`` committed tokens (a 0-d long tensor on the device, so that
+CUDA graphs can capture steps that read it) and offer the same four operations:
+
+- ``prefill(tokens)``: run the prompt, commit it, return its hidden states;
+- ``forward_tree(tokens, tree_mask, depth)``: run T new tokens at slots cache_len .. cache_len+T-1 with positions
+  cache_len + depth and the tree mask, WITHOUT committing them;
+- ``commit(path, n)``: keep tree nodes ``path[:n+1]`` (root first) as the next n+1 cache entries;
+- ``logits(hidden)`` / ``embed(tokens)``: the LM head and the token embedding (the Medusa heads use both).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+
+from medusa_llama.errors import MedusaError
+from medusa_llama.loading import load_model, load_tokenizer, model_name
+from medusa_llama.model import FastLlama, tree_attention_mask
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "fast", "hf")
+
+
+class Backbone:
+    """Shared parts of the two backbones. See the module docstring for the contract."""
+
+    supports_cuda_graphs = False
+
+    def __init__(self, hf_model, tokenizer, name: str, max_seq_len: int):
+        self.hf_model = hf_model
+        self.tokenizer = tokenizer
+        self.name = name
+        cfg = hf_model.config
+        self.vocab_size = cfg.vocab_size
+        self.hidden_size = cfg.hidden_size
+        self.device = hf_model.get_input_embeddings().weight.device
+        self.dtype = hf_model.get_input_embeddings().weight.dtype
+        limit = getattr(cfg, "max_position_embeddings", None) or max_seq_len
+        self.max_seq_len = min(max_seq_len, limit)
+        self.cache_len = torch.zeros((), dtype=torch.long, device=self.device)
+        self.eos_token_ids = _eos_ids(hf_model, tokenizer)
+
+    def reset(self) -> None:
+        self.cache_len.zero_()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., V) float32."""
+        return self.lm_head(hidden).float()
+
+    def check_room(self, prompt_len: int, new_tokens: int) -> None:
+        if prompt_len + new_tokens > self.max_seq_len:
+            raise MedusaError(
+                f"the prompt ({prompt_len} tokens) plus room for {new_tokens} new and tree tokens exceeds the context "
+                f"of {self.max_seq_len} tokens: shorten the prompt, lower --max-new-tokens or raise --max-seq-len"
+            )
+
+
+class FastBackbone(Backbone):
+    """``FastLlama`` with a static cache: fixed shapes, so steps can be CUDA-graph captured."""
+
+    def __init__(self, hf_model, tokenizer, name: str, max_seq_len: int):
+        super().__init__(hf_model, tokenizer, name, max_seq_len)
+        self.model = FastLlama.from_hf(hf_model)
+        self.model.setup_cache(self.max_seq_len)
+        self.lm_head = self.model.output
+        self.embed = self.model.tok_embeddings
+        self.supports_cuda_graphs = self.device.type == "cuda"
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[0]
+        slots = self.cache_len + torch.arange(t, device=self.device)  # (T,)
+        mask = tree_attention_mask(self.cache_len, tree_mask, self.max_seq_len, self.dtype)  # (1, 1, T, S)
+        return self.model(tokens[None], positions[None], slots, mask)[0]  # (T, D)
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.reset()
+        t = tokens.shape[0]
+        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
+        hidden = self._run(tokens, torch.arange(t, device=self.device), causal)
+        self.cache_len.fill_(t)
+        return hidden
+
+    @torch.no_grad()
+    def forward_tree(self, tokens, tree_mask, depth) -> torch.Tensor:
+        return self._run(tokens, self.cache_len + depth, tree_mask)
+
+    @torch.no_grad()
+    def commit(self, path: torch.Tensor, n: torch.Tensor) -> None:
+        # Moving all D+1 path slots keeps shapes fixed; slots past the n+1 kept ones are beyond the new
+        # cache_len, so they are masked out and overwritten later.
+        dst = self.cache_len + torch.arange(path.shape[0], device=self.device)
+        self.model.compact(dst, self.cache_len + path.clamp(min=0))
+        self.cache_len += n + 1
+
+
+class HFBackbone(Backbone):
+    """The HF forward with a 4-D additive mask and a DynamicCache: any causal LM, correct if slower."""
+
+    def __init__(self, hf_model, tokenizer, name: str, max_seq_len: int):
+        super().__init__(hf_model, tokenizer, name, max_seq_len)
+        self.lm_head = hf_model.get_output_embeddings()
+        self.embed = hf_model.get_input_embeddings()
+        self.cache = None
+        # transformers >= 5.2x names the argument `cache` (`past_key_values` is deprecated); older ones don't
+        params = inspect.signature(hf_model.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def _run(self, tokens, positions, tree_mask):
+        from transformers import DynamicCache
+
+        if self.cache is None:
+            self.cache = DynamicCache(config=self.hf_model.config)
+        cached = int(self.cache_len)
+        t = tokens.shape[0]
+        mask = torch.zeros(t, cached + t, dtype=self.dtype, device=self.device)
+        mask[:, cached:].masked_fill_(~tree_mask, torch.finfo(self.dtype).min)  # (T, L + T)
+        out = self.hf_model.model(
+            input_ids=tokens[None],
+            position_ids=positions[None],
+            attention_mask=mask[None, None],
+            use_cache=True,
+            **{self._cache_kw: self.cache},
+        )
+        return out.last_hidden_state[0]  # (T, D)
+
+    @torch.no_grad()
+    def prefill(self, tokens):
+        self.reset()
+        self.cache = None
+        t = tokens.shape[0]
+        hidden = self._run(tokens, torch.arange(t, device=self.device), torch.ones(t, t, dtype=torch.bool).tril())
+        self.cache_len.fill_(t)
+        return hidden
+
+    @torch.no_grad()
+    def forward_tree(self, tokens, tree_mask, depth):
+        return self._run(tokens, self.cache_len + depth, tree_mask.to(self.device))
+
+    @torch.no_grad()
+    def commit(self, path, n):
+        cached, keep = int(self.cache_len), int(n) + 1
+        idx = cached + path[:keep].to(self.device)
+        for layer in self.cache.layers:  # (B, n_kv, L + T, hd) -> (B, n_kv, L + n + 1, hd)
+            layer.keys = torch.cat([layer.keys[..., :cached, :], layer.keys[..., idx, :]], dim=-2)
+            layer.values = torch.cat([layer.values[..., :cached, :], layer.values[..., idx, :]], dim=-2)
+        self.cache_len += keep
+
+
+def _eos_ids(hf_model, tokenizer) -> tuple[int, ...]:
+    ids = set()
+    gen = getattr(hf_model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    ids.add(getattr(tokenizer, "eos_token_id", None))
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def make_backbone(hf_model, tokenizer, name: str = "", max_seq_len: int = 2048, backend: str = "auto") -> Backbone:
+    """Wrap a loaded HF model. ``auto``: the fast model where it covers the architecture, else the HF forward."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    if backend in ("auto", "fast"):
+        try:
+            return FastBackbone(hf_model, tokenizer, name, max_seq_len)
+        except NotImplementedError as exc:
+            if backend == "fast":
+                raise MedusaError(f"the fast backbone does not cover this model ({exc}): use --backend hf") from exc
+            log.info("fast backbone does not cover %s (%s): using the HF forward", name or "this model", exc)
+    return HFBackbone(hf_model, tokenizer, name, max_seq_len)
+
+
+def load_backbone(
+    spec: str | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_seq_len: int = 2048,
+    backend: str = "auto",
+) -> Backbone:
+    """Load a model (HF id, directory, or the embedded default for None) as a decoding backbone."""
+    tokenizer = load_tokenizer(spec)
+    hf_model = load_model(spec, dtype=dtype, device=device)
+    return make_backbone(hf_model, tokenizer, model_name(spec), max_seq_len, backend)

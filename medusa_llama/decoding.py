@@ -1,0 +1,254 @@
+"""The decoders: a vanilla one-token-per-step decoder (the honest baseline) and the Medusa tree decoder.
+
+Both run on a ``Backbone`` and share the loop: prefill, then steps until EOS or the token budget. A step is a
+tensor-only function that leaves its results in fixed buffers, so on a GPU the whole step (heads, verify
+forward, acceptance, KV compaction) is one CUDA-graph replay and the host reads back one small tensor.
+
+Medusa step (Cai et al., 2024, Sec. 2): the heads fill the tree from the last accepted hidden state; one forward
+verifies every node under the tree mask; the acceptance rule picks a path; its KV entries are compacted into
+place; the backbone's prediction after the path is the bonus token, the next tree's root.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from medusa_llama.acceptance import AcceptanceConfig, accept, next_token
+from medusa_llama.backbone import Backbone
+from medusa_llama.errors import MedusaError
+from medusa_llama.heads import MedusaHeads
+from medusa_llama.tree import Tree, build_tree
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    """Token budget (generation also stops at EOS)."""
+    temperature: float = 0.0
+    """0: greedy. > 0: sampling from softmax(logits / temperature)."""
+    acceptance: str = "auto"
+    """greedy | typical | sampling, or auto: greedy at temperature 0, else sampling (both lossless)."""
+    typical_epsilon: float = 0.09
+    """Typical acceptance threshold epsilon (Medusa's default)."""
+    typical_delta: float = 0.3
+    """Typical acceptance entropy factor delta (Medusa's default)."""
+    seed: int | None = None
+    """Seed for sampling; None leaves the RNG as it is."""
+    stop_at_eos: bool = True
+    """Stop at the model's EOS token (kept in the output)."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+
+    def acceptance_config(self) -> AcceptanceConfig:
+        rule = self.acceptance
+        if rule == "auto":
+            rule = "greedy" if self.temperature == 0 else "sampling"
+        return AcceptanceConfig(rule, self.temperature, self.typical_epsilon, self.typical_delta)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int] = field(default_factory=list)
+    """New tokens (EOS included when reached)."""
+    steps: int = 0
+    """Decode steps after the prefill (the prefill's token is not counted as a step)."""
+    accepted_per_depth: list[int] = field(default_factory=list)
+    """accepted_per_depth[d-1]: steps whose accepted path reached tree depth d."""
+    token_times: list[float] = field(default_factory=list)
+    """Seconds from the start of generate() at which each new token was available."""
+    prefill_s: float = 0.0
+    """Time to first token."""
+    total_s: float = 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens per decode step, bonus token counted (1.0 for vanilla decoding)."""
+        return (len(self.tokens) - 1) / self.steps if self.steps else 1.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.total_s if self.total_s else 0.0
+
+
+class _Step:
+    """Runs a tensor-only step function eagerly, or as a CUDA graph replay once captured."""
+
+    def __init__(self, fn: Callable[[], None], use_graph: bool):
+        self.fn, self.use_graph, self.graph = fn, use_graph, None
+
+    def capture(self) -> None:
+        """Warm up and capture. Runs ``fn`` for real: call it before prefill, while the cache holds nothing."""
+        if not self.use_graph or self.graph is not None:
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.fn()
+
+    def __call__(self) -> None:
+        self.graph.replay() if self.graph is not None else self.fn()
+
+
+class _Decoder:
+    """The loop shared by both decoders: prefill, steps, stopping, statistics."""
+
+    def __init__(self, backbone: Backbone, use_cuda_graphs: bool = True):
+        self.backbone = backbone
+        self.use_graphs = use_cuda_graphs and backbone.supports_cuda_graphs
+        dev = backbone.device
+        self.root = torch.zeros((), dtype=torch.long, device=dev)  # last emitted token, not yet in the cache
+        self.hidden = torch.zeros(backbone.hidden_size, dtype=backbone.dtype, device=dev)  # state before root
+        self._steps: dict[str, _Step] = {}
+
+    # Subclasses: _depth (max tokens per step - 1), _step_fn(cfg) -> fn writing self.out, _after_prefill().
+    def _step_for(self, cfg: AcceptanceConfig) -> _Step:
+        key = repr(cfg)
+        if key not in self._steps:
+            self._steps[key] = _Step(self._make_step(cfg), self.use_graphs)
+        return self._steps[key]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids,
+        config: GenerationConfig | None = None,
+        on_tokens: Callable[[list[int]], None] | None = None,
+    ) -> GenerationResult:
+        """Generate from ``prompt_ids`` (list of ints or (P,) tensor). ``on_tokens`` gets each step's new tokens."""
+        cfg = config or GenerationConfig()
+        acfg = cfg.acceptance_config()
+        bb = self.backbone
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=bb.device).flatten()
+        if prompt.numel() == 0:
+            raise MedusaError("the prompt is empty")
+        bb.check_room(prompt.numel(), cfg.max_new_tokens + 2 * (self._depth + 1) + self._tree_size)
+        step = self._step_for(acfg)
+        if step.use_graph and step.graph is None:
+            bb.reset()
+            step.capture()
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        result = GenerationResult(accepted_per_depth=[0] * self._depth)
+        _sync(bb.device)
+        t0 = time.perf_counter()
+        hidden = bb.prefill(prompt)[-1]  # (D,)
+        self.hidden.copy_(hidden)
+        self.root.copy_(next_token(bb.logits(hidden), acfg))
+        self._after_prefill()
+        first = int(self.root)
+        result.prefill_s = time.perf_counter() - t0
+        result.tokens.append(first)
+        result.token_times.append(result.prefill_s)
+        if on_tokens:
+            on_tokens([first])
+        eos = set(bb.eos_token_ids) if cfg.stop_at_eos else set()
+        done = first in eos
+        while not done and len(result.tokens) < cfg.max_new_tokens:
+            step()
+            out = self.out.tolist()  # one host sync per step: [n, token_1 .. token_{D+1}]
+            n, new = out[0], out[1 : out[0] + 2]
+            result.steps += 1
+            for d in range(n):
+                result.accepted_per_depth[d] += 1
+            new = new[: cfg.max_new_tokens - len(result.tokens)]
+            for i, tok in enumerate(new):
+                if tok in eos:
+                    new, done = new[: i + 1], True
+                    break
+            now = time.perf_counter() - t0
+            result.tokens.extend(new)
+            result.token_times.extend([now] * len(new))
+            if on_tokens:
+                on_tokens(new)
+        result.total_s = time.perf_counter() - t0
+        return result
+
+
+class VanillaDecoder(_Decoder):
+    """One token per forward: greedy or sampled. The baseline Medusa is measured against."""
+
+    _depth = 0
+    _tree_size = 1
+
+    def __init__(self, backbone: Backbone, use_cuda_graphs: bool = True):
+        super().__init__(backbone, use_cuda_graphs)
+        dev = backbone.device
+        self.out = torch.zeros(2, dtype=torch.long, device=dev)  # [n = 0, next token]
+        self._one = torch.ones(1, 1, dtype=torch.bool, device=dev)
+        self._zero = torch.zeros(1, dtype=torch.long, device=dev)
+
+    def _after_prefill(self) -> None:
+        pass
+
+    def _make_step(self, cfg: AcceptanceConfig):
+        bb = self.backbone
+
+        def step() -> None:
+            hidden = bb.forward_tree(self.root.view(1), self._one, self._zero)  # (1, D)
+            bb.commit(self._zero, self._zero[0])
+            self.root.copy_(next_token(bb.logits(hidden[0]), cfg))
+            self.out[1].copy_(self.root)
+
+        return step
+
+
+class MedusaDecoder(_Decoder):
+    """Tree decoding with Medusa heads. Greedy acceptance reproduces the backbone's greedy output exactly."""
+
+    def __init__(self, backbone: Backbone, heads: MedusaHeads, tree: Tree | list, use_cuda_graphs: bool = True):
+        super().__init__(backbone, use_cuda_graphs)
+        heads.check_compatible(backbone.hidden_size, backbone.vocab_size, backbone.name)
+        if not isinstance(tree, Tree):
+            tree = build_tree(tree, heads.num_heads)
+        if tree.max_depth > heads.num_heads:
+            raise MedusaError(f"the tree is {tree.max_depth} deep but the heads predict only {heads.num_heads} tokens")
+        self.heads = heads.to(device=backbone.device, dtype=backbone.dtype).eval()
+        self.tree = tree.to(backbone.device)
+        self._depth = tree.max_depth
+        self._tree_size = tree.size
+        self.tokens = torch.zeros(tree.size, dtype=torch.long, device=backbone.device)  # the current candidates
+        self.out = torch.zeros(tree.max_depth + 2, dtype=torch.long, device=backbone.device)  # [n, emitted...]
+
+    def _propose(self) -> None:
+        bb = self.backbone
+        self.tokens.copy_(self.heads.propose(self.hidden, self.root, self.tree, bb.embed, bb.lm_head))
+
+    def _after_prefill(self) -> None:
+        self._propose()
+
+    def _make_step(self, cfg: AcceptanceConfig):
+        bb, tree = self.backbone, self.tree
+
+        def step() -> None:
+            hidden = bb.forward_tree(self.tokens, tree.mask, tree.depth)  # (T, D)
+            path, n, bonus = accept(bb.logits(hidden), self.tokens, tree, cfg)  # (D+1,), 0-d, 0-d
+            emitted = self.tokens[path[1:]].clone()  # (D,) accepted candidates first ...
+            emitted = torch.cat([emitted, emitted.new_zeros(1)])  # (D+1,)
+            emitted.scatter_(0, n.view(1), bonus.view(1))  # ... then the bonus token at index n
+            self.out[0].copy_(n)
+            self.out[1:].copy_(emitted)
+            bb.commit(path, n)
+            self.hidden.copy_(hidden[path[n]])
+            self.root.copy_(bonus)
+            self._propose()
+
+        return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,221 @@
+"""A compact Llama-family decoder for fast tree verification (gpt-fast style, one file).
+
+It takes the weights of an HF ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` and adds what
+Medusa decoding needs and HF's forward makes slow: a static, preallocated KV cache written by index, tree attention
+through an additive mask with explicit positions, KV compaction after acceptance, and fixed shapes so that a
+whole decode / verify step can be captured in one CUDA graph. ``tests/test_model.py`` proves it equal to the HF
+forward on a tiny random model in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    norm_eps: float
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> ModelArgs:
+        """Raises ``NotImplementedError`` for configurations this model does not reproduce exactly."""
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise NotImplementedError(f"model type {cfg.model_type!r}")
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"activation {cfg.hidden_act!r}")
+        if getattr(cfg, "use_sliding_window", False) or (
+            cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None)
+        ):
+            raise NotImplementedError("sliding-window attention")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        attention_bias = bool(getattr(cfg, "attention_bias", False))
+        return cls(
+            dim=cfg.hidden_size,
+            n_layers=cfg.num_hidden_layers,
+            n_heads=cfg.num_attention_heads,
+            n_kv_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
+            head_dim=head_dim,
+            intermediate_size=cfg.intermediate_size,
+            vocab_size=cfg.vocab_size,
+            norm_eps=cfg.rms_norm_eps,
+            qkv_bias=attention_bias or cfg.model_type == "qwen2",  # Qwen2 always has q/k/v biases
+            o_bias=attention_bias,
+            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+        )
+
+
+class RMSNorm(nn.Module):
+    """As HF's LlamaRMSNorm: normalise in fp32, scale in the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.a = a
+        self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)  # fused q, k, v
+        self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
+
+    def forward(self, x, cos, sin, mask, slots, k_cache, v_cache):
+        # x: (B, T, D); cos/sin: (B, T, hd); mask: (B, 1, T, S) additive; slots: (T,) cache slots to write;
+        # k_cache/v_cache: (B, n_kv, S, hd), updated in place.
+        a = self.a
+        b, t, _ = x.shape
+        q, k, v = self.wqkv(x).split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
+        q = q.view(b, t, a.n_heads, a.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache.index_copy_(2, slots, k)
+        v_cache.index_copy_(2, slots, v)
+        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
+        y = y.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim)  # (B, T, nh * hd)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.w13 = nn.Linear(a.dim, 2 * a.intermediate_size, bias=a.mlp_bias)  # fused gate, up
+        self.w2 = nn.Linear(a.intermediate_size, a.dim, bias=a.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(a.dim, a.norm_eps)
+        self.attention = Attention(a)
+        self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
+        self.feed_forward = FeedForward(a)
+
+    def forward(self, x, cos, sin, mask, slots, k_cache, v_cache):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, slots, k_cache, v_cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class FastLlama(nn.Module):
+    """Llama-family decoder over a static KV cache. ``forward`` returns final normalised hidden states."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.a = a
+        self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps)
+        self.output = nn.Linear(a.dim, a.vocab_size, bias=False)
+        self.register_buffer("inv_freq", torch.ones(a.head_dim // 2), persistent=False)
+        self.rope_scale = 1.0
+        self.k_cache: torch.Tensor | None = None  # (L, B, n_kv, S, hd)
+        self.v_cache: torch.Tensor | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_hf(cls, hf_model) -> FastLlama:
+        """Build from an HF causal LM, copying (and fusing) its weights. Raises NotImplementedError if unsupported."""
+        a = ModelArgs.from_hf_config(hf_model.config)
+        inner = hf_model.model
+        ref = inner.embed_tokens.weight
+        with torch.device("meta"):
+            m = cls(a)
+        m = m.to(dtype=ref.dtype).to_empty(device=ref.device)  # allocate once, in the model's dtype
+        m.tok_embeddings.weight.copy_(ref)
+        m.output.weight.copy_(hf_model.lm_head.weight)
+        m.norm.weight.copy_(inner.norm.weight)
+        for blk, hl in zip(m.layers, inner.layers, strict=True):
+            att, mlp = hl.self_attn, hl.mlp
+            blk.attention_norm.weight.copy_(hl.input_layernorm.weight)
+            blk.ffn_norm.weight.copy_(hl.post_attention_layernorm.weight)
+            blk.attention.wqkv.weight.copy_(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]))
+            if a.qkv_bias:
+                blk.attention.wqkv.bias.copy_(torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]))
+            blk.attention.wo.weight.copy_(att.o_proj.weight)
+            if a.o_bias:
+                blk.attention.wo.bias.copy_(att.o_proj.bias)
+            blk.feed_forward.w13.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+            blk.feed_forward.w2.weight.copy_(mlp.down_proj.weight)
+            if a.mlp_bias:
+                blk.feed_forward.w13.bias.copy_(torch.cat([mlp.gate_proj.bias, mlp.up_proj.bias]))
+                blk.feed_forward.w2.bias.copy_(mlp.down_proj.bias)
+        rope = inner.rotary_emb  # take HF's own frequencies: every rope_scaling variant comes out exact
+        m.inv_freq = rope.inv_freq.detach().float().clone().to(ref.device)
+        m.rope_scale = float(getattr(rope, "attention_scaling", 1.0))
+        return m.eval()
+
+    def setup_cache(self, max_seq_len: int, batch_size: int = 1) -> None:
+        a, w = self.a, self.tok_embeddings.weight
+        shape = (a.n_layers, batch_size, a.n_kv_heads, max_seq_len, a.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
+
+    @property
+    def max_seq_len(self) -> int:
+        return 0 if self.k_cache is None else self.k_cache.shape[3]
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
+
+    def forward(self, tokens, positions, slots, mask) -> torch.Tensor:
+        """tokens, positions: (B, T) long; slots: (T,) cache slots; mask: (B, 1, T, S) additive -> (B, T, D)."""
+        x = self.tok_embeddings(tokens)  # (B, T, D)
+        cos, sin = self.rope(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, slots, self.k_cache[i], self.v_cache[i])
+        return self.norm(x)
+
+    def compact(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Move cache slots ``src`` to ``dst`` in every layer (both (n,) long). Reads happen before writes."""
+        self.k_cache[:, :, :, dst] = self.k_cache[:, :, :, src]  # (L, B, n_kv, n, hd)
+        self.v_cache[:, :, :, dst] = self.v_cache[:, :, :, src]
+
+
+def tree_attention_mask(cache_len: torch.Tensor, tree_mask: torch.Tensor, max_seq_len: int, dtype) -> torch.Tensor:
+    """Additive mask (1, 1, T, S): row i sees every cached slot < cache_len and the tree nodes ``tree_mask[i]``.
+
+    The T new tokens occupy slots cache_len .. cache_len + T - 1; built from tensors only, so a CUDA graph
+    can capture it with ``cache_len`` changing between replays.
+    """
+    t = tree_mask.shape[0]
+    rel = torch.arange(max_seq_len, device=tree_mask.device) - cache_len  # (S,) slot offset from the tree start
+    in_tree = (rel >= 0) & (rel < t)
+    allowed = (rel < 0)[None, :] | (in_tree[None, :] & tree_mask[:, rel.clamp(0, t - 1)])  # (T, S)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=tree_mask.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]  # (1, 1, T, S)
