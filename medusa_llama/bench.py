@@ -263,8 +263,8 @@ class BenchConfig(ModelOptions):
     """--tree: a built-in tree name, a medusa_choices JSON file, or "auto" (run the tree optimizer here first)."""
     accuracy: str | None = None
     """--accuracy: heads_accuracy.json for --tree auto and the expected accepted length (None: measure / tree file)."""
-    acceptance: str = "greedy"
-    """--acceptance: the Medusa acceptance rule (greedy is lossless; see `generate --help`)."""
+    acceptance: str = "auto"
+    """--acceptance: greedy (lossless), typical, sampling, or auto (greedy at temperature 0, else sampling)."""
     temperature: float = 0.0
     """--temperature: 0 = greedy decoding."""
     baselines: tuple[str, ...] = ()
@@ -289,39 +289,52 @@ class BenchConfig(ModelOptions):
             raise ValueError(f"--baselines must be among {BASELINES}, got {bad}")
         if not self.tree:
             raise ValueError("--tree must name a built-in tree, a JSON file or 'auto'")
+        from medusa_llama.decoding import GenerationConfig
+
+        GenerationConfig(self.max_new_tokens, self.temperature, self.acceptance).acceptance_config()  # checks flags
 
 
-def resolve_tree(cfg: BenchConfig, backbone, heads, bench_prompts) -> tuple[list[list[int]], dict]:
-    """``--tree`` -> (choices, info). ``auto`` runs the optimizer (accuracy measured on prompts disjoint from the
-    benchmark's unless --accuracy is given); info carries the tree's expected accepted length when known.
+def fixed_tree(cfg: BenchConfig) -> tuple[list[list[int]], dict]:
+    """``--tree NAME|FILE`` -> (choices, info), read before any model loads. info holds the tree's expected
+    accepted length when head accuracies are known (--accuracy, or the "accuracy" key of an optimizer tree file).
     """
-    from medusa_llama.prompts import chat_ids, load_prompts
     from medusa_llama.tree import expected_accept_length, load_choices
-    from medusa_llama.tree_opt import TreeOptConfig, load_accuracy, optimize_for_device
+    from medusa_llama.tree_opt import load_accuracy
 
-    accuracy = load_accuracy(cfg.accuracy) if cfg.accuracy else None
-    if cfg.tree == "auto":
-        opt = TreeOptConfig(**{k: getattr(cfg, k) for k in asdict(ModelOptions())})
-        if accuracy is None:
-            from medusa_llama.head_accuracy import measure_head_accuracy
-
-            acc_prompts = load_prompts(
-                None, limit=opt.accuracy_prompts, skip=len(bench_prompts) if not cfg.prompts else 0
-            )
-            ids = [chat_ids(backbone.tokenizer, p.text) for p in acc_prompts]
-            accuracy = measure_head_accuracy(backbone, heads, ids, opt.accuracy_tokens)["accuracy"]
-        probe = [chat_ids(backbone.tokenizer, p.text) for p in bench_prompts[: opt.probe_prompts]]
-        choices, info = optimize_for_device(backbone, heads, accuracy, probe, opt)
-        return choices, {"tree": "auto", **info}
     choices = load_choices(cfg.tree)
     info: dict = {"tree": cfg.tree}
+    accuracy = load_accuracy(cfg.accuracy) if cfg.accuracy else None
     if accuracy is None and Path(cfg.tree).is_file():
         saved = json.loads(Path(cfg.tree).read_text())
         if isinstance(saved, dict) and isinstance(saved.get("accuracy"), list):
             accuracy = saved["accuracy"]
     if accuracy is not None:
+        if len(accuracy) < max(len(p) for p in choices):
+            raise MedusaError(f"--accuracy covers {len(accuracy)} heads but the tree {cfg.tree} is deeper")
         info["expected_accept_length"] = expected_accept_length(choices, accuracy)
     return choices, info
+
+
+def auto_tree(cfg: BenchConfig, backbone, heads, bench_prompts) -> tuple[list[list[int]], dict]:
+    """``--tree auto``: run the tree optimizer on this device. Head accuracy comes from --accuracy or is measured
+    on built-in held-out prompts disjoint from the benchmark's; the latency probe uses the benchmark prompts.
+    """
+    from medusa_llama.prompts import chat_ids, load_prompts
+    from medusa_llama.tree_opt import TreeOptConfig, load_accuracy, optimize_for_device
+
+    opt = TreeOptConfig(**{k: getattr(cfg, k) for k in asdict(ModelOptions())})
+    if cfg.accuracy:
+        accuracy = load_accuracy(cfg.accuracy)
+    else:
+        from medusa_llama.head_accuracy import measure_head_accuracy
+
+        skip = 0 if cfg.prompts else len(bench_prompts)
+        acc_prompts = load_prompts(None, limit=opt.accuracy_prompts, skip=skip)
+        ids = [chat_ids(backbone.tokenizer, p.text) for p in acc_prompts]
+        accuracy = measure_head_accuracy(backbone, heads, ids, opt.accuracy_tokens)["accuracy"]
+    probe = [chat_ids(backbone.tokenizer, p.text) for p in bench_prompts[: opt.probe_prompts]]
+    choices, info = optimize_for_device(backbone, heads, accuracy, probe, opt)
+    return choices, {"tree": "auto", **info}
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
@@ -334,9 +347,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     from medusa_llama.prompts import chat_ids, load_prompts
     from medusa_llama.tree import build_tree
 
-    prompts = load_prompts(cfg.prompts, limit=cfg.limit)  # bad prompt files fail before the model loads
+    prompts = load_prompts(cfg.prompts, limit=cfg.limit)  # bad prompt or tree files fail before the model loads
+    choices, tree_info = fixed_tree(cfg) if cfg.tree != "auto" else (None, {})
     backbone, heads = load_backbone_and_heads(cfg)
-    choices, tree_info = resolve_tree(cfg, backbone, heads, prompts)
+    if choices is None:
+        choices, tree_info = auto_tree(cfg, backbone, heads, prompts)
     tree = build_tree(choices, heads.num_heads)
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, acceptance=cfg.acceptance)
     short = GenerationConfig(max_new_tokens=WARMUP_TOKENS, temperature=cfg.temperature, acceptance=cfg.acceptance)
