@@ -1,0 +1,27 @@
+"""``python evaluate.py``: the seed's benchmark entry point, the same as ``medusa-llama bench`` (same options).
+
+Example: ``python evaluate.py --limit 20 --max-new-tokens 128 --baselines hf --out results/report.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from medusa_llama.cli import run
+from medusa_llama.commands_eval import add_bench_args, cmd_bench
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="Benchmark Medusa against vanilla decoding (tokens/s, latency, acceptance, losslessness).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add_bench_args(parser)
+    parser.set_defaults(func=cmd_bench)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:], parser=build_parser()))
