@@ -74,7 +74,11 @@ class FastBackbone(Backbone):
     def _run(self, tokens: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[0]
         slots = self.cache_len + torch.arange(t, device=self.device)  # (T,)
-        mask = tree_attention_mask(self.cache_len, tree_mask, self.max_seq_len, self.dtype)  # (1, 1, T, S)
+        # Under CUDA graphs shapes are fixed, so attention spans the whole cache; eagerly it spans only the
+        # filled slots (reading cache_len costs a host sync, which eager decoding pays anyway).
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        span = self.max_seq_len if capturing else int(self.cache_len) + t
+        mask = tree_attention_mask(self.cache_len, tree_mask, span, self.dtype)  # (1, 1, T, span)
         return self.model(tokens[None], positions[None], slots, mask)[0]  # (T, D)
 
     @torch.no_grad()

@@ -88,8 +88,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
 
     def forward(self, x, cos, sin, mask, slots, k_cache, v_cache):
-        # x: (B, T, D); cos/sin: (B, T, hd); mask: (B, 1, T, S) additive; slots: (T,) cache slots to write;
-        # k_cache/v_cache: (B, n_kv, S, hd), updated in place.
+        # x: (B, T, D); cos/sin: (B, T, hd); mask: (B, 1, T, S') additive over the first S' <= S cache slots;
+        # slots: (T,) cache slots to write; k_cache/v_cache: (B, n_kv, S, hd), updated in place.
         a = self.a
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
@@ -101,7 +101,9 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         k_cache.index_copy_(2, slots, k)
         v_cache.index_copy_(2, slots, v)
-        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
+        s = mask.shape[-1]  # attend over the slots the mask covers: all S under a CUDA graph, fewer when eager
+        k_all, v_all = k_cache[:, :, :s], v_cache[:, :, :s]  # (B, n_kv, S', hd)
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
         y = y.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim)  # (B, T, nh * hd)
         return self.wo(y)
 
@@ -194,7 +196,7 @@ class FastLlama(nn.Module):
         return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
 
     def forward(self, tokens, positions, slots, mask) -> torch.Tensor:
-        """tokens, positions: (B, T) long; slots: (T,) cache slots; mask: (B, 1, T, S) additive -> (B, T, D)."""
+        """tokens, positions: (B, T) long; slots: (T,) cache slots; mask: (B, 1, T, S' <= S) additive -> (B, T, D)."""
         x = self.tok_embeddings(tokens)  # (B, T, D)
         cos, sin = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.layers):

