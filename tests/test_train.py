@@ -1,0 +1,287 @@
+"""Training: label offsets, frozen backbone, loss decrease, QLoRA trainables/checkpoint, resume, teacher, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_llama
+
+from medusa_llama.data import write_blocks
+from medusa_llama.errors import MedusaError
+from medusa_llama.heads import HeadsConfig, MedusaHeads
+from medusa_llama.loading import model_name
+from medusa_llama.train import TrainConfig, train
+from medusa_llama.train_losses import MedusaObjective, final_hidden, teacher_context
+
+VOCAB, BLOCK = 96, 32
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is ~50x faster than two fighting other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(seed=0).save_pretrained(path)
+    return path
+
+
+def write_dataset(directory: Path, model: str, n_train: int = 48, n_val: int = 8, model_tag: str | None = None):
+    """Blocks cut from one repeated random sequence: learnable, so heads can improve quickly."""
+    rng = np.random.default_rng(0)
+    pattern = rng.integers(0, VOCAB, size=24)
+    stream = np.tile(pattern, 8)
+
+    def blocks(n):
+        starts = rng.integers(0, 24, size=n)
+        return np.stack([stream[s : s + BLOCK] for s in starts])
+
+    for split, n in (("train", n_train), ("val", n_val)):
+        tokens = blocks(n)
+        mask = np.ones_like(tokens)
+        mask[:, :4] = 0
+        write_blocks(directory, split, tokens, mask)
+    meta = {
+        "format": 1,
+        "model": model_tag or model_name(model),
+        "tokenizer_fingerprint": "none",
+        "vocab_size": VOCAB,
+        "block_size": BLOCK,
+        "pad_id": 0,
+        "splits": {"train": {"blocks": n_train}, "val": {"blocks": n_val}},
+    }
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_dir) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"), str(tiny_dir))
+
+
+def config(tiny_dir, data_dir, save_dir, **kw) -> TrainConfig:
+    base = dict(
+        data=str(data_dir), model=str(tiny_dir), save_dir=str(save_dir), batch_size=4, max_steps=4, eval_every=2,
+        save_every=2, log_every=1, warmup_steps=1, lora_r=4, eval_batches=2, device="cpu", chunk_tokens=40,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def make_heads(kind: str, lm_head: str = "shared", seed: int = 0) -> MedusaHeads:
+    torch.manual_seed(seed)
+    heads = MedusaHeads(HeadsConfig(num_heads=3, hidden_size=64, vocab_size=VOCAB, kind=kind, lm_head=lm_head))
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return heads
+
+
+@pytest.mark.parametrize("kind", ["medusa", "sequential"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_label_offsets(kind, soft):
+    model = tiny_llama(seed=1)
+    heads = make_heads(kind)
+    objective = MedusaObjective(model, heads, lambda_decay=0.5, soft_targets=soft, chunk_tokens=7)
+    x = torch.randint(0, VOCAB, (2, 12))
+    mask = (torch.rand(2, 12) > 0.3).float()
+    out = objective(x, mask, metrics=True)
+    with torch.no_grad():
+        h = final_hidden(model, x)  # (B, T, D)
+        emb = model.get_input_embeddings()(x)  # (B, T, D)
+        expected_total = 0.0
+        for k in range(3):
+            n = 12 - k - 2
+            # head k at t reads e(x_{t+k+1}) (sequential) and predicts x_{t+k+2}
+            path = torch.stack([F.pad(emb[:, j + 1 :], (0, 0, 0, j + 1)) for j in range(3)])
+            state = heads.chain_states(h, path if kind == "sequential" else None)[k][:, :n]
+            logits = heads.project(k, state, model.lm_head)  # (B, n, V)
+            w = mask[:, k + 2 :]
+            if soft:  # the teacher's next-token distribution at t+k+1 also predicts x_{t+k+2}
+                t_logp = F.log_softmax(model.lm_head(h[:, k + 1 : k + 1 + n]), -1)
+                per = (t_logp.exp() * (t_logp - F.log_softmax(logits, -1))).sum(-1)
+            else:
+                per = F.cross_entropy(logits.transpose(1, 2), x[:, k + 2 :], reduction="none")
+            loss_k = (per * w).sum() / w.sum()
+            torch.testing.assert_close(out["head_loss"][k], loss_k)
+            top1 = ((logits.argmax(-1) == x[:, k + 2 :]).float() * w).sum()
+            torch.testing.assert_close(out["head_correct"][k, 0], top1)
+            expected_total += 0.5**k * loss_k
+    torch.testing.assert_close(out["loss"], expected_total)
+
+
+def test_medusa1_leaves_backbone_bitwise_and_reduces_loss(tiny_dir, data_dir, tmp_path):
+    reference = {k: v.clone() for k, v in tiny_llama(seed=0).state_dict().items()}
+    seen = {}
+
+    def check(step, objective):
+        seen["state"] = objective.model.state_dict()
+
+    cfg = config(
+        tiny_dir, data_dir, tmp_path / "run", max_steps=24, eval_every=12, save_every=24, lr=2e-3, head_kind="medusa"
+    )
+    result = train(cfg, on_step=check)
+    for name, value in reference.items():
+        assert torch.equal(seen["state"][name], value), name
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["event"] == "eval"]
+    losses = [e["loss"] for e in events if e["event"] == "train"]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert result.steps == 24 and result.best_val_loss == min(e["val_loss"] for e in evals)
+    best = tmp_path / "run" / "best"
+    for name in ("medusa_heads.safetensors", "config.json", "train_config.json", "log.jsonl", "curves.png"):
+        assert (best / name).is_file(), name
+    assert not (best / "adapter_config.json").exists()  # stage 2 never ran
+    loaded = MedusaHeads.load(best)
+    assert loaded.config.base_model == model_name(str(tiny_dir)) and loaded.config.kind == "medusa"
+
+
+def test_qlora_trains_exactly_lora_and_heads(tiny_dir, data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    names = {}
+
+    def record(step, objective):
+        names["trainable"] = {n for n, p in objective.named_parameters() if p.requires_grad}
+        names["heads"] = set(objective.heads.state_dict())
+
+    cfg = config(tiny_dir, data_dir, tmp_path / "q", stage="medusa2", qlora=True, max_steps=2, lm_head="own")
+    train(cfg, on_step=record)
+    trainable = names["trainable"]
+    lora = {n for n in trainable if n.startswith("model.")}
+    assert lora and all(".lora_A." in n or ".lora_B." in n for n in lora)
+    assert trainable - lora == {f"heads.{n}" for n in names["heads"]}
+    assert len(lora) == 2 * 7 * 2  # A and B on the 7 linear projections of each of the 2 layers
+    last = tmp_path / "q" / "last"
+    assert set(load_file(last / "medusa_heads.safetensors")) == names["heads"]
+    saved_lora = set(load_file(last / "adapter_model.safetensors"))
+    assert {n.replace(".default", "").removeprefix("model.") for n in lora} == saved_lora
+    assert (tmp_path / "q" / "best" / "adapter_config.json").is_file()
+
+
+def test_resume_matches_uninterrupted_run(tiny_dir, data_dir, tmp_path):
+    kw = dict(stage="both", medusa1_steps=2, max_steps=6, save_every=2, eval_every=3, lora_dropout=0.1)
+    states = {}
+
+    def keep(name):
+        def hook(step, objective):
+            states[name] = {k: v.detach().clone() for k, v in objective.named_parameters() if v.requires_grad}
+
+        return hook
+
+    train(config(tiny_dir, data_dir, tmp_path / "a", **kw), on_step=keep("a"))
+
+    def interrupt(step, objective):
+        if step == 5:  # after the checkpoint at 4: step 5 is lost and must be redone
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_dir, data_dir, tmp_path / "b", **kw), on_step=interrupt)
+    with pytest.raises(MedusaError, match="--resume"):
+        train(config(tiny_dir, data_dir, tmp_path / "b", **kw))
+    train(config(tiny_dir, data_dir, tmp_path / "b", resume=True, **kw), on_step=keep("b"))
+    assert states["a"].keys() == states["b"].keys() and any("lora_B" in k for k in states["a"])
+    for name, value in states["a"].items():
+        assert torch.equal(value, states["b"][name]), name
+
+    def steps(run):
+        events = [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        return [(e["event"], e["step"], e.get("loss", e.get("val_loss"))) for e in events if "step" in e]
+
+    assert steps("a") == steps("b")
+
+
+def test_teacher_pass_runs_with_adapters_disabled():
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama(seed=3)
+    reference = tiny_llama(seed=3)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)  # a non-zero adapter
+    x = torch.randint(0, VOCAB, (2, 10))
+    with torch.no_grad():
+        expected = final_hidden(reference, x)
+        with teacher_context(peft_model):
+            teacher = final_hidden(peft_model, x)
+        student = final_hidden(peft_model, x)
+    torch.testing.assert_close(teacher, expected, rtol=0, atol=1e-6)
+    assert (student - expected).abs().max() > 1e-2
+    objective = MedusaObjective(peft_model, make_heads("medusa"))
+    out = objective(x, torch.ones(2, 10), joint=True)
+    assert out["lm_kl"] > 0  # student differs from the teacher
+
+
+def test_dataset_mismatch_and_missing(tiny_dir, tmp_path):
+    other = write_dataset(tmp_path / "other", str(tiny_dir), model_tag="someone/else")
+    with pytest.raises(MedusaError, match="tokenized for 'someone/else'"):
+        train(config(tiny_dir, other, tmp_path / "r"))
+    with pytest.raises(MedusaError, match="not a prepared dataset"):
+        train(config(tiny_dir, tmp_path / "missing", tmp_path / "r"))
+
+
+def _cli(argv, capsys):
+    from medusa_llama import cli, commands_train
+
+    parser = argparse.ArgumentParser(prog="medusa-llama")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands_train.register(parser.add_subparsers(dest="command", required=True))
+    code = cli.run(argv, parser=parser)
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--data", "/nonexistent/data"], "not a prepared dataset"),
+        (["train", "--lambda-decay", "2"], "--lambda-decay"),
+        (["train", "--stage", "medusa1", "--qlora"], "--qlora"),
+        (["prepare", "--block-size", "4"], "--block-size"),
+        (["prepare", "--dataset", "/nonexistent.jsonl"], "neither"),
+    ],
+)
+def test_cli_bad_input_exit_2_one_line(argv, message, capsys):
+    code, err = _cli(argv, capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_train_kd_offsets_mapping():
+    sys.path.insert(0, str(REPO))
+    import train_kd
+
+    args = train_kd.build_parser().parse_args(["--offsets", "1", "2", "3", "--student_name", "m", "--batch_size", "2"])
+    from medusa_llama.commands_train import train_config
+
+    cfg = train_config(args, stage="both")
+    assert (cfg.num_heads, cfg.model, cfg.batch_size, cfg.stage) == (3, "m", 2, "both")
+    with pytest.raises(ValueError, match="--offsets"):
+        train_config(train_kd.build_parser().parse_args(["--offsets", "2", "3"]))
+
+
+def test_qlora_memory_benchmark_tiny():
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "qlora_memory.py"), "--tiny"],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["device"] == "cpu" and result["loss"] > 0 and result["trainable_lora"] > 0
