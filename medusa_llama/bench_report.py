@@ -113,7 +113,10 @@ def plot(report: dict, stem: Path) -> list[Path]:
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.1f}", ha="center", va="bottom")
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"{report.get('model')} on {str(report.get('device'))[:40]}", fontsize=9)
+    ax.set_ylim(0, max(values, default=1) * 1.15)  # room for the value labels
+    model = str(report.get("model")).rsplit("/", 1)[-1]
+    device = str(report.get("device")).split(" (")[0]
+    ax.set_title(f"{model}, tree {report.get('tree_size')} tokens, {device}", fontsize=9)
     fig.tight_layout()
     path = stem.with_name(stem.name + "_tokens_per_s.png")
     fig.savefig(path, dpi=120)

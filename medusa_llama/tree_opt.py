@@ -111,7 +111,8 @@ def measure_latency_curve(
     """Median seconds per decode step of the real decoders for trees of each size (1 = ``VanillaDecoder``).
 
     Each tree is ``grow_tree(accuracy, n - 1)``, the tree the optimizer would pick at that size, so the step time
-    includes that tree's heads, verification and acceptance work. One warm-up generation precedes each size.
+    includes that tree's heads, verification and acceptance work. Every decoder is warmed up (and on a GPU its
+    step captured) first; then sizes are interleaved per prompt, so load drifting over time hits all sizes alike.
     """
     from tqdm.auto import tqdm
 
@@ -120,17 +121,20 @@ def measure_latency_curve(
     if not prompt_ids:
         raise MedusaError("the latency probe needs at least one prompt")
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, acceptance="greedy")
-    curve: dict[int, float] = {}
-    for n in tqdm(sorted(set(sizes)), desc="verify latency", unit="tree", disable=not progress):
+    warm = GenerationConfig(max_new_tokens=min(8, max_new_tokens), temperature=0.0, acceptance="greedy")
+    decoders = {}
+    for n in sorted(set(sizes)):
         if n == 1:
-            dec = VanillaDecoder(backbone)
+            decoders[n] = VanillaDecoder(backbone)
         else:
-            dec = MedusaDecoder(backbone, heads, build_tree(grow_tree(accuracy, n - 1), heads.num_heads))
-        dec.generate(prompt_ids[0], GenerationConfig(max_new_tokens=min(8, max_new_tokens), temperature=0.0))
-        times = [step_time(dec.generate(ids, gen)) for ids in prompt_ids]
-        curve[n] = statistics.median(times)
-        log.debug("tree of %d tokens: %.2f ms per step", n, curve[n] * 1e3)
-        del dec
+            decoders[n] = MedusaDecoder(backbone, heads, build_tree(grow_tree(accuracy, n - 1), heads.num_heads))
+        decoders[n].generate(prompt_ids[0], warm)
+    times: dict[int, list[float]] = {n: [] for n in decoders}
+    for ids in tqdm(prompt_ids, desc="verify latency", unit="prompt", disable=not progress):
+        for n, dec in decoders.items():
+            times[n].append(step_time(dec.generate(ids, gen)))
+    curve = {n: statistics.median(t) for n, t in times.items()}
+    log.debug("step latency by tree size (ms): %s", {n: round(t * 1e3, 2) for n, t in curve.items()})
     return curve
 
 
