@@ -132,8 +132,9 @@ class MedusaObjective(nn.Module):
                 hidden = final_hidden(self.model, input_ids)  # (B, T, D)
             teacher_hidden = hidden
         B, T, D = hidden.shape
-        path_emb = self.path_embeddings(input_ids) if self.heads.config.kind == "sequential" else None
-        states = self.heads.chain_states(hidden, path_emb)  # K x (B, T, D)
+        dtype = next(self.heads.parameters()).dtype  # fp32 heads on a bf16 backbone (autocast or not)
+        path_emb = self.path_embeddings(input_ids).to(dtype) if self.heads.config.kind == "sequential" else None
+        states = self.heads.chain_states(hidden.to(dtype), path_emb)  # K x (B, T, D)
         lm_head = self.lm_head
         out = {"head_loss": [], "head_correct": [], "head_count": []}
         loss = hidden.new_zeros((), dtype=torch.float32)
