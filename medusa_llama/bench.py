@@ -213,6 +213,7 @@ def summarize(runs: dict[str, list[Run]], prompt_ids: list[str], prompt_lens: li
         "speedup": speedups["vanilla"],
         "speedups": speedups,
         "methods": methods,
+        **methods,  # the same per-method dicts at top level: report["medusa"]["latency_p50_ms"]
         "prompts": per_prompt,
     }
     if "hf_generate" in runs:

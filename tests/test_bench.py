@@ -62,7 +62,7 @@ def test_report_figures_are_consistent(tiny_report):
     # every step emits 1 + (depth reached) tokens, except a step cut short by the token budget
     assert 1 + sum(depth) >= med["mean_accepted_tokens"] - 1e-9
     assert med["tokens_per_s"] == pytest.approx(med["new_tokens"] / med["wall_s"])
-    assert report["medusa_tokens_per_s"] == med["tokens_per_s"]
+    assert report["medusa_tokens_per_s"] == med["tokens_per_s"] and report["medusa"] == med
     assert report["baseline_tokens_per_s"] == report["methods"]["vanilla"]["tokens_per_s"]
     assert report["speedup"] == pytest.approx(med["tokens_per_s"] / report["methods"]["vanilla"]["tokens_per_s"])
     assert set(report["speedups"]) == {"vanilla", "hf_generate"}
