@@ -8,6 +8,7 @@ as aliases; ``preprocess_data.py`` and ``train_kd.py`` at the repository root re
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import fields
 
 from medusa_llama.data import PrepareConfig
@@ -117,10 +118,16 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_result(result) -> None:
+    """The summary line, once: only the main process prints under ``accelerate launch`` / ``torchrun``."""
+    if os.environ.get("RANK", "0") == "0":
+        print(result.line())
+
+
 def run_train(args: argparse.Namespace) -> int:
     from medusa_llama.train import train
 
-    print(train(train_config(args)).line())
+    print_result(train(train_config(args)))
     return 0
 
 

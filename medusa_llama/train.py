@@ -336,9 +336,11 @@ def train(config: TrainConfig, on_step=None) -> TrainResult:
     start_time = time.time()
     meta = load_meta(config.data)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=config.stage == "both")
-    accelerator = Accelerator(cpu=config.device == "cpu", kwargs_handlers=[ddp])
+    cpu = config.device == "cpu" or not torch.cuda.is_available()  # cpu=True also enables multi-process gloo
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
     device = torch.device(config.device) if config.device else accelerator.device
     main = accelerator.is_main_process
+    info = log.info if main else lambda *args: None  # one copy of each message under DDP
     save_dir = Path(config.save_dir).expanduser()
     resume_from = find_resumable(save_dir) if config.resume else None
     if config.resume and resume_from is None:
@@ -348,7 +350,7 @@ def train(config: TrainConfig, on_step=None) -> TrainResult:
         changed = [k for k in RESUME_KEYS if saved.get(k) != asdict(config).get(k)]
         if changed:
             raise MedusaError(f"--resume: {resume_from} was trained with other {', '.join(changed)}")
-    elif main and save_dir.exists() and (save_dir / "last").exists():
+    elif (save_dir / "last").exists():
         raise MedusaError(f"{save_dir} already holds a run: pass --resume to continue it or choose another --save-dir")
 
     train_blocks, val_blocks = TokenBlocks(config.data, "train", meta), TokenBlocks(config.data, "val", meta)
@@ -389,14 +391,14 @@ def train(config: TrainConfig, on_step=None) -> TrainResult:
         set_rng_state(state["rng"])
         step, best = state["step"], state["best"]
         events.restore(resume_from / LOG_NAME)
-        log.info("resumed from %s at step %d", resume_from, step)
+        info("resumed from %s at step %d", resume_from, step)
     elif main:
         (save_dir / LOG_NAME).write_text("")
     if accelerator.num_processes > 1:
         objective = accelerator.prepare_model(objective, device_placement=False)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     config_dict = {**asdict(config), "total_steps": total, "medusa1_steps": m1_steps, "dataset_meta": meta["model"]}
-    log.info(
+    info(
         "training %d steps (%d per epoch, heads-only for %d) on %d blocks; %d trainable tensors (%.1f M values)",
         total,
         steps_per_epoch,
@@ -470,7 +472,7 @@ def train(config: TrainConfig, on_step=None) -> TrainResult:
             if metrics:
                 events({"event": "eval", "step": step, **metrics})
                 top1 = " ".join(f"{a:.3f}" for a in metrics["top1"])
-                log.info("step %d: val loss %.4f, top-1 per head %s", step, metrics["val_loss"], top1)
+                info("step %d: val loss %.4f, top-1 per head %s", step, metrics["val_loss"], top1)
                 if best["val_loss"] is None or metrics["val_loss"] < best["val_loss"]:
                     best = {"val_loss": metrics["val_loss"], "step": step, "top1": metrics["top1"]}
                     if main:
