@@ -255,6 +255,7 @@ def _cli(argv, capsys):
         (["train", "--stage", "medusa1", "--qlora"], "--qlora"),
         (["prepare", "--block-size", "4"], "--block-size"),
         (["prepare", "--dataset", "/nonexistent.jsonl"], "neither"),
+        (["prepare", "--dataset", "wikitext", "--out", "/tmp/medusa-wikitext-test"], "wikitext"),
     ],
 )
 def test_cli_bad_input_exit_2_one_line(argv, message, capsys):
