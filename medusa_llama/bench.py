@@ -300,7 +300,7 @@ def fixed_tree(cfg: BenchConfig) -> tuple[list[list[int]], dict]:
     accepted length when head accuracies are known (--accuracy, or the "accuracy" key of an optimizer tree file).
     """
     from medusa_llama.tree import expected_accept_length, load_choices
-    from medusa_llama.tree_opt import load_accuracy
+    from medusa_llama.tree_opt import load_accuracy, monotone_accuracy
 
     choices = load_choices(cfg.tree)
     info: dict = {"tree": cfg.tree}
@@ -312,7 +312,7 @@ def fixed_tree(cfg: BenchConfig) -> tuple[list[list[int]], dict]:
     if accuracy is not None:
         if len(accuracy) < max(len(p) for p in choices):
             raise MedusaError(f"--accuracy covers {len(accuracy)} heads but the tree {cfg.tree} is deeper")
-        info["expected_accept_length"] = expected_accept_length(choices, accuracy)
+        info["expected_accept_length"] = expected_accept_length(choices, monotone_accuracy(accuracy))  # as tree_opt
     return choices, info
 
 

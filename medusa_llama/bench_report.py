@@ -55,6 +55,11 @@ def markdown(report: dict) -> str:
         "Medusa speedup |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    notes = [
+        "",
+        "ITL: inter-token latency, the time between consecutive new tokens (tokens accepted in one step count 0). "
+        "TTFT: time to first token. tokens/s counts the whole call, prefill included; decode tokens/s excludes it.",
+    ]
     for name, m in report["methods"].items():
         speed = "-" if name == "medusa" else _f((report.get("speedups") or {}).get(name), ".2f", "x")
         label = METHOD_LABELS.get(name, name)
@@ -63,6 +68,7 @@ def markdown(report: dict) -> str:
             f" | {_f(m['mean_accepted_tokens'])} | {_f(m['latency_p50_ms'], '.1f')} | {_f(m['latency_p90_ms'], '.1f')}"
             f" | {_f(m['ttft_ms'], '.1f')} | {_f(m['wall_s'], '.1f')} | {speed} |"
         )
+    lines += notes
     depth = report.get("acceptance_by_depth") or []
     if depth:
         lines += ["", "Acceptance rate by depth (share of steps whose accepted path reached depth d):", ""]

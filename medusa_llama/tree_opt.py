@@ -28,6 +28,29 @@ log = logging.getLogger(__name__)
 DEFAULT_SIZES = (1, 4, 8, 16, 32, 64, 96, 128, 192, 256)
 
 
+MIN_ACCURACY = 1e-6
+"""Floor for measured accuracies: a rank never seen right is not impossible (and ``grow_tree`` divides by it)."""
+
+
+def monotone_accuracy(accuracy: list[list[float]]) -> list[list[float]]:
+    """Each depth's per-rank accuracies made non-increasing in rank (isotonic regression, pool adjacent violators)
+    and floored at ``MIN_ACCURACY``.
+
+    The best-first growth assumes rank r+1 is never better than rank r; measured rows can break that by noise at
+    high ranks with few hits. Pooling keeps each row's total (its top-k accuracy) unchanged.
+    """
+    out = []
+    for row in accuracy:
+        blocks: list[list[float]] = []  # [mean, count]
+        for x in row:
+            blocks.append([float(x), 1.0])
+            while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+                (m1, c1), (m2, c2) = blocks[-2], blocks.pop()
+                blocks[-1] = [(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2]
+        out.append([max(m, MIN_ACCURACY) for m, c in blocks for _ in range(int(c))])
+    return out
+
+
 def interpolate_latency(curve: dict[int, float], n: int) -> float:
     """Seconds per step for a tree of ``n`` tokens (root included), piecewise linear between measured sizes.
 
@@ -54,6 +77,7 @@ def tree_table(accuracy: list[list[float]], latency_curve: dict[int, float], siz
     ``sizes`` defaults to every n from 1 to the largest measured size. ``grow_tree`` adds nodes best-first, so the
     best tree of n - 1 nodes is a prefix of the best tree of more nodes: one growth serves every size.
     """
+    accuracy = monotone_accuracy(accuracy)
     sizes = sorted(set(sizes if sizes is not None else range(1, max(latency_curve) + 1)))
     if not sizes or sizes[0] < 1:
         raise ValueError(f"tree sizes must be >= 1, got {sizes}")
@@ -83,6 +107,7 @@ def optimize_tree(
     Returns ``(choices, table)``. A Medusa tree needs at least one node, so the choice is the best size >= 2; when
     plain decoding (size 1) is expected to be faster still, that is logged and visible in the table.
     """
+    accuracy = monotone_accuracy(accuracy)
     table = tree_table(accuracy, latency_curve, sizes)
     candidates = [r for r in table if r["size"] >= 2]
     if not candidates:
@@ -120,6 +145,7 @@ def measure_latency_curve(
 
     if not prompt_ids:
         raise MedusaError("the latency probe needs at least one prompt")
+    accuracy = monotone_accuracy(accuracy)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, acceptance="greedy")
     warm = GenerationConfig(max_new_tokens=min(8, max_new_tokens), temperature=0.0, acceptance="greedy")
     decoders = {}

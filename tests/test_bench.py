@@ -172,3 +172,24 @@ def test_cli_bad_files_fail_before_loading_a_model(tmp_path, capsys):
     assert code == 2 and "neither a built-in tree" in err
     code, err = run_cli(["tree", "--accuracy", str(tmp_path / "none.json")], capsys)
     assert code == 2 and "--accuracy file not found" in err
+
+
+@pytest.mark.integration
+def test_bench_end_to_end_on_the_embedded_model(tmp_path, embedded_available):
+    """`bench` on SmolLM2 with untrained (identity) heads: the whole pipeline, files and losslessness in fp32."""
+    if not embedded_available:
+        pytest.skip("the embedded model is not installed")
+    from medusa_llama.bench import BenchConfig, run_bench
+    from medusa_llama.heads import HeadsConfig, MedusaHeads
+    from medusa_llama.loading import EMBEDDED_ID
+
+    MedusaHeads(HeadsConfig(hidden_size=576, vocab_size=49152, base_model=EMBEDDED_ID)).save(tmp_path / "heads")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "What is the capital of France?"}\n{"turns": ["Count from 1 to 20."]}\n')
+    cfg = BenchConfig(heads=str(tmp_path / "heads"), device="cpu", prompts=str(prompts), max_new_tokens=16,
+                      tree="tree16", baselines=("hf",), out=str(tmp_path / "r" / "report.json"))  # fmt: skip
+    report = run_bench(cfg, progress=False)
+    assert report["identical"] and report["dtype"] == "float32" and report["tree_size"] == 16
+    assert set(report["methods"]) == {"vanilla", "medusa", "hf_generate", "hf_prompt_lookup"}
+    assert report["hf_identical_to_vanilla"]
+    assert len(report["files"]) == 4 and all((tmp_path / "r" / n).is_file() for n in ("report.json", "report.md"))

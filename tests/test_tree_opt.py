@@ -15,6 +15,7 @@ from medusa_llama.tree_opt import (
     interpolate_latency,
     load_accuracy,
     measure_latency_curve,
+    monotone_accuracy,
     optimize_tree,
     tree_table,
 )
@@ -69,6 +70,17 @@ def test_vanilla_winning_still_returns_a_tree(caplog):
     choices, table = optimize_tree(ACCURACY, {1: 1e-3, 2: 1e-2, 64: 1.0})
     assert choices == [[0]] and table[0]["size"] == 1
     assert "plain decoding is expected to be faster" in caplog.text
+
+
+def test_measured_accuracies_are_made_monotone_and_positive():
+    assert monotone_accuracy(ACCURACY) == ACCURACY  # already non-increasing: unchanged
+    row = monotone_accuracy([[0.3, 0.1, 0.2, 0.0, 0.05, 0.0]])[0]
+    assert all(a >= b for a, b in zip(row, row[1:], strict=False)) and min(row) > 0
+    assert sum(row) == pytest.approx(0.65, abs=1e-5)  # pooling keeps the top-k total
+    assert row[:3] == pytest.approx([0.3, 0.15, 0.15])
+    measured = [[0.01, 0.05, 0.0], [0.0, 0.0, 0.0]]  # never right at some ranks: grow_tree must not divide by 0
+    choices, table = optimize_tree(measured, CPU_CURVE)
+    assert choices and table[-1]["expected_accept_length"] >= 1.0
 
 
 def test_interpolate_latency():
