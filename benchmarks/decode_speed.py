@@ -20,11 +20,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from medusa_llama.backbone import make_backbone
 from medusa_llama.decoding import GenerationConfig, VanillaDecoder, _Step
 from medusa_llama.pipeline import load_pipeline_backbone
-from medusa_llama.tree import build_tree, grow_tree
 from medusa_llama.tree import _DEFAULT_ACCURACY as ACC
+from medusa_llama.tree import build_tree, grow_tree
 
-LLAMA7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+LLAMA7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+)
 
 
 def sync(dev):
@@ -34,8 +41,9 @@ def sync(dev):
 
 def load(shape: str, device: str, dtype, max_seq_len: int):
     if shape == "smollm2":
-        return load_pipeline_backbone(None, device, {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
-                                      max_seq_len)
+        return load_pipeline_backbone(
+            None, device, {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype], max_seq_len
+        )
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -49,7 +57,7 @@ def load(shape: str, device: str, dtype, max_seq_len: int):
     return make_backbone(hf, Tok(), "llama7b-random", max_seq_len)
 
 
-def verify_latency(bb, sizes, cached: int, use_graph: bool, reps: int) -> dict[int, float]:
+def verify_latency(bb, sizes, cached: int, use_graph: bool, reps: int, compile: bool = False) -> dict[int, float]:
     """Median ms of one forward of T tree tokens (+ LM head) over ``cached`` cached tokens."""
     out = {}
     dev = bb.device
@@ -62,10 +70,10 @@ def verify_latency(bb, sizes, cached: int, use_graph: bool, reps: int) -> dict[i
         bb.prefill(prompt)
         sink = torch.zeros(t, dtype=torch.long, device=dev)
 
-        def fn():
+        def fn(tokens=tokens, mask=mask, depth=depth, sink=sink):
             sink.copy_(bb.logits(bb.forward_tree(tokens, mask, depth)).argmax(-1))
 
-        step = _Step(fn, use_graph)
+        step = _Step(torch.compile(fn, dynamic=False) if compile else fn, use_graph)
         step.capture()
         for _ in range(3):
             step()
@@ -80,8 +88,8 @@ def verify_latency(bb, sizes, cached: int, use_graph: bool, reps: int) -> dict[i
     return out
 
 
-def vanilla_speed(bb, use_graph: bool, new_tokens: int, prompt) -> float:
-    dec = VanillaDecoder(bb, use_cuda_graphs=use_graph)
+def vanilla_speed(bb, use_graph: bool, new_tokens: int, prompt, compile: bool = False) -> float:
+    dec = VanillaDecoder(bb, use_cuda_graphs=use_graph, compile=compile)
     cfg = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False)
     dec.generate(prompt, GenerationConfig(max_new_tokens=8, stop_at_eos=False))
     res = dec.generate(prompt, cfg)
@@ -108,6 +116,7 @@ def main():
     ap.add_argument("--max-seq-len", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile'd steps (slow to compile)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -123,7 +132,17 @@ def main():
         r["hf_generate_tok_s"] = hf_speed(bb, min(args.new_tokens, 128), prompt)
         r["verify_ms_eager"] = verify_latency(bb, args.sizes, args.cached, False, max(5, args.reps // 5))
         if device == "cuda":
+            r["cascade_attention"] = bb.cascade
             r["verify_ms_graph"] = verify_latency(bb, args.sizes, args.cached, True, args.reps)
+            if bb.cascade:  # the same with plain SDPA over the whole masked cache
+                bb.cascade = False
+                r["verify_ms_graph_sdpa"] = verify_latency(bb, args.sizes, args.cached, True, args.reps)
+                bb.cascade = True
+            if args.compile:
+                t0 = time.perf_counter()
+                r["vanilla_graph_compiled_tok_s"] = vanilla_speed(bb, True, args.new_tokens, prompt, compile=True)
+                r["verify_ms_graph_compiled"] = verify_latency(bb, args.sizes, args.cached, True, args.reps, True)
+                r["compile_and_measure_s"] = round(time.perf_counter() - t0, 1)
         results[shape] = r
         print(json.dumps({shape: r}), flush=True)
         del bb

@@ -67,8 +67,7 @@ def _longest_path(ok: torch.Tensor, tree: Tree) -> tuple[torch.Tensor, torch.Ten
 def accept_greedy(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree):
     """logits: (T, V) float; tokens: (T,) tree tokens. Lossless greedy acceptance."""
     pred = logits.argmax(-1)  # (T,) the backbone's choice after each node
-    ok = tokens == pred[tree.parent.clamp(min=0)]
-    ok[0] = True
+    ok = (tokens == pred[tree.parent.clamp(min=0)]) | (tree.parent < 0)  # the root is always kept
     path, n = _longest_path(ok, tree)
     return path, n, pred[path[n]]
 
@@ -78,8 +77,7 @@ def accept_typical(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg: 
     entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1)  # (T,)
     threshold = torch.minimum(torch.full_like(entropy, cfg.typical_epsilon), cfg.typical_delta * torch.exp(-entropy))
     parent = tree.parent.clamp(min=0)
-    ok = probs[parent, tokens] > threshold[parent]  # (T,)
-    ok[0] = True
+    ok = (probs[parent, tokens] > threshold[parent]) | (tree.parent < 0)  # (T,) the root is always kept
     path, n = _longest_path(ok, tree)
     return path, n, sample(probs[path[n]])
 
@@ -94,8 +92,7 @@ def accept_sampling(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg:
     earlier_sibling = (tree.parent[:, None] == tree.parent[None, :]) & (idx[None, :] < idx[:, None])  # (T, T)
     mass_before = earlier_sibling.to(probs.dtype) @ p_child  # (T,) mass of siblings tried before
     accept_prob = p_child / (1 - mass_before).clamp_min(1e-12)
-    flag = torch.rand(t, device=tokens.device) < accept_prob  # (T,)
-    flag[0] = True
+    flag = (torch.rand(t, device=tokens.device) < accept_prob) | (tree.parent < 0)  # (T,) root always kept
     # A node wins if it is accepted and no earlier sibling was; it is reached if it and all its ancestors won.
     win = flag & ((earlier_sibling.to(probs.dtype) @ flag.to(probs.dtype)) == 0)
     reached = ~(tree.mask & ~win[None, :]).any(dim=1)  # (T,)

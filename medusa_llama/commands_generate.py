@@ -16,34 +16,51 @@ from medusa_llama.tree import BUILTIN_TREE_NAMES, DEFAULT_TREE
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options every decoding command shares."""
     p.add_argument("--model", default=None, help="HF model id or local directory (default: the embedded SmolLM2-135M)")
-    p.add_argument("--heads", default=None,
-                   help="Medusa heads directory or medusa_heads.safetensors (default: the shipped heads of the "
-                        "embedded model); an adapter/ folder beside them (Medusa-2) is merged into the model")
-    p.add_argument("--tree", default=None,
-                   help=f"built-in tree ({', '.join(BUILTIN_TREE_NAMES)}; default {DEFAULT_TREE}) or a JSON file "
-                        "of medusa_choices paths")
+    p.add_argument(
+        "--heads",
+        default=None,
+        help="Medusa heads directory or medusa_heads.safetensors (default: the shipped heads of the "
+        "embedded model); an adapter/ folder beside them (Medusa-2) is merged into the model",
+    )
+    p.add_argument(
+        "--tree",
+        default=None,
+        help=f"built-in tree ({', '.join(BUILTIN_TREE_NAMES)}; default {DEFAULT_TREE}) or a JSON file "
+        "of medusa_choices paths",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on GPU)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="fast: our static-cache Llama forward (CUDA graphs on GPU); hf: the HF forward; auto: fast "
-                        "where it covers the architecture")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="fast: our static-cache Llama forward (CUDA graphs on GPU); hf: the HF forward; auto: fast "
+        "where it covers the architecture",
+    )
     p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache size in tokens (default 2048)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="token budget (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--acceptance", default="auto", choices=("auto", *ACCEPTANCE_RULES),
-                   help="greedy: lossless; sampling: lossless rejection sampling for temperature > 0; typical: "
-                        "Medusa's typical acceptance, faster but NOT lossless; auto: greedy at temperature 0, "
-                        "else sampling")
+    p.add_argument(
+        "--acceptance",
+        default="auto",
+        choices=("auto", *ACCEPTANCE_RULES),
+        help="greedy: lossless; sampling: lossless rejection sampling for temperature > 0; typical: "
+        "Medusa's typical acceptance, faster but NOT lossless; auto: greedy at temperature 0, "
+        "else sampling",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate text with Medusa tree decoding",
-                       description="Generate a chat answer with Medusa tree decoding, streaming the text as it is "
-                                   "accepted, then print one line of statistics.")
+    p = sub.add_parser(
+        "generate",
+        help="generate text with Medusa tree decoding",
+        description="Generate a chat answer with Medusa tree decoding, streaming the text as it is "
+        "accepted, then print one line of statistics.",
+    )
     p.add_argument("prompt", help="the user message (the chat template is applied)")
     add_model_options(p)
     add_sampling_options(p)
@@ -55,8 +72,9 @@ def register(sub) -> None:
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
     if not chat or getattr(tokenizer, "chat_template", None) is None:
         return tokenizer(prompt)["input_ids"]
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    )
     if hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
@@ -69,8 +87,11 @@ def build_decoder(args, need_heads: bool = True):
     backbone = load_pipeline_backbone(args.model, args.device, args.dtype, args.max_seq_len, args.backend, adapter)
     if getattr(args, "vanilla", False) or heads_dir is None:
         if heads_dir is None and need_heads and not getattr(args, "vanilla", False):
-            print("note: no trained Medusa heads are installed for this model (pass --heads DIR): decoding "
-                  "without heads, one token per step", file=sys.stderr)
+            print(
+                "note: no trained Medusa heads are installed for this model (pass --heads DIR): decoding "
+                "without heads, one token per step",
+                file=sys.stderr,
+            )
         return backbone, VanillaDecoder(backbone)
     heads = load_heads(heads_dir, backbone)
     return backbone, MedusaDecoder(backbone, heads, load_tree(args.tree, heads.num_heads))
@@ -78,8 +99,9 @@ def build_decoder(args, need_heads: bool = True):
 
 def run_generate(args) -> int:
     backbone, decoder = build_decoder(args)
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           acceptance=args.acceptance, seed=args.seed)
+    cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, acceptance=args.acceptance, seed=args.seed
+    )
     cfg.acceptance_config()  # validate before loading more
     ids = encode_prompt(backbone.tokenizer, args.prompt, chat=not args.no_chat)
     tok = backbone.tokenizer
@@ -89,7 +111,7 @@ def run_generate(args) -> int:
         state["ids"].extend(new)
         text = tok.decode(state["ids"], skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-            sys.stdout.write(text[len(state["text"]):])
+            sys.stdout.write(text[len(state["text"]) :])
             sys.stdout.flush()
             state["text"] = text
 

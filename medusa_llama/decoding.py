@@ -106,9 +106,10 @@ class _Step:
 class _Decoder:
     """The loop shared by both decoders: prefill, steps, stopping, statistics."""
 
-    def __init__(self, backbone: Backbone, use_cuda_graphs: bool = True):
+    def __init__(self, backbone: Backbone, use_cuda_graphs: bool = True, compile: bool = False):
         self.backbone = backbone
         self.use_graphs = use_cuda_graphs and backbone.supports_cuda_graphs
+        self.compile = compile  # torch.compile the step (fuses the small elementwise kernels; slow first call)
         dev = backbone.device
         self.root = torch.zeros((), dtype=torch.long, device=dev)  # last emitted token, not yet in the cache
         self.hidden = torch.zeros(backbone.hidden_size, dtype=backbone.dtype, device=dev)  # state before root
@@ -118,7 +119,10 @@ class _Decoder:
     def _step_for(self, cfg: AcceptanceConfig) -> _Step:
         key = repr(cfg)
         if key not in self._steps:
-            self._steps[key] = _Step(self._make_step(cfg), self.use_graphs)
+            fn = self._make_step(cfg)
+            if self.compile:
+                fn = torch.compile(fn, dynamic=False)
+            self._steps[key] = _Step(fn, self.use_graphs)
         return self._steps[key]
 
     @torch.no_grad()
@@ -184,8 +188,8 @@ class VanillaDecoder(_Decoder):
     _depth = 0
     _tree_size = 1
 
-    def __init__(self, backbone: Backbone, use_cuda_graphs: bool = True):
-        super().__init__(backbone, use_cuda_graphs)
+    def __init__(self, backbone: Backbone, use_cuda_graphs: bool = True, compile: bool = False):
+        super().__init__(backbone, use_cuda_graphs, compile)
         dev = backbone.device
         self.out = torch.zeros(2, dtype=torch.long, device=dev)  # [n = 0, next token]
         self._one = torch.ones(1, 1, dtype=torch.bool, device=dev)
@@ -209,8 +213,15 @@ class VanillaDecoder(_Decoder):
 class MedusaDecoder(_Decoder):
     """Tree decoding with Medusa heads. Greedy acceptance reproduces the backbone's greedy output exactly."""
 
-    def __init__(self, backbone: Backbone, heads: MedusaHeads, tree: Tree | list, use_cuda_graphs: bool = True):
-        super().__init__(backbone, use_cuda_graphs)
+    def __init__(
+        self,
+        backbone: Backbone,
+        heads: MedusaHeads,
+        tree: Tree | list,
+        use_cuda_graphs: bool = True,
+        compile: bool = False,
+    ):
+        super().__init__(backbone, use_cuda_graphs, compile)
         heads.check_compatible(backbone.hidden_size, backbone.vocab_size, backbone.name)
         if not isinstance(tree, Tree):
             tree = build_tree(tree, heads.num_heads)

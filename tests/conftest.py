@@ -35,8 +35,12 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
 def random_heads(kind: str = "sequential", num_heads: int = 4, seed: int = 0, std: float = 0.3, **cfg) -> MedusaHeads:
     torch.manual_seed(seed)
     config = HeadsConfig(
-        num_heads=num_heads, hidden_size=TINY["hidden_size"], vocab_size=TINY["vocab_size"], kind=kind,
-        base_model="tiny", **cfg,
+        num_heads=num_heads,
+        hidden_size=TINY["hidden_size"],
+        vocab_size=TINY["vocab_size"],
+        kind=kind,
+        base_model="tiny",
+        **cfg,
     )
     heads = MedusaHeads(config)
     for p in heads.parameters():

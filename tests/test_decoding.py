@@ -60,7 +60,7 @@ def test_vanilla_equals_hf_generate(backbone, prompts):
     for prompt in prompts:
         ref = backbone.hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)
         out = VanillaDecoder(backbone).generate(prompt, GenerationConfig(max_new_tokens=20, stop_at_eos=False))
-        assert out.tokens == ref[0, len(prompt):].tolist()
+        assert out.tokens == ref[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("tree_name", BUILTIN_TREE_NAMES)
@@ -83,7 +83,7 @@ def test_statistics_add_up(backbone, prompts):
     assert len(out.tokens) == 1 + out.steps + accepted  # first token + one bonus per step + accepted candidates
     assert len(out.token_times) == len(out.tokens)
     assert out.token_times == sorted(out.token_times)
-    assert all(a >= b for a, b in zip(out.accepted_per_depth, out.accepted_per_depth[1:]))
+    assert all(a >= b for a, b in zip(out.accepted_per_depth, out.accepted_per_depth[1:], strict=False))
 
 
 def test_stops_at_eos():

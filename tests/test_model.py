@@ -11,8 +11,19 @@ from medusa_llama.tree import build_tree, builtin_tree
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                            "original_max_position_embeddings": 64}, "tie_word_embeddings": True}],
+    [
+        {},
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "tie_word_embeddings": True,
+        },
+    ],
 )
 def test_fast_forward_equals_hf(overrides):
     hf = tiny_llama(**overrides)
@@ -30,8 +41,14 @@ def test_qwen2_biases_are_used():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = Qwen2Config(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     hf = Qwen2ForCausalLM(cfg).eval()
     for layer in hf.model.layers:
         torch.nn.init.normal_(layer.self_attn.q_proj.bias)
@@ -39,8 +56,9 @@ def test_qwen2_biases_are_used():
     fast.setup_cache(32)
     ids = torch.randint(0, 96, (1, 12))
     causal = torch.full((12, 32), torch.finfo(torch.float32).min).triu(1)[None, None]
-    torch.testing.assert_close(fast.output(fast(ids, torch.arange(12)[None], torch.arange(12), causal)),
-                               hf(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        fast.output(fast(ids, torch.arange(12)[None], torch.arange(12), causal)), hf(ids).logits, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_unsupported_architecture_is_refused():
@@ -63,7 +81,7 @@ def test_each_tree_path_equals_sequential_decoding(backend):
     for path in tree.retrieve:
         path = path[path >= 0]
         seq = torch.cat([prompt, tokens[path]])
-        ref = hf(seq[None]).logits[0, len(prompt):]  # (len(path), V)
+        ref = hf(seq[None]).logits[0, len(prompt) :]  # (len(path), V)
         torch.testing.assert_close(tree_logits[path], ref, rtol=1e-4, atol=1e-4)
 
 
