@@ -108,9 +108,9 @@ def cmd_tree(args) -> int:
     from medusa_llama.tree_opt import run_tree_opt
 
     cfg = TreeOptConfig(
-        **_model_kwargs(args), accuracy=args.accuracy, sizes=_sizes(args.sizes), prompts=args.prompts,
-        probe_prompts=args.probe_prompts, probe_tokens=args.probe_tokens, accuracy_prompts=args.accuracy_prompts,
-        accuracy_tokens=args.accuracy_tokens, out=args.out,
+        **_model_kwargs(args), accuracy=args.accuracy, sizes=_sizes(args.sizes) if args.sizes else None,
+        prompts=args.prompts, probe_prompts=args.probe_prompts, probe_tokens=args.probe_tokens,
+        accuracy_prompts=args.accuracy_prompts, accuracy_tokens=args.accuracy_tokens, out=args.out,
     )  # fmt: skip
     result = run_tree_opt(cfg)
     print("size  expected tok/step  latency ms  expected tok/s")
@@ -168,10 +168,9 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--accuracy", default=None, help="heads_accuracy.json (default: measure it first)")
     p.add_argument(
-        "--sizes",
-        default=",".join(map(str, TreeOptConfig.sizes)),
-        help="tree sizes to time, 1 = vanilla (default: %(default)s)",
-    )
+        "--sizes", default=None,
+        help="comma-separated tree sizes to time, 1 = vanilla (default: 1,4,8,...,256 on a GPU, 1,2,4,...,64 on a CPU)",
+    )  # fmt: skip
     p.add_argument("--prompts", default=None, help="JSONL prompts; default: built-in held-out ShareGPT prompts")
     p.add_argument(
         "--probe-prompts",

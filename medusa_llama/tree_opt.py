@@ -26,6 +26,9 @@ from medusa_llama.tree import build_tree, expected_accept_length, grow_tree, sav
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZES = (1, 4, 8, 16, 32, 64, 96, 128, 192, 256)
+"""Tree sizes (tokens, root included) timed on a GPU, where a step costs nearly the same for 1 to 256 tokens."""
+CPU_SIZES = (1, 2, 4, 8, 16, 32, 64)
+"""Tree sizes timed on a CPU, where every tree token costs time (and timing 256-token trees takes minutes)."""
 
 
 MIN_ACCURACY = 1e-6
@@ -171,8 +174,8 @@ def measure_latency_curve(
 class TreeOptConfig(ModelOptions):
     accuracy: str | None = None
     """--accuracy: a heads_accuracy.json from `heads-accuracy` (or a tree file holding "accuracy"); None = measure."""
-    sizes: tuple[int, ...] = DEFAULT_SIZES
-    """--sizes: tree sizes (tokens, root included; 1 = vanilla) whose step time is measured."""
+    sizes: tuple[int, ...] | None = None
+    """--sizes: tree sizes (tokens with the root; 1 = vanilla) to time; None: DEFAULT_SIZES on GPU, CPU_SIZES on CPU."""
     prompts: str | None = None
     """--prompts: JSONL prompt file for the measurements; None = the built-in held-out prompts."""
     probe_prompts: int = 3
@@ -190,6 +193,8 @@ class TreeOptConfig(ModelOptions):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.sizes is None:
+            self.sizes = DEFAULT_SIZES if self.torch_device.type == "cuda" else CPU_SIZES
         if not self.sizes or any(n < 1 for n in self.sizes):
             raise ValueError(f"--sizes must be positive tree sizes, got {list(self.sizes)}")
         if max(self.sizes) < 2:
