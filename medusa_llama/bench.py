@@ -356,7 +356,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     tree = build_tree(choices, heads.num_heads)
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, acceptance=cfg.acceptance)
     short = GenerationConfig(max_new_tokens=WARMUP_TOKENS, temperature=cfg.temperature, acceptance=cfg.acceptance)
-    vanilla, medusa = VanillaDecoder(backbone), MedusaDecoder(backbone, heads, tree)
+    vanilla = VanillaDecoder(backbone, compile=cfg.compile)
+    medusa = MedusaDecoder(backbone, heads, tree, compile=cfg.compile)
     methods = {"vanilla": decoder_method(vanilla, gen), "medusa": decoder_method(medusa, gen)}
     warm = {"vanilla": decoder_method(vanilla, short), "medusa": decoder_method(medusa, short)}
     if "hf" in cfg.baselines:

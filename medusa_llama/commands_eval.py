@@ -24,12 +24,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-seq-len", type=int, default=ModelOptions.max_seq_len, help="KV cache tokens (default: %(default)s)"
     )
+    g.add_argument("--compile", action="store_true", help="torch.compile the decode steps (GPU; slow first call)")
 
 
 def _model_kwargs(args) -> dict:
     return dict(
         model=args.model, heads=args.heads, device=args.device, dtype=args.dtype, backend=args.backend,
-        max_seq_len=args.max_seq_len,
+        max_seq_len=args.max_seq_len, compile=args.compile,
     )  # fmt: skip
 
 

@@ -38,6 +38,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "where it covers the architecture",
     )
     p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache size in tokens (default 2048)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step (GPU; the first call compiles)"
+    )
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -92,9 +95,9 @@ def build_decoder(args, need_heads: bool = True):
                 "without heads, one token per step",
                 file=sys.stderr,
             )
-        return backbone, VanillaDecoder(backbone)
+        return backbone, VanillaDecoder(backbone, compile=args.compile)
     heads = load_heads(heads_dir, backbone)
-    return backbone, MedusaDecoder(backbone, heads, load_tree(args.tree, heads.num_heads))
+    return backbone, MedusaDecoder(backbone, heads, load_tree(args.tree, heads.num_heads), compile=args.compile)
 
 
 def run_generate(args) -> int:

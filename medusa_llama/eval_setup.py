@@ -13,12 +13,11 @@ from pathlib import Path
 
 import torch
 
+from medusa_llama.backbone import BACKENDS
 from medusa_llama.errors import MedusaError
+from medusa_llama.pipeline import DTYPES, adapter_dir_of, default_heads_dir, load_heads, load_pipeline_backbone
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-BACKENDS = ("auto", "fast", "hf")
 
 
 @dataclass
@@ -35,6 +34,8 @@ class ModelOptions:
     """--backend: the decoding backbone: "fast" (our static-cache model), "hf" (transformers), "auto"."""
     max_seq_len: int = 2048
     """--max-seq-len: KV cache capacity in tokens (prompt + new tokens + one tree)."""
+    compile: bool = False
+    """--compile: torch.compile each decode step (GPU: fuses small kernels; the first call compiles, minutes)."""
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -62,37 +63,30 @@ class ModelOptions:
         return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
 
 
-def resolve_heads_dir(spec: str | None) -> Path:
+def resolve_heads_dir(spec: str | None, model: str | None = None) -> Path:
     """``--heads`` or, when omitted, the shipped heads; a clear error when there are none."""
     if spec:
         return Path(spec).expanduser()
-    try:
-        from medusa_llama.heads_default import default_heads_dir
-    except ImportError:
-        default_heads_dir = None
-    found = default_heads_dir() if default_heads_dir is not None else None
+    found = default_heads_dir(model)
     if found is None:
         raise MedusaError(
             "no Medusa heads given and none are installed: pass --heads DIR (train with `medusa-llama train`)"
         )
-    return Path(found)
+    return found
 
 
 def load_backbone_and_heads(opts: ModelOptions):
-    """The decoding backbone and its heads, checked against each other. Returns ``(backbone, heads)``."""
-    from medusa_llama.backbone import load_backbone
-    from medusa_llama.heads import MedusaHeads
-
-    heads_dir = resolve_heads_dir(opts.heads)
+    """The decoding backbone (a Medusa-2 adapter beside the heads merged in) and its heads, checked against each
+    other. Returns ``(backbone, heads)``."""
+    heads_dir = resolve_heads_dir(opts.heads, opts.model)
     if not heads_dir.exists():
         raise MedusaError(f"--heads {heads_dir}: no such directory")
-    backbone = load_backbone(
-        opts.model, device=opts.torch_device, dtype=opts.torch_dtype, max_seq_len=opts.max_seq_len, backend=opts.backend
+    dtype = str(opts.torch_dtype).removeprefix("torch.")
+    backbone = load_pipeline_backbone(
+        opts.model, str(opts.torch_device), dtype, opts.max_seq_len, opts.backend, adapter_dir_of(heads_dir)
     )
-    heads = MedusaHeads.load(heads_dir, device=opts.torch_device, dtype=opts.torch_dtype)
-    heads.check_compatible(backbone.hidden_size, backbone.vocab_size, getattr(backbone, "name", None))
-    log.info("model %s, heads %s (%d heads), %s %s", backbone.name, heads_dir, heads.num_heads, backbone.device,
-             str(opts.torch_dtype).removeprefix("torch."))  # fmt: skip
+    heads = load_heads(heads_dir, backbone)
+    log.info("model %s, heads %s (%d heads), %s %s", backbone.name, heads_dir, heads.num_heads, backbone.device, dtype)
     return backbone, heads
 
 

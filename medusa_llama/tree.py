@@ -136,15 +136,16 @@ def grow_tree(accuracy: list[list[float]], size: int) -> list[list[int]]:
     """
     depth_max, ranks = len(accuracy), min(len(a) for a in accuracy)
     chosen: list[list[int]] = []
-    heap = [(-accuracy[0][0], (0,))]
+    # heap entries: (-value of the path, path, value of its parent path)
+    heap = [(-accuracy[0][0], (0,), 1.0)]
     while heap and len(chosen) < size:
-        neg, path = heapq.heappop(heap)
+        neg, path, parent_value = heapq.heappop(heap)
         chosen.append(list(path))
+        d = len(path) - 1
         if path[-1] + 1 < ranks:  # next sibling
-            sib = path[:-1] + (path[-1] + 1,)
-            heapq.heappush(heap, (neg / accuracy[len(path) - 1][path[-1]] * accuracy[len(path) - 1][sib[-1]], sib))
+            heapq.heappush(heap, (-parent_value * accuracy[d][path[-1] + 1], path[:-1] + (path[-1] + 1,), parent_value))
         if len(path) < depth_max:  # first child
-            heapq.heappush(heap, (neg * accuracy[len(path)][0], path + (0,)))
+            heapq.heappush(heap, (neg * accuracy[d + 1][0], path + (0,), -neg))
     return chosen
 
 

@@ -134,7 +134,7 @@ def step_time(result) -> float:
 
 def measure_latency_curve(
     backbone, heads, accuracy: list[list[float]], prompt_ids: list[list[int]], sizes=DEFAULT_SIZES,
-    max_new_tokens: int = 32, progress: bool = True,
+    max_new_tokens: int = 32, progress: bool = True, compile: bool = False,
 ) -> dict[int, float]:  # fmt: skip
     """Median seconds per decode step of the real decoders for trees of each size (1 = ``VanillaDecoder``).
 
@@ -154,9 +154,10 @@ def measure_latency_curve(
     decoders = {}
     for n in sorted(set(sizes)):
         if n == 1:
-            decoders[n] = VanillaDecoder(backbone)
+            decoders[n] = VanillaDecoder(backbone, compile=compile)
         else:
-            decoders[n] = MedusaDecoder(backbone, heads, build_tree(grow_tree(accuracy, n - 1), heads.num_heads))
+            tree = build_tree(grow_tree(accuracy, n - 1), heads.num_heads)
+            decoders[n] = MedusaDecoder(backbone, heads, tree, compile=compile)
         decoders[n].generate(prompt_ids[0], warm)
     times: dict[int, list[float]] = {n: [] for n in decoders}
     for ids in tqdm(prompt_ids, desc="verify latency", unit="prompt", disable=not progress):
@@ -223,7 +224,9 @@ def load_accuracy(path: str | Path) -> list[list[float]]:
 def optimize_for_device(backbone, heads, accuracy: list[list[float]], prompt_ids: list[list[int]], cfg: TreeOptConfig):
     """Measure the latency curve here, optimise, and return ``(choices, info)`` (info = the saved extra keys)."""
     accuracy = [row for row in accuracy[: heads.num_heads]]
-    curve = measure_latency_curve(backbone, heads, accuracy, prompt_ids, cfg.sizes, cfg.probe_tokens)
+    curve = measure_latency_curve(
+        backbone, heads, accuracy, prompt_ids, cfg.sizes, cfg.probe_tokens, compile=getattr(cfg, "compile", False)
+    )
     choices, table = optimize_tree(accuracy, curve)
     best = next(r for r in table if r["size"] == len(choices) + 1)
     info = {
