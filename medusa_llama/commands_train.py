@@ -78,6 +78,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, help=f"default {d['warmup_steps']}")
     p.add_argument("--max-grad-norm", type=float, help=f"default {d['max_grad_norm']}")
     p.add_argument("--lambda-decay", type=float, help=f"head k loss weight lambda^k (default {d['lambda_decay']})")
+    p.add_argument("--init-heads", default=None, help="start from trained heads (e.g. Medusa-1 before Medusa-2)")
     p.add_argument("--soft-targets", action="store_true", default=None, help="heads learn the backbone's distribution")
     p.add_argument("--lm-loss-weight", type=float, help=f"stage-2 LM KL weight (default {d['lm_loss_weight']})")
     p.add_argument("--qlora", action="store_true", default=None, help="4-bit NF4 backbone for stage 2")

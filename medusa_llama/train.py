@@ -65,6 +65,8 @@ class TrainConfig:
     """``shared``: the backbone's frozen LM head; ``own``: a trainable copy per head."""
     num_layers: int = 1
     """Residual blocks per head."""
+    init_heads: str | None = None
+    """Start from these trained heads (e.g. the Medusa-1 heads before a Medusa-2 run); must match the head flags."""
     stage: str = "medusa1"
     """``medusa1`` (frozen backbone), ``medusa2`` (joint LoRA), or ``both`` (medusa1 warm-up, then medusa2)."""
     medusa1_steps: int | None = None
@@ -268,6 +270,13 @@ def build_model(config: TrainConfig, device: torch.device, process_index: int):
         base_model=model_name(config.model),
     )
     heads = MedusaHeads(heads_config, base_lm_head=base.get_output_embeddings()).to(device=device, dtype=torch.float32)
+    if config.init_heads:
+        start = MedusaHeads.load(config.init_heads)
+        mine, theirs = asdict(heads_config), asdict(start.config)
+        changed = [k for k in mine if k != "base_model" and mine[k] != theirs[k]]
+        if changed:
+            raise MedusaError(f"--init-heads {config.init_heads} differ in {', '.join(changed)} from the head flags")
+        heads.load_state_dict(start.state_dict())
     heads.requires_grad_(True)
     return model, peft_model, heads
 

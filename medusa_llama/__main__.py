@@ -1,0 +1,5 @@
+"""``python -m medusa_llama`` = the ``medusa-llama`` command."""
+
+from medusa_llama.cli import main
+
+main()
