@@ -49,6 +49,11 @@ class AcceptanceConfig:
             raise ValueError("--acceptance greedy takes --temperature 0; use --acceptance sampling to sample")
 
 
+def pick(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """``x[i]`` for a 0-d index tensor without a host sync (plain indexing would call ``i.item()``)."""
+    return x.index_select(0, i.view(1))[0]
+
+
 def sample(probs: torch.Tensor) -> torch.Tensor:
     """One draw per row from (..., V) probabilities, by the Gumbel-max trick (graph-safe, no host sync)."""
     gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp_(1e-20, 1.0)))
@@ -61,7 +66,7 @@ def _longest_path(ok: torch.Tensor, tree: Tree) -> tuple[torch.Tensor, torch.Ten
     path_ok = ok[ret.clamp(min=0)] & (ret >= 0)  # (P, D+1)
     accepted = path_ok.long().cumprod(dim=1).sum(dim=1) - 1  # (P,) accepted tokens per path, root excluded
     best = accepted.argmax()  # the first longest path
-    return ret[best].clamp(min=0), accepted[best]
+    return pick(ret, best).clamp(min=0), pick(accepted, best)
 
 
 def accept_greedy(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree):
@@ -69,7 +74,7 @@ def accept_greedy(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree):
     pred = logits.argmax(-1)  # (T,) the backbone's choice after each node
     ok = (tokens == pred[tree.parent.clamp(min=0)]) | (tree.parent < 0)  # the root is always kept
     path, n = _longest_path(ok, tree)
-    return path, n, pred[path[n]]
+    return path, n, pick(pred, pick(path, n))
 
 
 def accept_typical(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg: AcceptanceConfig):
@@ -79,7 +84,7 @@ def accept_typical(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg: 
     parent = tree.parent.clamp(min=0)
     ok = (probs[parent, tokens] > threshold[parent]) | (tree.parent < 0)  # (T,) the root is always kept
     path, n = _longest_path(ok, tree)
-    return path, n, sample(probs[path[n]])
+    return path, n, sample(pick(probs, pick(path, n)))
 
 
 def accept_sampling(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg: AcceptanceConfig):
@@ -100,9 +105,9 @@ def accept_sampling(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg:
     levels = torch.arange(tree.retrieve.shape[1], device=tokens.device)
     on_path = reached[None, :] & (tree.depth[None, :] == levels[:, None])  # (D+1, T): at most one per depth
     path = on_path.long().argmax(dim=1)  # (D+1,) padding (0) past depth n
-    last = path[n]
+    last = pick(path, n)
     rejected = (tree.parent == last) & (idx > 0)  # (T,) children of the last node: all were rejected
-    residual = probs[last].clone()  # (V,)
+    residual = pick(probs, last).clone()  # (V,)
     drop = torch.zeros_like(residual).index_put_((tokens,), rejected.to(residual.dtype), accumulate=True) > 0
     residual = residual.masked_fill(drop, 0.0)
     return path, n, sample(residual / residual.sum())

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medusa_llama.acceptance import AcceptanceConfig, accept, next_token
+from medusa_llama.acceptance import AcceptanceConfig, accept, next_token, pick
 from medusa_llama.backbone import Backbone
 from medusa_llama.errors import MedusaError
 from medusa_llama.heads import MedusaHeads
@@ -253,7 +253,7 @@ class MedusaDecoder(_Decoder):
             self.out[0].copy_(n)
             self.out[1:].copy_(emitted)
             bb.commit(path, n)
-            self.hidden.copy_(hidden[path[n]])
+            self.hidden.copy_(pick(hidden, pick(path, n)))
             self.root.copy_(bonus)
             self._propose()
 
