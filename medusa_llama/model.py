@@ -137,8 +137,8 @@ def cascade_attention(q, k, v, k_cache, v_cache, att: AttentionInputs) -> torch.
     _, nh, t, hd = q.shape
     s_max = k_cache.shape[1]
     scale = hd**-0.5
-    cu_q = torch.tensor([0, t], dtype=torch.int32, device=q.device)
-    cu_k = torch.tensor([0, s_max], dtype=torch.int32, device=q.device)
+    cu_q = torch.arange(0, 2 * t, t, dtype=torch.int32, device=q.device)  # [0, T], made on the device (graph-safe)
+    cu_k = torch.arange(0, 2 * s_max, s_max, dtype=torch.int32, device=q.device)  # [0, S]
     q_tok = q[0].transpose(0, 1).contiguous()  # (T, nh, hd)
     out1, lse1 = torch.ops.aten._flash_attention_forward(
         q_tok,

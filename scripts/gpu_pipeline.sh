@@ -33,7 +33,7 @@ case "$1" in
     H=${HEADS:-/tmp/runs/seq/best}
     $M heads-accuracy --heads $H --skip 80 --limit 40 --out "$OUT/heads_accuracy.json" 2>&1 | tail -8
     $M tree --heads $H --accuracy "$OUT/heads_accuracy.json" --out "$OUT/tree_gpu.json" 2>&1 | tail -4
-    python3 evaluate.py --heads $H --limit "${LIMIT:-40}" --max-new-tokens 256 --tree "$OUT/tree_gpu.json" \
+    python3 evaluate.py --heads $H --limit "${LIMIT:-40}" --max-new-tokens "${NEW:-256}" --tree "$OUT/tree_gpu.json" \
       --baselines hf --out /tmp/rep/report.json ${COMPILE:+--compile} 2>&1 | tail -6
     cp /tmp/rep/report.json "$OUT/report_gpu.json"; cp /tmp/rep/report.md "$OUT/report_gpu.md"
     ;;
