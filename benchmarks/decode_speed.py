@@ -132,12 +132,7 @@ def main():
         r["hf_generate_tok_s"] = hf_speed(bb, min(args.new_tokens, 128), prompt)
         r["verify_ms_eager"] = verify_latency(bb, args.sizes, args.cached, False, max(5, args.reps // 5))
         if device == "cuda":
-            r["cascade_attention"] = bb.cascade
             r["verify_ms_graph"] = verify_latency(bb, args.sizes, args.cached, True, args.reps)
-            if bb.cascade:  # the same with plain SDPA over the whole masked cache
-                bb.cascade = False
-                r["verify_ms_graph_sdpa"] = verify_latency(bb, args.sizes, args.cached, True, args.reps)
-                bb.cascade = True
             if args.compile:
                 t0 = time.perf_counter()
                 r["vanilla_graph_compiled_tok_s"] = vanilla_speed(bb, True, args.new_tokens, prompt, compile=True)

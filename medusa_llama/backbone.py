@@ -19,7 +19,7 @@ import torch
 
 from medusa_llama.errors import MedusaError
 from medusa_llama.loading import load_model, load_tokenizer, model_name
-from medusa_llama.model import AttentionInputs, FastLlama, cascade_attention, tree_attention_mask
+from medusa_llama.model import FastLlama, tree_attention_mask
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +70,10 @@ class FastBackbone(Backbone):
         self.lm_head = self.model.output
         self.embed = self.model.tok_embeddings
         self.supports_cuda_graphs = self.device.type == "cuda"
-        self.cascade = cascade_available(self.device, self.dtype)
 
-    def _run(self, tokens, positions, tree_mask, cascade: bool = False) -> torch.Tensor:
+    def _run(self, tokens, positions, tree_mask) -> torch.Tensor:
         t = tokens.shape[0]
         slots = self.cache_len + torch.arange(t, device=self.device)  # (T,)
-        if cascade:
-            bias = torch.zeros(tree_mask.shape, dtype=torch.float32, device=self.device)
-            att = AttentionInputs(
-                prefix_len=self.cache_len.view(1).int(), tree_bias=bias.masked_fill(~tree_mask, float("-inf"))
-            )
-            return self.model(tokens[None], positions[None], slots, att)[0]  # (T, D)
         # On a GPU shapes stay fixed (CUDA graphs, torch.compile), so attention spans the whole cache; on the CPU
         # it spans only the filled slots (reading cache_len there costs no device sync).
         span = self.max_seq_len if self.device.type == "cuda" else int(self.cache_len) + t
@@ -98,7 +91,7 @@ class FastBackbone(Backbone):
 
     @torch.no_grad()
     def forward_tree(self, tokens, tree_mask, depth) -> torch.Tensor:
-        return self._run(tokens, self.cache_len + depth, tree_mask, cascade=self.cascade)
+        return self._run(tokens, self.cache_len + depth, tree_mask)
 
     @torch.no_grad()
     def commit(self, path: torch.Tensor, n: torch.Tensor) -> None:
@@ -160,38 +153,6 @@ class HFBackbone(Backbone):
             layer.keys = torch.cat([layer.keys[..., :cached, :], layer.keys[..., idx, :]], dim=-2)
             layer.values = torch.cat([layer.values[..., :cached, :], layer.values[..., idx, :]], dim=-2)
         self.cache_len += keep
-
-
-def cascade_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether cascade attention (varlen flash + a masked tree part) runs here and agrees with plain SDPA."""
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return False
-    try:
-        g = torch.Generator(device=device).manual_seed(0)
-        nh, n_kv, t, hd, s, used = 4, 2, 5, 64, 32, 11
-        q = torch.randn(1, nh, t, hd, device=device, dtype=dtype, generator=g)
-        k = torch.randn(1, n_kv, t, hd, device=device, dtype=dtype, generator=g)
-        v = torch.randn(1, n_kv, t, hd, device=device, dtype=dtype, generator=g)
-        kc = torch.randn(1, s, n_kv, hd, device=device, dtype=dtype, generator=g)
-        vc = torch.randn(1, s, n_kv, hd, device=device, dtype=dtype, generator=g)
-        tree = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-        bias = torch.zeros(t, t, device=device).masked_fill(~tree, float("-inf"))
-        att = AttentionInputs(prefix_len=torch.tensor([used], dtype=torch.int32, device=device), tree_bias=bias)
-        ours = cascade_attention(q, k, v, kc, vc, att)
-        keys = torch.cat([kc[0, :used].transpose(0, 1), k[0]], 1)  # (n_kv, used + T, hd)
-        vals = torch.cat([vc[0, :used].transpose(0, 1), v[0]], 1)
-        mask = torch.cat([torch.ones(t, used, dtype=torch.bool, device=device), tree], 1)
-        ref = torch.nn.functional.scaled_dot_product_attention(
-            q.float(), keys[None].float(), vals[None].float(), attn_mask=mask, enable_gqa=True
-        )
-        err = (ours.float() - ref).abs().max().item()
-        if err > 5e-2:
-            log.warning("cascade attention disagrees with SDPA (max error %.3g): using SDPA", err)
-            return False
-        return True
-    except (RuntimeError, TypeError) as exc:  # no flash kernel for this GPU / torch build
-        log.info("cascade attention unavailable (%s): using SDPA with a mask", str(exc).splitlines()[0])
-        return False
 
 
 def _eos_ids(hf_model, tokenizer) -> tuple[int, ...]:

@@ -80,18 +80,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-@dataclass
-class AttentionInputs:
-    """How the T new tokens attend. Either ``mask`` (plain SDPA), or the cascade form (``prefix_len`` set)."""
-
-    mask: torch.Tensor | None = None
-    """(B, 1, T, S') additive mask over the first S' cache slots (prefix and tree together)."""
-    prefix_len: torch.Tensor | None = None
-    """(1,) int32 number of cached tokens: cascade attention reads exactly these, unmasked."""
-    tree_bias: torch.Tensor | None = None
-    """(T, T) float additive mask among the new tokens (cascade attention)."""
-
-
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -99,9 +87,9 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)  # fused q, k, v
         self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
 
-    def forward(self, x, cos, sin, att: AttentionInputs, slots, k_cache, v_cache):
-        # x: (B, T, D); cos/sin: (B, T, hd); slots: (T,) cache slots to write;
-        # k_cache/v_cache: (B, S, n_kv, hd), token-major (the layout varlen flash attention reads), updated in place.
+    def forward(self, x, cos, sin, mask, slots, k_cache, v_cache):
+        # x: (B, T, D); cos/sin: (B, T, hd); mask: (B, 1, T, S') additive over the first S' <= S cache slots;
+        # slots: (T,) cache slots to write; k_cache/v_cache: (B, S, n_kv, hd), updated in place.
         a = self.a
         b, t, _ = x.shape
         q, k, v = self.wqkv(x).split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
@@ -113,57 +101,12 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         k_cache.index_copy_(1, slots, k.transpose(1, 2))  # (B, T, n_kv, hd) into slots
         v_cache.index_copy_(1, slots, v.transpose(1, 2))
-        if att.prefix_len is not None:
-            y = cascade_attention(q, k, v, k_cache, v_cache, att)
-        else:
-            s = att.mask.shape[-1]  # attend over the slots the mask covers: all S on a GPU, the filled ones on CPU
-            k_all = k_cache[:, :s].transpose(1, 2)  # (B, n_kv, S', hd)
-            v_all = v_cache[:, :s].transpose(1, 2)
-            y = F.scaled_dot_product_attention(
-                q, k_all, v_all, attn_mask=att.mask, enable_gqa=a.n_heads != a.n_kv_heads
-            )
+        s = mask.shape[-1]  # attend over the slots the mask covers: all S on a GPU, the filled ones on CPU
+        k_all = k_cache[:, :s].transpose(1, 2)  # (B, n_kv, S', hd)
+        v_all = v_cache[:, :s].transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
         y = y.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim)  # (B, T, nh * hd)
         return self.wo(y)
-
-
-def cascade_attention(q, k, v, k_cache, v_cache, att: AttentionInputs) -> torch.Tensor:
-    """Shared-prefix ("cascade") attention for batch 1, for CUDA bf16/fp16.
-
-    Every tree token sees the whole cached prefix, so that part needs no mask: varlen flash attention reads
-    exactly ``prefix_len`` slots (a device tensor: CUDA-graph safe, cost grows with the prefix, not the cache).
-    The small T x T tree part runs with its mask in fp32; the two are merged by their log-sum-exps.
-    q: (1, nh, T, hd); k, v: (1, n_kv, T, hd) the new tokens; k_cache, v_cache: (1, S, n_kv, hd). -> (1, nh, T, hd)
-    """
-    _, nh, t, hd = q.shape
-    s_max = k_cache.shape[1]
-    scale = hd**-0.5
-    cu_q = torch.arange(0, 2 * t, t, dtype=torch.int32, device=q.device)  # [0, T], made on the device (graph-safe)
-    cu_k = torch.arange(0, 2 * s_max, s_max, dtype=torch.int32, device=q.device)  # [0, S]
-    q_tok = q[0].transpose(0, 1).contiguous()  # (T, nh, hd)
-    out1, lse1 = torch.ops.aten._flash_attention_forward(
-        q_tok,
-        k_cache[0],
-        v_cache[0],
-        cu_q,
-        cu_k,
-        t,
-        s_max,
-        0.0,
-        False,
-        False,
-        scale=scale,
-        seqused_k=att.prefix_len,
-    )[:2]  # out1: (T, nh, hd); lse1: (nh, T)
-    lse1 = lse1.reshape(nh, -1)[:, :t].float()
-    group = nh // k.shape[1]
-    kt = k[0].repeat_interleave(group, 0).float()  # (nh, T, hd)
-    vt = v[0].repeat_interleave(group, 0).float()
-    scores = (q[0].float() @ kt.transpose(1, 2)) * scale + att.tree_bias  # (nh, T, T)
-    lse2 = scores.logsumexp(-1)  # (nh, T)
-    out2 = torch.softmax(scores, -1) @ vt  # (nh, T, hd)
-    lse = torch.logaddexp(lse1, lse2)
-    y = out1.transpose(0, 1).float() * (lse1 - lse).exp()[..., None] + out2 * (lse2 - lse).exp()[..., None]
-    return y.to(q.dtype)[None]  # (1, nh, T, hd)
 
 
 class FeedForward(nn.Module):
@@ -185,8 +128,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
         self.feed_forward = FeedForward(a)
 
-    def forward(self, x, cos, sin, att, slots, k_cache, v_cache):
-        x = x + self.attention(self.attention_norm(x), cos, sin, att, slots, k_cache, v_cache)
+    def forward(self, x, cos, sin, mask, slots, k_cache, v_cache):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, slots, k_cache, v_cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -253,15 +196,13 @@ class FastLlama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
         return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
 
-    def forward(self, tokens, positions, slots, att: AttentionInputs | torch.Tensor) -> torch.Tensor:
-        """tokens, positions: (B, T) long; slots: (T,) cache slots; att: AttentionInputs, or a (B, 1, T, S' <= S)
-        additive mask. Returns the final normalised hidden states (B, T, D)."""
-        if isinstance(att, torch.Tensor):
-            att = AttentionInputs(mask=att)
+    def forward(self, tokens, positions, slots, mask) -> torch.Tensor:
+        """tokens, positions: (B, T) long; slots: (T,) cache slots; mask: (B, 1, T, S' <= S) additive.
+        Returns the final normalised hidden states (B, T, D)."""
         x = self.tok_embeddings(tokens)  # (B, T, D)
         cos, sin = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, att, slots, self.k_cache[i], self.v_cache[i])
+            x = layer(x, cos, sin, mask, slots, self.k_cache[i], self.v_cache[i])
         return self.norm(x)
 
     def compact(self, dst: torch.Tensor, src: torch.Tensor) -> None:
