@@ -33,6 +33,9 @@ def run(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars say what is happening
     try:
         return int(args.func(args) or 0)
     except (MedusaError, ValueError) as exc:

@@ -9,7 +9,8 @@ from pathlib import Path
 from medusa_llama.acceptance import ACCEPTANCE_RULES
 from medusa_llama.backbone import BACKENDS
 from medusa_llama.decoding import GenerationConfig, MedusaDecoder, VanillaDecoder
-from medusa_llama.pipeline import adapter_dir_of, default_heads_dir, load_heads, load_pipeline_backbone, load_tree
+from medusa_llama.heads import MedusaHeads
+from medusa_llama.pipeline import adapter_dir_of, default_heads_dir, load_pipeline_backbone, load_tree
 from medusa_llama.tree import BUILTIN_TREE_NAMES, DEFAULT_TREE
 
 
@@ -84,28 +85,36 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:
 
 
 def build_decoder(args, need_heads: bool = True):
-    """(backbone, decoder) from the shared options; vanilla if asked or if no heads are available."""
+    """(backbone, decoder) from the shared options; vanilla if asked or if no heads are available.
+
+    Heads and tree are read and checked first, so a bad file fails before the model loads.
+    """
     heads_dir = Path(args.heads) if args.heads else default_heads_dir(args.model)
-    adapter = getattr(args, "adapter_dir", None) or adapter_dir_of(heads_dir)
+    vanilla = getattr(args, "vanilla", False) or heads_dir is None
+    heads = tree = None
+    if not vanilla:
+        heads = MedusaHeads.load(heads_dir)
+        tree = load_tree(args.tree, heads.num_heads)
+    elif heads_dir is None and need_heads and not getattr(args, "vanilla", False):
+        print(
+            "note: no trained Medusa heads are installed for this model (pass --heads DIR): decoding "
+            "without heads, one token per step",
+            file=sys.stderr,
+        )
+    adapter = getattr(args, "adapter_dir", None) or (None if vanilla else adapter_dir_of(heads_dir))
     backbone = load_pipeline_backbone(args.model, args.device, args.dtype, args.max_seq_len, args.backend, adapter)
-    if getattr(args, "vanilla", False) or heads_dir is None:
-        if heads_dir is None and need_heads and not getattr(args, "vanilla", False):
-            print(
-                "note: no trained Medusa heads are installed for this model (pass --heads DIR): decoding "
-                "without heads, one token per step",
-                file=sys.stderr,
-            )
+    if vanilla:
         return backbone, VanillaDecoder(backbone, compile=args.compile)
-    heads = load_heads(heads_dir, backbone)
-    return backbone, MedusaDecoder(backbone, heads, load_tree(args.tree, heads.num_heads), compile=args.compile)
+    heads.check_compatible(backbone.hidden_size, backbone.vocab_size, backbone.name)
+    return backbone, MedusaDecoder(backbone, heads, tree, compile=args.compile)
 
 
 def run_generate(args) -> int:
-    backbone, decoder = build_decoder(args)
     cfg = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, acceptance=args.acceptance, seed=args.seed
     )
-    cfg.acceptance_config()  # validate before loading more
+    cfg.acceptance_config()  # validate before loading anything
+    backbone, decoder = build_decoder(args)
     ids = encode_prompt(backbone.tokenizer, args.prompt, chat=not args.no_chat)
     tok = backbone.tokenizer
     state = {"ids": [], "text": ""}

