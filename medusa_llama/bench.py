@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -260,8 +260,9 @@ class BenchConfig(ModelOptions):
     """--limit: benchmark at most this many prompts (None = all)."""
     max_new_tokens: int = 128
     """--max-new-tokens: new tokens per prompt and method."""
-    tree: str = "tree64"
-    """--tree: a built-in tree name, a medusa_choices JSON file, or "auto" (run the tree optimizer here first)."""
+    tree: str = "default"
+    """--tree: a built-in tree name, a medusa_choices JSON file, "auto" (run the tree optimizer here first), or
+    "default": the tree chosen for this device saved beside the heads (tree_cpu.json / tree_cuda.json), else tree64."""
     accuracy: str | None = None
     """--accuracy: heads_accuracy.json for --tree auto and the expected accepted length (None: measure / tree file)."""
     acceptance: str = "auto"
@@ -349,6 +350,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     from medusa_llama.tree import build_tree
 
     prompts = load_prompts(cfg.prompts, limit=cfg.limit)  # bad prompt or tree files fail before the model loads
+    if cfg.tree == "default":
+        from medusa_llama.eval_setup import resolve_heads_dir
+        from medusa_llama.pipeline import default_tree_spec
+
+        cfg = replace(cfg, tree=default_tree_spec(resolve_heads_dir(cfg.heads, cfg.model), str(cfg.torch_device)))
     choices, tree_info = fixed_tree(cfg) if cfg.tree != "auto" else (None, {})
     backbone, heads = load_backbone_and_heads(cfg)
     if choices is None:

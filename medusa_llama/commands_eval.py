@@ -47,7 +47,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tree", default=BenchConfig.tree,
-        help=f"{' | '.join(BUILTIN_TREE_NAMES)}, a medusa_choices JSON file, or auto (default: %(default)s)",
+        help=f"{' | '.join(BUILTIN_TREE_NAMES)}, a medusa_choices JSON file, auto (optimise here first), or default: "
+        "the tree saved beside the heads for this device (tree_cpu.json / tree_cuda.json), else tree64",
     )  # fmt: skip
     p.add_argument("--accuracy", default=None, help="heads_accuracy.json (for --tree auto and the expected figure)")
     p.add_argument(

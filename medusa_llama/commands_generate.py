@@ -10,7 +10,14 @@ from medusa_llama.acceptance import ACCEPTANCE_RULES
 from medusa_llama.backbone import BACKENDS
 from medusa_llama.decoding import GenerationConfig, MedusaDecoder, VanillaDecoder
 from medusa_llama.heads import MedusaHeads
-from medusa_llama.pipeline import adapter_dir_of, default_heads_dir, load_pipeline_backbone, load_tree
+from medusa_llama.pipeline import (
+    adapter_dir_of,
+    default_heads_dir,
+    default_tree_spec,
+    load_pipeline_backbone,
+    load_tree,
+    resolve_device,
+)
 from medusa_llama.tree import BUILTIN_TREE_NAMES, DEFAULT_TREE
 
 
@@ -26,8 +33,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tree",
         default=None,
-        help=f"built-in tree ({', '.join(BUILTIN_TREE_NAMES)}; default {DEFAULT_TREE}) or a JSON file "
-        "of medusa_choices paths",
+        help=f"built-in tree ({', '.join(BUILTIN_TREE_NAMES)}) or a JSON file of medusa_choices paths (default: the "
+        f"tree chosen for this device saved beside the heads, tree_cpu.json / tree_cuda.json, else {DEFAULT_TREE})",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on GPU)")
@@ -94,7 +101,7 @@ def build_decoder(args, need_heads: bool = True):
     heads = tree = None
     if not vanilla:
         heads = MedusaHeads.load(heads_dir)
-        tree = load_tree(args.tree, heads.num_heads)
+        tree = load_tree(args.tree or default_tree_spec(heads_dir, resolve_device(args.device)), heads.num_heads)
     elif heads_dir is None and need_heads and not getattr(args, "vanilla", False):
         print(
             "note: no trained Medusa heads are installed for this model (pass --heads DIR): decoding "

@@ -83,6 +83,16 @@ def load_heads(heads: str | Path | None, backbone: Backbone) -> MedusaHeads:
     return loaded
 
 
+def default_tree_spec(heads_dir: Path | None, device: str) -> str:
+    """The tree to use when ``--tree`` is not given: the one ``medusa-llama tree`` chose for this kind of device and
+    saved beside the heads (``tree_cpu.json`` / ``tree_cuda.json``), else the built-in default."""
+    if heads_dir is not None:
+        saved = (heads_dir if heads_dir.is_dir() else heads_dir.parent) / f"tree_{torch.device(device).type}.json"
+        if saved.is_file():
+            return str(saved)
+    return DEFAULT_TREE
+
+
 def load_tree(spec: str | None, num_heads: int) -> Tree:
     choices = load_choices(spec or DEFAULT_TREE)
     depth = max(len(p) for p in choices)
