@@ -136,6 +136,7 @@ def run_generate(args) -> int:
 
     res = decoder.generate(ids, cfg, on_tokens=stream)
     sys.stdout.write("\n")
+    sys.stdout.flush()
     kind = "medusa" if isinstance(decoder, MedusaDecoder) else "vanilla"
     tree = f", tree {decoder.tree.size}" if kind == "medusa" else ""
     print(
