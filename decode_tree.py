@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from medusa_llama.cli import run
-from medusa_llama.commands_generate import add_model_options, add_sampling_options, run_generate
+from medusa_llama.commands_generate import add_model_options, add_sampling_options, add_tree_option, run_generate
 
 
 def parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--prompt", default="Explain in three sentences why the sky is blue.", help="the user message")
     add_model_options(p)
+    add_tree_option(p)
     add_sampling_options(p)
     p.add_argument("--base_model_id", dest="model", help="alias of --model")
     p.add_argument("--mtp_ckpt_path", dest="heads", help="alias of --heads (file or directory)")

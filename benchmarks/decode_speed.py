@@ -18,9 +18,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from medusa_llama.backbone import make_backbone
-from medusa_llama.decoding import GenerationConfig, VanillaDecoder, _Step
+from medusa_llama.decoding import GenerationConfig, StepRunner, VanillaDecoder
 from medusa_llama.pipeline import load_pipeline_backbone
-from medusa_llama.tree import _DEFAULT_ACCURACY as ACC
+from medusa_llama.tree import DEFAULT_ACCURACY as ACC
 from medusa_llama.tree import build_tree, grow_tree
 
 LLAMA7B = dict(
@@ -73,7 +73,7 @@ def verify_latency(bb, sizes, cached: int, use_graph: bool, reps: int, compile: 
         def fn(tokens=tokens, mask=mask, depth=depth, sink=sink):
             sink.copy_(bb.logits(bb.forward_tree(tokens, mask, depth)).argmax(-1))
 
-        step = _Step(torch.compile(fn, dynamic=False) if compile else fn, use_graph)
+        step = StepRunner(torch.compile(fn, dynamic=False) if compile else fn, use_graph)
         step.capture()
         for _ in range(3):
             step()

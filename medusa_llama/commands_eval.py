@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from medusa_llama.bench import BenchConfig
-from medusa_llama.eval_setup import ModelOptions
+from medusa_llama.commands_generate import add_model_options
 from medusa_llama.head_accuracy import HeadAccuracyConfig
 from medusa_llama.tree import BUILTIN_TREE_NAMES
 from medusa_llama.tree_opt import TreeOptConfig
@@ -14,22 +14,14 @@ from medusa_llama.tree_opt import TreeOptConfig
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The model options every evaluation command shares (``eval_setup.ModelOptions``)."""
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, help="HF id or checkpoint dir (default: the embedded SmolLM2-135M)")
-    g.add_argument("--heads", default=None, help="trained Medusa heads directory (default: the shipped heads)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bf16 on CUDA)")
-    g.add_argument("--backend", default=ModelOptions.backend, help="auto | fast | hf (default: %(default)s)")
-    g.add_argument(
-        "--max-seq-len", type=int, default=ModelOptions.max_seq_len, help="KV cache tokens (default: %(default)s)"
-    )
-    g.add_argument("--compile", action="store_true", help="torch.compile the decode steps (GPU; slow first call)")
+    """The model options every evaluation command shares (``eval_setup.ModelOptions``), as ``generate`` has them."""
+    add_model_options(p.add_argument_group("model"))
 
 
 def _model_kwargs(args) -> dict:
+    auto = lambda v: None if v == "auto" else v  # noqa: E731 - ModelOptions spells "auto" as None
     return dict(
-        model=args.model, heads=args.heads, device=args.device, dtype=args.dtype, backend=args.backend,
+        model=args.model, heads=args.heads, device=auto(args.device), dtype=auto(args.dtype), backend=args.backend,
         max_seq_len=args.max_seq_len, compile=args.compile,
     )  # fmt: skip
 

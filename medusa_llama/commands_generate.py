@@ -22,19 +22,13 @@ from medusa_llama.tree import BUILTIN_TREE_NAMES, DEFAULT_TREE
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """Options every decoding command shares."""
+    """The model options every decoding and evaluation command shares."""
     p.add_argument("--model", default=None, help="HF model id or local directory (default: the embedded SmolLM2-135M)")
     p.add_argument(
         "--heads",
         default=None,
         help="Medusa heads directory or medusa_heads.safetensors (default: the shipped heads of the "
         "embedded model); an adapter/ folder beside them (Medusa-2) is merged into the model",
-    )
-    p.add_argument(
-        "--tree",
-        default=None,
-        help=f"built-in tree ({', '.join(BUILTIN_TREE_NAMES)}) or a JSON file of medusa_choices paths (default: the "
-        f"tree chosen for this device saved beside the heads, tree_cpu.json / tree_cuda.json, else {DEFAULT_TREE})",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (fp32 on CPU, bf16 on GPU)")
@@ -47,7 +41,18 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache size in tokens (default 2048)")
     p.add_argument(
-        "--compile", action="store_true", help="torch.compile the decode step (GPU; the first call compiles)"
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (experimental: checked on CPU only; the first call compiles)",
+    )
+
+
+def add_tree_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tree",
+        default=None,
+        help=f"built-in tree ({', '.join(BUILTIN_TREE_NAMES)}) or a JSON file of medusa_choices paths (default: the "
+        f"tree chosen for this device saved beside the heads, tree_cpu.json / tree_cuda.json, else {DEFAULT_TREE})",
     )
 
 
@@ -74,6 +79,7 @@ def register(sub) -> None:
     )
     p.add_argument("prompt", help="the user message (the chat template is applied)")
     add_model_options(p)
+    add_tree_option(p)
     add_sampling_options(p)
     p.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, no chat template")
     p.add_argument("--vanilla", action="store_true", help="decode without heads (one token per step), to compare")

@@ -79,7 +79,7 @@ class GenerationResult:
         return len(self.tokens) / self.total_s if self.total_s else 0.0
 
 
-class _Step:
+class StepRunner:
     """Runs a tensor-only step function eagerly, or as a CUDA graph replay once captured."""
 
     def __init__(self, fn: Callable[[], None], use_graph: bool):
@@ -113,16 +113,17 @@ class _Decoder:
         dev = backbone.device
         self.root = torch.zeros((), dtype=torch.long, device=dev)  # last emitted token, not yet in the cache
         self.hidden = torch.zeros(backbone.hidden_size, dtype=backbone.dtype, device=dev)  # state before root
-        self._steps: dict[str, _Step] = {}
+        self._steps: dict[str, StepRunner] = {}
 
-    # Subclasses: _depth (max tokens per step - 1), _step_fn(cfg) -> fn writing self.out, _after_prefill().
-    def _step_for(self, cfg: AcceptanceConfig) -> _Step:
+    # Subclasses set _depth (max tree depth), _tree_size and self.out ([n, emitted tokens...]) and implement
+    # _make_step(cfg) (a tensor-only step writing self.out) and _after_prefill().
+    def _step_for(self, cfg: AcceptanceConfig) -> StepRunner:
         key = repr(cfg)
         if key not in self._steps:
             fn = self._make_step(cfg)
             if self.compile:
                 fn = torch.compile(fn, dynamic=False)
-            self._steps[key] = _Step(fn, self.use_graphs)
+            self._steps[key] = StepRunner(fn, self.use_graphs)
         return self._steps[key]
 
     @torch.no_grad()

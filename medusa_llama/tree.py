@@ -124,7 +124,7 @@ def build_tree(choices, num_heads: int | None = None) -> Tree:
 # Per-depth top-k accuracies used to grow the built-in trees: head-1 top-1 about .35 and deeper heads
 # about .25, each further rank worth about half the previous (the SmolLM2 probe in FACTS.md). The tree
 # optimizer (`medusa-llama tree`) grows trees the same way from accuracies measured on your heads.
-_DEFAULT_ACCURACY = [[0.35 * 0.55**r for r in range(10)]] + [[0.25 * 0.55**r for r in range(10)]] * 3
+DEFAULT_ACCURACY = [[0.35 * 0.55**r for r in range(10)]] + [[0.25 * 0.55**r for r in range(10)]] * 3
 
 
 def grow_tree(accuracy: list[list[float]], size: int) -> list[list[int]]:
@@ -164,7 +164,7 @@ def expected_accept_length(choices, accuracy: list[list[float]]) -> float:
 def _builtin() -> dict[str, tuple[tuple[int, ...], ...]]:
     trees = {"chain": [[0] * (d + 1) for d in range(4)]}
     for size in (15, 31, 63, 127):
-        trees[f"tree{size + 1}"] = grow_tree(_DEFAULT_ACCURACY, size)
+        trees[f"tree{size + 1}"] = grow_tree(DEFAULT_ACCURACY, size)
     return {k: tuple(tuple(p) for p in v) for k, v in trees.items()}
 
 
