@@ -137,7 +137,9 @@ class HFBackbone(Backbone):
         self.reset()
         self.cache = None
         t = tokens.shape[0]
-        hidden = self._run(tokens, torch.arange(t, device=self.device), torch.ones(t, t, dtype=torch.bool).tril())
+        hidden = self._run(
+            tokens, torch.arange(t, device=self.device), torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
+        )
         self.cache_len.fill_(t)
         return hidden
 
