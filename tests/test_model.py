@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FakeTokenizer, tiny_llama
+from conftest import TINY, FakeTokenizer, tiny_llama
 
 from medusa_llama.backbone import make_backbone
 from medusa_llama.model import FastLlama, ModelArgs
@@ -41,14 +41,7 @@ def test_qwen2_biases_are_used():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    cfg = Qwen2Config(**TINY)
     hf = Qwen2ForCausalLM(cfg).eval()
     for layer in hf.model.layers:
         torch.nn.init.normal_(layer.self_attn.q_proj.bias)
