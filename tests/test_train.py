@@ -286,3 +286,17 @@ def test_qlora_memory_benchmark_tiny():
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["device"] == "cpu" and result["loss"] > 0 and result["trainable_lora"] > 0
+
+
+def test_init_heads_start_from_trained_heads(tiny_dir, data_dir, tmp_path):
+    start = MedusaHeads(HeadsConfig(num_heads=4, hidden_size=64, vocab_size=VOCAB, kind="sequential"))
+    for p in start.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    start.save(tmp_path / "start")
+    cfg = config(tiny_dir, data_dir, tmp_path / "run", max_steps=2, lr=1e-12, init_heads=str(tmp_path / "start"))
+    train(cfg)  # a negligible learning rate: the heads come out as they went in (fresh ones would be zeros)
+    got = MedusaHeads.load(tmp_path / "run" / "best").state_dict()
+    assert all(torch.allclose(got[k], v, atol=1e-8) for k, v in start.state_dict().items())
+    wrong = config(tiny_dir, data_dir, tmp_path / "run2", head_kind="medusa", init_heads=str(tmp_path / "start"))
+    with pytest.raises(MedusaError, match="--init-heads .* differ in kind"):
+        train(wrong)
