@@ -118,3 +118,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         assert run(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+
+
+def test_default_tree_is_the_one_saved_for_the_device(tmp_path):
+    from medusa_llama.pipeline import SHIPPED_HEADS, default_tree_spec
+    from medusa_llama.tree import DEFAULT_TREE
+
+    assert default_tree_spec(tmp_path, "cpu") == DEFAULT_TREE and default_tree_spec(None, "cuda") == DEFAULT_TREE
+    (tmp_path / "tree_cuda.json").write_text('{"medusa_choices": [[0], [1]]}')
+    assert default_tree_spec(tmp_path, "cuda:0") == str(tmp_path / "tree_cuda.json")
+    assert default_tree_spec(tmp_path, "cpu") == DEFAULT_TREE
+    for device in ("cpu", "cuda"):  # the shipped heads carry a validated tree for each device kind
+        assert len(load_choices(default_tree_spec(SHIPPED_HEADS, device))) >= 1
