@@ -18,7 +18,6 @@ import logging
 import torch
 
 from medusa_llama.errors import MedusaError
-from medusa_llama.loading import load_model, load_tokenizer, model_name
 from medusa_llama.model import FastLlama, tree_attention_mask
 
 log = logging.getLogger(__name__)
@@ -178,16 +177,3 @@ def make_backbone(hf_model, tokenizer, name: str = "", max_seq_len: int = 2048, 
                 raise MedusaError(f"the fast backbone does not cover this model ({exc}): use --backend hf") from exc
             log.info("fast backbone does not cover %s (%s): using the HF forward", name or "this model", exc)
     return HFBackbone(hf_model, tokenizer, name, max_seq_len)
-
-
-def load_backbone(
-    spec: str | None = None,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    max_seq_len: int = 2048,
-    backend: str = "auto",
-) -> Backbone:
-    """Load a model (HF id, directory, or the embedded default for None) as a decoding backbone."""
-    tokenizer = load_tokenizer(spec)
-    hf_model = load_model(spec, dtype=dtype, device=device)
-    return make_backbone(hf_model, tokenizer, model_name(spec), max_seq_len, backend)

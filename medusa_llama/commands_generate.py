@@ -118,7 +118,6 @@ def build_decoder(args, need_heads: bool = True):
     backbone = load_pipeline_backbone(args.model, args.device, args.dtype, args.max_seq_len, args.backend, adapter)
     if vanilla:
         return backbone, VanillaDecoder(backbone, compile=args.compile)
-    heads.check_compatible(backbone.hidden_size, backbone.vocab_size, backbone.name)
     return backbone, MedusaDecoder(backbone, heads, tree, compile=args.compile)
 
 

@@ -15,7 +15,15 @@ import torch
 
 from medusa_llama.backbone import BACKENDS
 from medusa_llama.errors import MedusaError
-from medusa_llama.pipeline import DTYPES, adapter_dir_of, default_heads_dir, load_heads, load_pipeline_backbone
+from medusa_llama.pipeline import (
+    DTYPES,
+    adapter_dir_of,
+    default_heads_dir,
+    load_heads,
+    load_pipeline_backbone,
+    resolve_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +62,11 @@ class ModelOptions:
 
     @property
     def torch_device(self) -> torch.device:
-        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return torch.device(resolve_device(self.device or "auto"))
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype is not None:
-            return DTYPES[self.dtype]
-        return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return resolve_dtype(self.dtype or "auto", str(self.torch_device))
 
 
 def resolve_heads_dir(spec: str | None, model: str | None = None) -> Path:

@@ -49,8 +49,12 @@ def random_heads(kind: str = "sequential", num_heads: int = 4, seed: int = 0, st
 
 
 @pytest.fixture
-def tiny_model():
-    return tiny_llama()
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (~50x faster when two fight)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -11,16 +11,7 @@ from medusa_llama.data import PrepareConfig, TokenBlocks, load_meta, prepare
 from medusa_llama.data_sources import SkipCounter, iter_jsonl, iter_sharegpt_json, iter_txt
 from medusa_llama.errors import MedusaError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _conv(i: int, answer: str = "Sure, here it is.") -> dict:
