@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from medusa_llama.cli import run
-from medusa_llama.commands_generate import add_model_options, add_sampling_options, add_tree_option, run_generate
+from medusa_llama.cli.generate import add_model_options, add_sampling_options, add_tree_option, run_generate
 
 
 def parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from medusa_llama.cli import run
-from medusa_llama.commands_eval import add_bench_args, cmd_bench
+from medusa_llama.cli.eval import add_bench_args, cmd_bench
 
 
 def build_parser() -> argparse.ArgumentParser:

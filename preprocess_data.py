@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from medusa_llama import cli
-from medusa_llama.commands_train import add_prepare_args, run_prepare
+from medusa_llama.cli.train import add_prepare_args, run_prepare
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,11 +13,11 @@ import argparse
 import sys
 
 from medusa_llama import cli
-from medusa_llama.commands_train import add_train_args, print_result, train_config
+from medusa_llama.cli.train import add_train_args, print_result, train_config
 
 
 def run(args: argparse.Namespace) -> int:
-    from medusa_llama.train import train
+    from medusa_llama.train.loop import train
 
     overrides = {} if args.stage is not None else {"stage": "both"}
     print_result(train(train_config(args, **overrides)))

@@ -17,11 +17,11 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from medusa_llama.backbone import make_backbone
-from medusa_llama.decoding import GenerationConfig, StepRunner, VanillaDecoder
+from medusa_llama.decode.backbone import make_backbone
+from medusa_llama.decode.decoder import GenerationConfig, StepRunner, VanillaDecoder
+from medusa_llama.decode.tree import DEFAULT_ACCURACY as ACC
+from medusa_llama.decode.tree import build_tree, grow_tree
 from medusa_llama.pipeline import load_pipeline_backbone
-from medusa_llama.tree import DEFAULT_ACCURACY as ACC
-from medusa_llama.tree import build_tree, grow_tree
 
 LLAMA7B = dict(
     vocab_size=32000,

@@ -5,9 +5,9 @@ import sys
 sys.path.insert(0, "tests")
 from conftest import FakeTokenizer, random_heads, tiny_llama  # noqa: E402
 
-from medusa_llama.backbone import make_backbone  # noqa: E402
-from medusa_llama.decoding import GenerationConfig, MedusaDecoder, VanillaDecoder  # noqa: E402
-from medusa_llama.tree import BUILTIN_TREE_NAMES, builtin_tree  # noqa: E402
+from medusa_llama.decode.backbone import make_backbone  # noqa: E402
+from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder  # noqa: E402
+from medusa_llama.decode.tree import BUILTIN_TREE_NAMES, builtin_tree  # noqa: E402
 
 cfg = GenerationConfig(max_new_tokens=64, stop_at_eos=False)
 bb = make_backbone(tiny_llama().cuda(), FakeTokenizer(), "tiny", 512)
@@ -28,7 +28,7 @@ for graphs in (False, True):
 print("ALL_EQUAL", ok)
 
 # bf16 on the embedded model: compiled steps against eager ones
-from medusa_llama.heads import HeadsConfig, MedusaHeads  # noqa: E402
+from medusa_llama.decode.heads import HeadsConfig, MedusaHeads  # noqa: E402
 from medusa_llama.pipeline import load_pipeline_backbone  # noqa: E402
 
 bb = load_pipeline_backbone(None, "cuda", "bfloat16", 2048)

@@ -15,10 +15,10 @@ import math
 
 import torch
 
-from medusa_llama.data import TokenBlocks
-from medusa_llama.decoding import GenerationConfig, VanillaDecoder
+from medusa_llama.decode.decoder import GenerationConfig, VanillaDecoder
+from medusa_llama.eval.prompts import chat_ids, load_prompts
 from medusa_llama.pipeline import load_pipeline_backbone
-from medusa_llama.prompts import chat_ids, load_prompts
+from medusa_llama.train.prepare import TokenBlocks
 
 
 @torch.no_grad()

@@ -109,8 +109,8 @@ def build_4bit_llama(shape: dict, device: torch.device) -> nn.Module:
 def run(config: BenchConfig) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    from medusa_llama.heads import HeadsConfig, MedusaHeads
-    from medusa_llama.train_losses import MedusaObjective
+    from medusa_llama.decode.heads import HeadsConfig, MedusaHeads
+    from medusa_llama.train.objective import MedusaObjective
 
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"

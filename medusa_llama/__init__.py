@@ -1,16 +1,14 @@
 """medusa-llama: lossless Medusa speculative decoding with tree attention.
 
-Layout (one responsibility per module):
-  loading.py     backbone loading (HF id, local dir, or the embedded SmolLM2 GGUF, converted once)
-  model.py       a compact fast Llama-family decoder with a static KV cache and tree attention
-  backbone.py    the decoding-backbone interface: the fast model or the HF fallback
-  heads.py       Medusa heads (parallel "medusa" and "sequential"), safetensors save/load
-  tree.py        medusa_choices trees: validation, built-in trees, buffers
-  acceptance.py  greedy (lossless), typical (lossy) and speculative-sampling (lossless) acceptance
-  decoding.py    the vanilla and Medusa decoders
-  data.py, train.py        data preparation and Medusa-1 / Medusa-2 (QLoRA) training
-  bench.py, tree_opt.py    evaluation and the hardware-aware tree optimizer
-  cli.py         the `medusa-llama` command
+Layout (each folder a layer; ``decode`` imports from none of the others):
+  decode/    model.py (fast Llama-family forward, static KV cache, tree attention), backbone.py (one interface over
+             the fast model and the HF fallback), heads.py (Medusa heads), tree.py (medusa_choices trees),
+             acceptance.py (greedy / typical / rejection sampling), decoder.py (vanilla and Medusa decoders)
+  train/     sources.py, prepare.py (datasets), objective.py (losses), loop.py (training), checkpoint.py
+  eval/      prompts.py, bench.py, report.py, head_accuracy.py, tree_opt.py
+  cli/       the ``medusa-llama`` command, one module per group of subcommands
+  loading.py model and tokenizer loading (HF id, local dir, or the embedded SmolLM2 GGUF, converted once)
+  pipeline.py  the one assembly path from user options to a decoder
 """
 
 from medusa_llama.errors import MedusaError

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from medusa_llama.backbone import Backbone, make_backbone
+from medusa_llama.decode.backbone import Backbone, make_backbone
+from medusa_llama.decode.heads import WEIGHTS_NAME, MedusaHeads
+from medusa_llama.decode.tree import DEFAULT_TREE, Tree, build_tree, load_choices
 from medusa_llama.errors import MedusaError
-from medusa_llama.heads import WEIGHTS_NAME, MedusaHeads
 from medusa_llama.loading import is_embedded, load_model, load_tokenizer, model_name
-from medusa_llama.tree import DEFAULT_TREE, Tree, build_tree, load_choices
 
 log = logging.getLogger(__name__)
 

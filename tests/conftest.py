@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from medusa_llama.heads import HeadsConfig, MedusaHeads
+from medusa_llama.decode.heads import HeadsConfig, MedusaHeads
 
 TINY = dict(
     vocab_size=96,

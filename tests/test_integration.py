@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from medusa_llama.commands_generate import encode_prompt
-from medusa_llama.decoding import GenerationConfig, MedusaDecoder, VanillaDecoder
-from medusa_llama.heads import HeadsConfig, MedusaHeads
+from medusa_llama.cli.generate import encode_prompt
+from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
+from medusa_llama.decode.heads import HeadsConfig, MedusaHeads
 from medusa_llama.pipeline import default_heads_dir, load_heads, load_pipeline_backbone, load_tree
 
 pytestmark = pytest.mark.integration

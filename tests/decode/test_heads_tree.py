@@ -8,9 +8,9 @@ from conftest import random_heads
 
 from medusa_llama import loading
 from medusa_llama.cli import run
+from medusa_llama.decode.heads import WEIGHTS_NAME, HeadsConfig, MedusaHeads
+from medusa_llama.decode.tree import build_tree, load_choices, validate_choices
 from medusa_llama.errors import MedusaError
-from medusa_llama.heads import WEIGHTS_NAME, HeadsConfig, MedusaHeads
-from medusa_llama.tree import build_tree, load_choices, validate_choices
 
 
 @pytest.mark.parametrize("kind,lm_head", [("medusa", "shared"), ("sequential", "shared"), ("medusa", "own")])
@@ -121,8 +121,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_default_tree_is_the_one_saved_for_the_device(tmp_path):
+    from medusa_llama.decode.tree import DEFAULT_TREE
     from medusa_llama.pipeline import SHIPPED_HEADS, default_tree_spec
-    from medusa_llama.tree import DEFAULT_TREE
 
     assert default_tree_spec(tmp_path, "cpu") == DEFAULT_TREE and default_tree_spec(None, "cuda") == DEFAULT_TREE
     (tmp_path / "tree_cuda.json").write_text('{"medusa_choices": [[0], [1]]}')

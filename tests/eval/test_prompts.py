@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from medusa_llama.errors import MedusaError
-from medusa_llama.prompts import chat_ids, conversation_id, heldout_prompts, is_heldout, load_prompt_file, load_prompts
+from medusa_llama.eval.prompts import (
+    chat_ids,
+    conversation_id,
+    heldout_prompts,
+    is_heldout,
+    load_prompt_file,
+    load_prompts,
+)
 
 
 def write(tmp_path, lines: list[str]):

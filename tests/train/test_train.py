@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
 
-from medusa_llama.data import write_blocks
+from medusa_llama.decode.heads import HeadsConfig, MedusaHeads
 from medusa_llama.errors import MedusaError
-from medusa_llama.heads import HeadsConfig, MedusaHeads
 from medusa_llama.loading import model_name
-from medusa_llama.train import TrainConfig, train
-from medusa_llama.train_losses import MedusaObjective, final_hidden, teacher_context
+from medusa_llama.train.loop import TrainConfig, train
+from medusa_llama.train.objective import MedusaObjective, final_hidden, teacher_context
+from medusa_llama.train.prepare import write_blocks
 
 VOCAB, BLOCK = 96, 32
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -232,7 +232,8 @@ def test_dataset_mismatch_and_missing(tiny_dir, tmp_path):
 
 
 def _cli(argv, capsys):
-    from medusa_llama import cli, commands_train
+    from medusa_llama import cli
+    from medusa_llama.cli import train as commands_train
 
     parser = argparse.ArgumentParser(prog="medusa-llama")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -264,7 +265,7 @@ def test_train_kd_offsets_mapping():
     import train_kd
 
     args = train_kd.build_parser().parse_args(["--offsets", "1", "2", "3", "--student_name", "m", "--batch_size", "2"])
-    from medusa_llama.commands_train import train_config
+    from medusa_llama.cli.train import train_config
 
     cfg = train_config(args, stage="both")
     assert (cfg.num_heads, cfg.model, cfg.batch_size, cfg.stage) == (3, "m", 2, "both")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from medusa_llama.bench import BenchConfig
-from medusa_llama.commands_generate import add_model_options
-from medusa_llama.head_accuracy import HeadAccuracyConfig
-from medusa_llama.tree import BUILTIN_TREE_NAMES
-from medusa_llama.tree_opt import TreeOptConfig
+from medusa_llama.cli.generate import add_model_options
+from medusa_llama.decode.tree import BUILTIN_TREE_NAMES
+from medusa_llama.eval.bench import BenchConfig
+from medusa_llama.eval.head_accuracy import HeadAccuracyConfig
+from medusa_llama.eval.tree_opt import TreeOptConfig
 
 # Defaults come from the config dataclasses (declared once there); help texts show them as %(default)s.
 
@@ -63,7 +63,7 @@ def bench_config(args) -> BenchConfig:
 
 
 def cmd_bench(args) -> int:
-    from medusa_llama.bench import run_bench
+    from medusa_llama.eval.bench import run_bench
 
     report = run_bench(bench_config(args))
     print(
@@ -79,7 +79,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_heads_accuracy(args) -> int:
-    from medusa_llama.head_accuracy import format_accuracy, run_head_accuracy
+    from medusa_llama.eval.head_accuracy import format_accuracy, run_head_accuracy
 
     cfg = HeadAccuracyConfig(
         **_model_kwargs(args), prompts=args.prompts, limit=args.limit, skip=args.skip,
@@ -99,7 +99,7 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def cmd_tree(args) -> int:
-    from medusa_llama.tree_opt import run_tree_opt
+    from medusa_llama.eval.tree_opt import run_tree_opt
 
     cfg = TreeOptConfig(
         **_model_kwargs(args), accuracy=args.accuracy, sizes=_sizes(args.sizes) if args.sizes else None,

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medusa_llama.decode.heads import WEIGHTS_NAME
 from medusa_llama.errors import MedusaError
-from medusa_llama.heads import WEIGHTS_NAME
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from medusa_llama.errors import MedusaError
-from medusa_llama.eval_setup import ModelOptions, device_name, sync
+from medusa_llama.eval.setup import ModelOptions, device_name, sync
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class BenchConfig(ModelOptions):
             raise ValueError(f"--baselines must be among {BASELINES}, got {bad}")
         if not self.tree:
             raise ValueError("--tree must name a built-in tree, a JSON file or 'auto'")
-        from medusa_llama.decoding import GenerationConfig
+        from medusa_llama.decode.decoder import GenerationConfig
 
         GenerationConfig(self.max_new_tokens, self.temperature, self.acceptance).acceptance_config()  # checks flags
 
@@ -300,8 +300,8 @@ def fixed_tree(cfg: BenchConfig) -> tuple[list[list[int]], dict]:
     """``--tree NAME|FILE`` -> (choices, info), read before any model loads. info holds the tree's expected
     accepted length when head accuracies are known (--accuracy, or the "accuracy" key of an optimizer tree file).
     """
-    from medusa_llama.tree import expected_accept_length, load_choices
-    from medusa_llama.tree_opt import load_accuracy, monotone_accuracy
+    from medusa_llama.decode.tree import expected_accept_length, load_choices
+    from medusa_llama.eval.tree_opt import load_accuracy, monotone_accuracy
 
     choices = load_choices(cfg.tree)
     info: dict = {"tree": cfg.tree}
@@ -321,14 +321,14 @@ def auto_tree(cfg: BenchConfig, backbone, heads, bench_prompts) -> tuple[list[li
     """``--tree auto``: run the tree optimizer on this device. Head accuracy comes from --accuracy or is measured
     on built-in held-out prompts disjoint from the benchmark's; the latency probe uses the benchmark prompts.
     """
-    from medusa_llama.prompts import chat_ids, load_prompts
-    from medusa_llama.tree_opt import TreeOptConfig, load_accuracy, optimize_for_device
+    from medusa_llama.eval.prompts import chat_ids, load_prompts
+    from medusa_llama.eval.tree_opt import TreeOptConfig, load_accuracy, optimize_for_device
 
     opt = TreeOptConfig(**{k: getattr(cfg, k) for k in asdict(ModelOptions())})
     if cfg.accuracy:
         accuracy = load_accuracy(cfg.accuracy)
     else:
-        from medusa_llama.head_accuracy import measure_head_accuracy
+        from medusa_llama.eval.head_accuracy import measure_head_accuracy
 
         skip = 0 if cfg.prompts else len(bench_prompts)
         acc_prompts = load_prompts(None, limit=opt.accuracy_prompts, skip=skip)
@@ -343,15 +343,15 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     """The `bench` command: load, decode every prompt with every method, write the report files."""
     import transformers
 
-    from medusa_llama.bench_report import write_report
-    from medusa_llama.decoding import GenerationConfig, MedusaDecoder, VanillaDecoder
-    from medusa_llama.eval_setup import load_backbone_and_heads
-    from medusa_llama.prompts import chat_ids, load_prompts
-    from medusa_llama.tree import build_tree
+    from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
+    from medusa_llama.decode.tree import build_tree
+    from medusa_llama.eval.prompts import chat_ids, load_prompts
+    from medusa_llama.eval.report import write_report
+    from medusa_llama.eval.setup import load_backbone_and_heads
 
     prompts = load_prompts(cfg.prompts, limit=cfg.limit)  # bad prompt or tree files fail before the model loads
     if cfg.tree == "default":
-        from medusa_llama.eval_setup import resolve_heads_dir
+        from medusa_llama.eval.setup import resolve_heads_dir
         from medusa_llama.pipeline import default_tree_spec
 
         cfg = replace(cfg, tree=default_tree_spec(resolve_heads_dir(cfg.heads, cfg.model), str(cfg.torch_device)))

@@ -17,8 +17,8 @@ import logging
 
 import torch
 
+from medusa_llama.decode.model import FastLlama, tree_attention_mask
 from medusa_llama.errors import MedusaError
-from medusa_llama.model import FastLlama, tree_attention_mask
 
 log = logging.getLogger(__name__)
 

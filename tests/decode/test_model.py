@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import TINY, FakeTokenizer, tiny_llama
 
-from medusa_llama.backbone import make_backbone
-from medusa_llama.model import FastLlama, ModelArgs
-from medusa_llama.tree import build_tree, builtin_tree
+from medusa_llama.decode.backbone import make_backbone
+from medusa_llama.decode.model import FastLlama, ModelArgs
+from medusa_llama.decode.tree import build_tree, builtin_tree
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from medusa_llama.errors import MedusaError
-from medusa_llama.eval_setup import ModelOptions, device_name
+from medusa_llama.eval.setup import ModelOptions, device_name
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def measure_head_accuracy(
     """Greedy continuations with ``VanillaDecoder``, then per-head, per-rank accuracy over all of them."""
     from tqdm.auto import tqdm
 
-    from medusa_llama.decoding import GenerationConfig, VanillaDecoder
+    from medusa_llama.decode.decoder import GenerationConfig, VanillaDecoder
 
     if not 1 <= topk <= MAX_TOPK:
         raise ValueError(f"--topk must be in 1..{MAX_TOPK}, got {topk}")
@@ -137,8 +137,8 @@ class HeadAccuracyConfig(ModelOptions):
 
 def run_head_accuracy(cfg: HeadAccuracyConfig) -> dict:
     """The `heads-accuracy` command: measure and write ``cfg.out``."""
-    from medusa_llama.eval_setup import load_backbone_and_heads
-    from medusa_llama.prompts import chat_ids, load_prompts
+    from medusa_llama.eval.prompts import chat_ids, load_prompts
+    from medusa_llama.eval.setup import load_backbone_and_heads
 
     prompts = load_prompts(cfg.prompts, limit=cfg.limit, skip=cfg.skip)
     backbone, heads = load_backbone_and_heads(cfg)

@@ -11,8 +11,8 @@ import argparse
 import os
 from dataclasses import fields
 
-from medusa_llama.data import PrepareConfig
-from medusa_llama.train import STAGES, TrainConfig
+from medusa_llama.train.loop import STAGES, TrainConfig
+from medusa_llama.train.prepare import PrepareConfig
 
 
 def _defaults(cls) -> dict:
@@ -113,7 +113,7 @@ def train_config(args: argparse.Namespace, **overrides) -> TrainConfig:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from medusa_llama.data import prepare
+    from medusa_llama.train.prepare import prepare
 
     print(prepare(prepare_config(args)).line())
     return 0
@@ -126,7 +126,7 @@ def print_result(result) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from medusa_llama.train import train
+    from medusa_llama.train.loop import train
 
     print_result(train(train_config(args)))
     return 0

@@ -14,7 +14,9 @@ from medusa_llama.errors import MedusaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medusa_llama import commands_eval, commands_generate, commands_train
+    from medusa_llama.cli import eval as commands_eval
+    from medusa_llama.cli import generate as commands_generate
+    from medusa_llama.cli import train as commands_train
 
     parser = argparse.ArgumentParser(
         prog="medusa-llama",

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medusa_llama.acceptance import AcceptanceConfig, accept, next_token, pick
-from medusa_llama.backbone import Backbone
+from medusa_llama.decode.acceptance import AcceptanceConfig, accept, next_token, pick
+from medusa_llama.decode.backbone import Backbone
+from medusa_llama.decode.heads import MedusaHeads
+from medusa_llama.decode.tree import Tree, build_tree
 from medusa_llama.errors import MedusaError
-from medusa_llama.heads import MedusaHeads
-from medusa_llama.tree import Tree, build_tree
 
 log = logging.getLogger(__name__)
 

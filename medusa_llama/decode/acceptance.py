@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medusa_llama.tree import Tree
+from medusa_llama.decode.tree import Tree
 
 ACCEPTANCE_RULES = ("greedy", "typical", "sampling")
 

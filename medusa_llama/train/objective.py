@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from medusa_llama.heads import MedusaHeads
+from medusa_llama.decode.heads import MedusaHeads
 
 TOPK = 5
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from medusa_llama.data import PrepareConfig, TokenBlocks, load_meta, prepare
-from medusa_llama.data_sources import SkipCounter, iter_jsonl, iter_sharegpt_json, iter_txt
 from medusa_llama.errors import MedusaError
+from medusa_llama.train.prepare import PrepareConfig, TokenBlocks, load_meta, prepare
+from medusa_llama.train.sources import SkipCounter, iter_jsonl, iter_sharegpt_json, iter_txt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,10 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from medusa_llama.acceptance import ACCEPTANCE_RULES
-from medusa_llama.backbone import BACKENDS
-from medusa_llama.decoding import GenerationConfig, MedusaDecoder, VanillaDecoder
-from medusa_llama.heads import MedusaHeads
+from medusa_llama.decode.acceptance import ACCEPTANCE_RULES
+from medusa_llama.decode.backbone import BACKENDS
+from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
+from medusa_llama.decode.heads import MedusaHeads
+from medusa_llama.decode.tree import BUILTIN_TREE_NAMES, DEFAULT_TREE
 from medusa_llama.pipeline import (
     adapter_dir_of,
     default_heads_dir,
@@ -18,7 +19,6 @@ from medusa_llama.pipeline import (
     load_tree,
     resolve_device,
 )
-from medusa_llama.tree import BUILTIN_TREE_NAMES, DEFAULT_TREE
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

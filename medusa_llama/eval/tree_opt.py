@@ -19,9 +19,9 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medusa_llama.decode.tree import build_tree, expected_accept_length, grow_tree, save_choices
 from medusa_llama.errors import MedusaError
-from medusa_llama.eval_setup import ModelOptions, device_name
-from medusa_llama.tree import build_tree, expected_accept_length, grow_tree, save_choices
+from medusa_llama.eval.setup import ModelOptions, device_name
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def measure_latency_curve(
     """
     from tqdm.auto import tqdm
 
-    from medusa_llama.decoding import GenerationConfig, MedusaDecoder, VanillaDecoder
+    from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
 
     if not prompt_ids:
         raise MedusaError("the latency probe needs at least one prompt")
@@ -250,9 +250,9 @@ def optimize_for_device(backbone, heads, accuracy: list[list[float]], prompt_ids
 
 def run_tree_opt(cfg: TreeOptConfig) -> dict:
     """The `tree` command: accuracy (given or measured), latency curve, optimised tree saved to ``cfg.out``."""
-    from medusa_llama.eval_setup import load_backbone_and_heads
-    from medusa_llama.head_accuracy import measure_head_accuracy
-    from medusa_llama.prompts import chat_ids, load_prompts
+    from medusa_llama.eval.head_accuracy import measure_head_accuracy
+    from medusa_llama.eval.prompts import chat_ids, load_prompts
+    from medusa_llama.eval.setup import load_backbone_and_heads
 
     accuracy = load_accuracy(cfg.accuracy) if cfg.accuracy else None
     probe = load_prompts(cfg.prompts, limit=cfg.probe_prompts)

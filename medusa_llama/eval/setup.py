@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from medusa_llama.backbone import BACKENDS
+from medusa_llama.decode.backbone import BACKENDS
 from medusa_llama.errors import MedusaError
 from medusa_llama.pipeline import (
     DTYPES,

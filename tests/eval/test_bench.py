@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import FakeTokenizer, random_heads, tiny_llama
 
-from medusa_llama.bench import Run, aggregate, bench_methods, decoder_method, hf_method, run_stats, summarize
-from medusa_llama.bench_report import markdown, write_report
+from medusa_llama.eval.bench import Run, aggregate, bench_methods, decoder_method, hf_method, run_stats, summarize
+from medusa_llama.eval.report import markdown, write_report
 
 MAX_NEW = 40
 
@@ -18,9 +18,9 @@ MAX_NEW = 40
 @pytest.fixture(scope="module")
 def tiny_report():
     """Vanilla, Medusa (tree16) and HF generate on a tiny random Llama, 3 prompts: the report and the raw runs."""
-    from medusa_llama.backbone import make_backbone
-    from medusa_llama.decoding import GenerationConfig, MedusaDecoder, VanillaDecoder
-    from medusa_llama.tree import build_tree, builtin_tree
+    from medusa_llama.decode.backbone import make_backbone
+    from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
+    from medusa_llama.decode.tree import build_tree, builtin_tree
 
     backbone = make_backbone(tiny_llama(), FakeTokenizer(), "tiny", 256, "fast")
     heads = random_heads(std=0.02)  # close to the identity: they accept often on a tiny model's repetitive output
@@ -130,7 +130,7 @@ def test_report_files(tiny_report, tmp_path):
 
 
 def run_cli(argv, capsys):
-    from medusa_llama import commands_eval
+    from medusa_llama.cli import eval as commands_eval
     from medusa_llama.cli import run
 
     parser = argparse.ArgumentParser(prog="medusa-llama")
@@ -179,8 +179,8 @@ def test_bench_end_to_end_on_the_embedded_model(tmp_path, embedded_available):
     """`bench` on SmolLM2 with untrained (identity) heads: the whole pipeline, files and losslessness in fp32."""
     if not embedded_available:
         pytest.skip("the embedded model is not installed")
-    from medusa_llama.bench import BenchConfig, run_bench
-    from medusa_llama.heads import HeadsConfig, MedusaHeads
+    from medusa_llama.decode.heads import HeadsConfig, MedusaHeads
+    from medusa_llama.eval.bench import BenchConfig, run_bench
     from medusa_llama.loading import EMBEDDED_ID
 
     MedusaHeads(HeadsConfig(hidden_size=576, vocab_size=49152, base_model=EMBEDDED_ID)).save(tmp_path / "heads")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import FakeTokenizer, random_heads, tiny_llama
 
+from medusa_llama.decode.tree import BUILTIN_TREE_NAMES, builtin_tree, expected_accept_length, grow_tree
 from medusa_llama.errors import MedusaError
-from medusa_llama.tree import BUILTIN_TREE_NAMES, builtin_tree, expected_accept_length, grow_tree
-from medusa_llama.tree_opt import (
+from medusa_llama.eval.tree_opt import (
     DEFAULT_SIZES,
     interpolate_latency,
     load_accuracy,
@@ -113,14 +113,14 @@ def test_accuracy_and_tree_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from medusa_llama.backbone import make_backbone
+    from medusa_llama.decode.backbone import make_backbone
 
     return make_backbone(tiny_llama(), FakeTokenizer(), "tiny", 256, "fast"), random_heads(std=0.02)
 
 
 @pytest.mark.parametrize("kind", ["sequential", "medusa"])
 def test_head_rank_hits_match_brute_force(kind):
-    from medusa_llama.head_accuracy import head_rank_hits
+    from medusa_llama.eval.head_accuracy import head_rank_hits
 
     model, heads = tiny_llama(), random_heads(kind=kind, std=0.3)
     ids = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -144,7 +144,7 @@ def test_head_rank_hits_match_brute_force(kind):
 
 
 def test_measure_head_accuracy_and_latency_curve(tiny):
-    from medusa_llama.head_accuracy import format_accuracy, measure_head_accuracy
+    from medusa_llama.eval.head_accuracy import format_accuracy, measure_head_accuracy
 
     backbone, heads = tiny
     prompts = [torch.randint(0, 96, (8,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(3)]
@@ -171,11 +171,11 @@ def test_expected_accept_length_matches_a_real_run():
     heads_dir = default_heads_dir(None)
     if heads_dir is None:
         pytest.skip("no trained heads installed")
-    from medusa_llama.decoding import GenerationConfig, MedusaDecoder
-    from medusa_llama.eval_setup import ModelOptions, load_backbone_and_heads
-    from medusa_llama.head_accuracy import measure_head_accuracy
-    from medusa_llama.prompts import chat_ids, load_prompts
-    from medusa_llama.tree import build_tree
+    from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder
+    from medusa_llama.decode.tree import build_tree
+    from medusa_llama.eval.head_accuracy import measure_head_accuracy
+    from medusa_llama.eval.prompts import chat_ids, load_prompts
+    from medusa_llama.eval.setup import ModelOptions, load_backbone_and_heads
 
     backbone, heads = load_backbone_and_heads(ModelOptions(heads=str(heads_dir), device="cpu"))
     encode = [chat_ids(backbone.tokenizer, p.text) for p in load_prompts(None, limit=20)]

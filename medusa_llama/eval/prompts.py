@@ -66,7 +66,7 @@ def heldout_prompts(
     """
     out: list[Prompt] = []
     seen: set[str] = set()
-    from medusa_llama.data_sources import SkipCounter, iter_source
+    from medusa_llama.train.sources import SkipCounter, iter_source
 
     for record in iter_source("sharegpt", SkipCounter()):  # the same reader as training data preparation
         rid = record.id

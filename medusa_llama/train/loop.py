@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medusa_llama.data import TokenBlocks, load_meta
+from medusa_llama.decode.heads import HEAD_KINDS, LM_HEAD_MODES, HeadsConfig, MedusaHeads
 from medusa_llama.errors import MedusaError
-from medusa_llama.heads import HEAD_KINDS, LM_HEAD_MODES, HeadsConfig, MedusaHeads
-from medusa_llama.train_checkpoint import (
+from medusa_llama.train.checkpoint import (
     CONFIG_NAME,
     LOG_NAME,
     EventLog,
@@ -41,7 +40,8 @@ from medusa_llama.train_checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from medusa_llama.train_losses import MedusaObjective, causal_lm
+from medusa_llama.train.objective import MedusaObjective, causal_lm
+from medusa_llama.train.prepare import TokenBlocks, load_meta
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,8 @@ class WarmupCosine:
 
 def check_dataset(meta: dict, config: TrainConfig) -> None:
     """Refuse data tokenized for another model (unless its tokenizer is the same) or too short for the heads."""
-    from medusa_llama.data import tokenizer_fingerprint
     from medusa_llama.loading import load_tokenizer, model_name
+    from medusa_llama.train.prepare import tokenizer_fingerprint
 
     if meta["model"] != model_name(config.model):
         try:

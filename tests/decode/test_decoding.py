@@ -4,11 +4,11 @@ import pytest
 import torch
 from conftest import FakeTokenizer, random_heads, tiny_llama
 
-from medusa_llama.backbone import make_backbone
-from medusa_llama.decoding import GenerationConfig, MedusaDecoder, VanillaDecoder
+from medusa_llama.decode.backbone import make_backbone
+from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
+from medusa_llama.decode.heads import HeadsConfig, MedusaHeads
+from medusa_llama.decode.tree import BUILTIN_TREE_NAMES, builtin_tree
 from medusa_llama.errors import MedusaError
-from medusa_llama.heads import HeadsConfig, MedusaHeads
-from medusa_llama.tree import BUILTIN_TREE_NAMES, builtin_tree
 
 GREEDY = GenerationConfig(max_new_tokens=48, stop_at_eos=False)
 

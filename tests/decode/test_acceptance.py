@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from medusa_llama.acceptance import AcceptanceConfig, accept_greedy, accept_sampling, accept_typical
-from medusa_llama.tree import build_tree
+from medusa_llama.decode.acceptance import AcceptanceConfig, accept_greedy, accept_sampling, accept_typical
+from medusa_llama.decode.tree import build_tree
 
 V = 6
 TREE = build_tree([[0], [1], [2], [0, 0], [0, 1], [1, 0]])  # root; 3 children; grandchildren under [0] and [1]

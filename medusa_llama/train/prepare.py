@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medusa_llama.data_sources import SOURCES, Record, SkipCounter, iter_source
 from medusa_llama.errors import MedusaError
+from medusa_llama.train.sources import SOURCES, Record, SkipCounter, iter_source
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def validation_fraction(config: PrepareConfig) -> float:
     """The held-out share. For ShareGPT it is at least ``prompts.HELDOUT_FRACTION``, so the built-in benchmark
     prompts (``prompts.heldout_prompts``, same hash rule) are never trained on whatever ``--val-fraction`` says."""
-    from medusa_llama.prompts import HELDOUT_FRACTION
+    from medusa_llama.eval.prompts import HELDOUT_FRACTION
 
     return max(config.val_fraction, HELDOUT_FRACTION) if config.dataset == "sharegpt" else config.val_fraction
 
@@ -295,8 +295,8 @@ def self_distill_records(
 
 def prepare(config: PrepareConfig) -> PrepareSummary:
     """Tokenize a source into train/val memmaps + meta.json + held-out prompts in ``config.out``."""
+    from medusa_llama.eval.prompts import is_heldout
     from medusa_llama.loading import load_tokenizer, model_name
-    from medusa_llama.prompts import is_heldout
 
     tokenizer = load_tokenizer(config.model)
     eos_id = tokenizer.eos_token_id
