@@ -7,6 +7,7 @@ safetensors checkpoint in a user cache directory; later loads take seconds.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -49,7 +50,7 @@ def embedded_gguf_path() -> Path:
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Dequantize the GGUF once into a plain HF checkpoint directory, written atomically."""
+    """Dequantize the GGUF into a plain HF checkpoint in the (empty, private) directory ``out_dir``."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,38 +59,83 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     log.info("converting %s to a cached HF checkpoint (once, about 20 s)", gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
-    try:
-        state = model.state_dict()
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)  # tied: saved once, as the embedding
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)  # the GGUF marker makes transformers refuse to reload
-        config["_name_or_path"] = EMBEDDED_ID
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied: saved once, as the embedding
+    save_file({k: v.contiguous() for k, v in state.items()}, out_dir / "model.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the GGUF marker makes transformers refuse to reload
+    config["_name_or_path"] = EMBEDDED_ID
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    model.generation_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _is_complete(out_dir: Path) -> bool:
+    return (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock on ``path`` (created if missing) for the duration of the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock; the atomic rename still keeps readers safe
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def converted_embedded() -> Path:
+    """The embedded model as a cached HF checkpoint, converted on first use.
+
+    Safe to race: the conversion runs under a file lock, into a uniquely named temporary directory renamed into
+    place at the end, so a second process waits and then finds the finished checkpoint.
+    """
+    out = cache_root() / "SmolLM2-135M-Instruct"
+    if _is_complete(out):
+        return out
+    gguf = embedded_gguf_path()
+    with _file_lock(out.with_name(f".{out.name}.lock")):
+        if not _is_complete(out):  # another process may have finished while we waited
+            if out.exists():  # an incomplete directory of our own cache (written by an older version): set aside
+                out.rename(Path(tempfile.mkdtemp(prefix=f".{out.name}-stale-", dir=out.parent)) / "old")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # unique per process
+            try:
+                _convert_gguf(gguf, tmp)
+                tmp.rename(out)  # atomic: readers see no directory or a complete one
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    for stale in out.parent.glob(f".{out.name}-stale-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return out
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A spec that can only be a local path (a hub id is ``name`` or ``org/name``)."""
+    if os.sep != "/" and os.sep in spec:
+        return True
+    return spec.startswith((".", "/", "~")) or spec.endswith("/") or spec.count("/") > 1
 
 
 def resolve_model(spec: str | None) -> str:
     """Return something ``from_pretrained`` accepts: the cached embedded checkpoint, a directory or a hub id."""
     if is_embedded(spec):
-        out = cache_root() / "SmolLM2-135M-Instruct"
-        if not (out / "model.safetensors").is_file():
-            _convert_gguf(embedded_gguf_path(), out)
-        return str(out)
+        return str(converted_embedded())
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise MedusaError(f"{path} is not a model directory (no config.json)")
+            raise MedusaError(f"--model {spec}: {path} is not a model directory (no config.json)")
         return str(path)
+    if _looks_like_path(spec):
+        raise MedusaError(f"--model {spec}: no such directory")
     return spec
 
 
@@ -131,7 +177,10 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except OSError as exc:
-        raise MedusaError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}") from exc
+        raise MedusaError(
+            f"cannot load model {spec!r}: not a local directory, and the hub could not give it "
+            f"({str(exc).splitlines()[0]})"
+        ) from exc
     if quantization_config is None:
         model.to(device)
     model.eval()
