@@ -59,3 +59,41 @@ def test_sampling_first_token_is_distributed_as_the_backbone(seed):
     q = torch.softmax(logits[1], -1)
     se2 = (q * (1 - q) / after.sum()).sqrt()
     assert ((after / after.sum() - q).abs() <= 5 * se2 + 1e-3).all(), (after / after.sum(), q)
+
+
+# p(x) > min(epsilon, delta * exp(-H(p))) decides. Root distribution over 8 tokens with entropy H = 1.469 nats,
+# so delta * exp(-H) = 0.069 at delta = 0.3 and 0.230 at delta = 1.0.
+ROOT_P = torch.tensor([0.5, 0.2, 0.12, 0.08, 0.05, 0.03, 0.015, 0.005])
+TYPICAL_TREE = build_tree([[0], [1], [0, 0]])  # nodes: 1 = [0], 2 = [1], 3 = [0, 0] (child of node 1)
+
+
+def _typical_case():
+    logits = torch.zeros(TYPICAL_TREE.size, 8)
+    logits[0] = ROOT_P.log()
+    logits[1, 6] = 40.0  # under node 1 token 6 is certain: node 3 passes if its parent does
+    logits[2, 1] = 40.0  # the bonus after node 2
+    logits[3, 2] = 40.0  # the bonus after node 3
+    tokens = torch.tensor([0, 4, 3, 6])  # node 1: p = 0.05; node 2: p = 0.08 (both under the root)
+    return logits, tokens
+
+
+def test_typical_entropy_threshold_accepts_below_epsilon_and_rejects_the_unlikely_child():
+    entropy = -(ROOT_P * ROOT_P.log()).sum()
+    assert 0.05 < 0.3 * torch.exp(-entropy) < 0.08 < 0.09  # the entropy term, not epsilon, is the threshold
+    logits, tokens = _typical_case()
+    cfg = AcceptanceConfig("typical", temperature=1.0, typical_epsilon=0.09, typical_delta=0.3)
+    path, n, bonus = accept_typical(logits, tokens, TYPICAL_TREE, cfg)
+    # node 1 (p = 0.05) is rejected, so its certain child node 3 is unreachable; node 2 (p = 0.08 < epsilon) passes
+    assert int(n) == 1 and path[:2].tolist() == [0, 2] and int(bonus) == 1
+
+
+def test_typical_threshold_is_the_smaller_of_epsilon_and_the_entropy_term():
+    logits, tokens = _typical_case()
+    # delta = 1: delta * exp(-H) = 0.23 > epsilon = 0.09, so epsilon decides and rejects p = 0.08 as well
+    strict = AcceptanceConfig("typical", temperature=1.0, typical_epsilon=0.09, typical_delta=1.0)
+    _, n, _ = accept_typical(logits, tokens, TYPICAL_TREE, strict)
+    assert int(n) == 0
+    # epsilon = 0.04 < 0.069: node 1 (p = 0.05) passes, then its child under node 1's own distribution
+    loose = AcceptanceConfig("typical", temperature=1.0, typical_epsilon=0.04, typical_delta=0.3)
+    path, n, bonus = accept_typical(logits, tokens, TYPICAL_TREE, loose)
+    assert int(n) == 2 and path.tolist() == [0, 1, 3] and int(bonus) == 2
