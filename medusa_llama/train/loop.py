@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from medusa_llama.decode.heads import HEAD_KINDS, LM_HEAD_MODES, HeadsConfig, MedusaHeads
+from medusa_llama.decode.heads import HEAD_KINDS, LM_HEAD_MODES
 from medusa_llama.errors import MedusaError
+from medusa_llama.train.build import Batches, build_model, build_optimizer, check_dataset, check_vocab
 from medusa_llama.train.checkpoint import (
     CONFIG_NAME,
     LOG_NAME,
@@ -40,7 +40,8 @@ from medusa_llama.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from medusa_llama.train.objective import MedusaObjective, causal_lm
+from medusa_llama.train.objective import MedusaObjective
+from medusa_llama.train.outputs import check_output_dir
 from medusa_llama.train.prepare import TokenBlocks, load_meta
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class TrainConfig:
     model: str | None = None
     """Backbone: HF id or directory (None: the embedded SmolLM2-135M-Instruct)."""
     save_dir: str = "runs/medusa"
-    """Output: ``last/`` (resumable), ``best/`` (lowest validation loss), ``log.jsonl``, ``curves.png``."""
+    """Output: ``last/`` (resumable), ``best/`` (lowest validation loss of the final stage), ``log.jsonl``, curves."""
     num_heads: int = 4
     """K heads; head k (0-based) predicts token t+k+2. The seed's ``--offsets 1 2 3`` means 3 heads."""
     head_kind: str = "sequential"
@@ -180,123 +181,6 @@ class TrainResult:
         )
 
 
-class WarmupCosine:
-    """LR factor: 0 before ``start``, linear warm-up over ``warmup`` steps, cosine to 0 at ``total``."""
-
-    def __init__(self, start: int, warmup: int, total: int):
-        self.start, self.warmup, self.total = start, warmup, total
-
-    def __call__(self, step: int) -> float:
-        if step < self.start:
-            return 0.0
-        s = step - self.start
-        if s < self.warmup:
-            return (s + 1) / self.warmup
-        span = max(self.total - self.start - self.warmup, 1)
-        return 0.5 * (1 + math.cos(math.pi * min((s - self.warmup) / span, 1.0)))
-
-
-def check_dataset(meta: dict, config: TrainConfig) -> None:
-    """Refuse data tokenized for another model (unless its tokenizer is the same) or too short for the heads."""
-    from medusa_llama.loading import load_tokenizer, model_name
-    from medusa_llama.train.prepare import tokenizer_fingerprint
-
-    if meta["model"] != model_name(config.model):
-        try:
-            same = tokenizer_fingerprint(load_tokenizer(config.model)) == meta["tokenizer_fingerprint"]
-        except (MedusaError, OSError, ValueError):
-            same = False
-        if not same:
-            raise MedusaError(
-                f"{config.data} was tokenized for {meta['model']!r}, not {model_name(config.model)!r}: "
-                f"re-run `medusa-llama prepare --model {config.model}`"
-            )
-    if meta["block_size"] < config.num_heads + 3:
-        raise MedusaError(f"block size {meta['block_size']} is too short for {config.num_heads} heads")
-
-
-def check_vocab(meta: dict, config: TrainConfig, vocab_size: int) -> None:
-    if meta["vocab_size"] > vocab_size:
-        raise MedusaError(f"{config.data} has token ids up to {meta['vocab_size']}, the model's vocab is {vocab_size}")
-
-
-def build_model(config: TrainConfig, device: torch.device, process_index: int):
-    """Load the backbone (4-bit for QLoRA), add LoRA for stage 2, create the heads. Returns (model, peft?, heads)."""
-    from medusa_llama.loading import load_model, model_name
-
-    torch.manual_seed(config.seed)  # LoRA and head initialisation depend on nothing else
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda and config.bf16 else torch.float32
-    quant = None
-    if config.qlora:
-        from transformers import BitsAndBytesConfig
-
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=True,
-        )
-    model = load_model(config.model, dtype=dtype, device=device, quantization_config=quant)
-    model.requires_grad_(False)
-    peft_model = None
-    if config.stage != "medusa1":
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-        ckpt_kwargs = {"use_reentrant": False}
-        if config.qlora:
-            # It freezes everything and turns on gradient checkpointing: the heads are created after it.
-            model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs=ckpt_kwargs)
-        elif config.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
-            model.enable_input_require_grads()
-        lora = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules="all-linear",  # every linear projection of the blocks; peft leaves the LM head out
-            task_type="CAUSAL_LM",
-        )
-        model = peft_model = get_peft_model(model, lora)
-    base = causal_lm(model)
-    hidden, vocab = base.config.hidden_size, base.get_output_embeddings().weight.shape[0]
-    heads_config = HeadsConfig(
-        num_heads=config.num_heads,
-        num_layers=config.num_layers,
-        hidden_size=hidden,
-        vocab_size=vocab,
-        kind=config.head_kind,
-        lm_head=config.lm_head,
-        base_model=model_name(config.model),
-    )
-    heads = MedusaHeads(heads_config, base_lm_head=base.get_output_embeddings()).to(device=device, dtype=torch.float32)
-    if config.init_heads:
-        start = MedusaHeads.load(config.init_heads)
-        mine, theirs = asdict(heads_config), asdict(start.config)
-        changed = [k for k in mine if k != "base_model" and mine[k] != theirs[k]]
-        if changed:
-            raise MedusaError(f"--init-heads {config.init_heads} differ in {', '.join(changed)} from the head flags")
-        heads.load_state_dict(start.state_dict())
-    heads.requires_grad_(True)
-    return model, peft_model, heads
-
-
-class Batches:
-    """Deterministic batches: micro-batch ``i`` of process ``rank`` is a slice of the epoch's permutation."""
-
-    def __init__(self, blocks: TokenBlocks, batch_size: int, seed: int, rank: int, world: int):
-        self.blocks, self.batch_size, self.seed, self.rank, self.world = blocks, batch_size, seed, rank, world
-        self.per_epoch = len(blocks) // (batch_size * world)  # micro-batches per epoch per process
-        self._perm: tuple[int, np.ndarray] | None = None
-
-    def micro_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, j = divmod(i, self.per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks)))
-        start = (j * self.world + self.rank) * self.batch_size
-        return self.blocks[self._perm[1][start : start + self.batch_size]]
-
-
 @torch.no_grad()
 def evaluate(objective, blocks: TokenBlocks, config: TrainConfig, joint: bool, accelerator, device) -> dict:
     """Validation losses and per-head top-1 / top-5 accuracy (weighted by the loss mask), over all processes."""
@@ -337,167 +221,234 @@ def autocast(device: torch.device, config: TrainConfig):
     return contextlib.nullcontext()
 
 
-def train(config: TrainConfig, on_step=None) -> TrainResult:
-    """Run training; ``on_step(step, objective)`` runs after every optimizer step (tests inspect or interrupt)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+class Trainer:
+    """One training run, as named steps: ``__init__`` sets up (or resumes); per optimizer step ``train_step``, then
+    ``log_losses``, ``validate`` and ``save_last`` when due; ``finish`` writes the curves and the result."""
 
-    start_time = time.time()
-    meta = load_meta(config.data)
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.stage == "both")
-    cpu = config.device == "cpu" or not torch.cuda.is_available()  # cpu=True also enables multi-process gloo
-    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
-    device = torch.device(config.device) if config.device else accelerator.device
-    main = accelerator.is_main_process
-    info = log.info if main else lambda *args: None  # one copy of each message under DDP
-    save_dir = Path(config.save_dir).expanduser()
-    resume_from = find_resumable(save_dir) if config.resume else None
-    if config.resume and resume_from is None:
-        raise MedusaError(f"--resume: no checkpoint in {save_dir / 'last'}")
-    if resume_from is not None:
+    def __init__(self, config: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.config, self.start_time = config, time.time()
+        self.save_dir = Path(config.save_dir).expanduser()
+        check_output_dir(self.save_dir, "--save-dir")  # a file there fails now, not after loading the model
+        meta = load_meta(config.data)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=config.stage == "both")
+        cpu = config.device == "cpu" or not torch.cuda.is_available()  # cpu=True also enables multi-process gloo
+        self.accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+        self.device = torch.device(config.device) if config.device else self.accelerator.device
+        self.main = self.accelerator.is_main_process
+        resume_from = self._resume_point()
+        self._plan(meta)
+        check_dataset(meta, config)
+        self.model, self.peft_model, self.heads = build_model(config, self.device, self.accelerator.process_index)
+        check_vocab(meta, config, self.heads.config.vocab_size)
+        self.objective = MedusaObjective(
+            self.model, self.heads, config.lambda_decay, config.soft_targets, config.lm_loss_weight, config.chunk_tokens
+        )
+        self.optimizer, self.scheduler = build_optimizer(
+            config, self.model, self.heads, self.total, self.m1_steps, self.device
+        )
+        self.events = EventLog(self.save_dir / LOG_NAME, enabled=self.main)
+        self.step, self.joint = 0, False
+        self.best: dict[str, dict] = {}
+        """Per stage (``medusa1`` / ``medusa2``): val_loss, step, top1 of its lowest validation loss. Stages are not
+        compared: stage 2's loss adds the LM KL term."""
+        if self.main:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is not None:
+            self._restore(resume_from)
+        elif self.main:
+            (self.save_dir / LOG_NAME).write_text("")
+        if self.accelerator.num_processes > 1:
+            self.objective = self.accelerator.prepare_model(self.objective, device_placement=False)
+        self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.config_dict = {
+            **asdict(config),
+            "total_steps": self.total,
+            "medusa1_steps": self.m1_steps,
+            "dataset_meta": meta["model"],
+        }
+        self.info(
+            "training %d steps (%d per epoch, heads-only for %d) on %d blocks; %d trainable tensors (%.1f M values)",
+            self.total,
+            self.steps_per_epoch,
+            self.m1_steps,
+            len(self.train_blocks),
+            len(self.trainable),
+            sum(p.numel() for p in self.trainable) / 1e6,
+        )
+        self.running = torch.zeros(config.num_heads + 2, device=self.device)  # head losses, lm_kl, loss: summed
+        self.since_log, self.tokens_seen, self.t_log = 0, 0, time.time()
+        self.bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", disable=not self.main)
+        self.objective.train()
+
+    def info(self, *args) -> None:
+        if self.main:  # one copy of each message under DDP
+            log.info(*args)
+
+    def _resume_point(self) -> Path | None:
+        """The checkpoint ``--resume`` continues (checked against the flags), or None for a new run."""
+        config, save_dir = self.config, self.save_dir
+        if not config.resume:
+            if (save_dir / "last").exists():
+                raise MedusaError(
+                    f"{save_dir} already holds a run: pass --resume to continue it or choose another --save-dir"
+                )
+            return None
+        resume_from = find_resumable(save_dir)
+        if resume_from is None:
+            raise MedusaError(f"--resume: no checkpoint in {save_dir / 'last'}")
         saved = json.loads((resume_from / CONFIG_NAME).read_text())
         changed = [k for k in RESUME_KEYS if saved.get(k) != asdict(config).get(k)]
         if changed:
             raise MedusaError(f"--resume: {resume_from} was trained with other {', '.join(changed)}")
-    elif (save_dir / "last").exists():
-        raise MedusaError(f"{save_dir} already holds a run: pass --resume to continue it or choose another --save-dir")
+        return resume_from
 
-    train_blocks, val_blocks = TokenBlocks(config.data, "train", meta), TokenBlocks(config.data, "val", meta)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    batches = Batches(train_blocks, config.batch_size, config.seed, rank, world)
-    if batches.per_epoch < config.grad_accum:
-        raise MedusaError(
-            f"{config.data} has {len(train_blocks)} training blocks, fewer than one step of "
-            f"{config.batch_size} x {config.grad_accum} x {accelerator.num_processes} processes"
-        )
-    steps_per_epoch = batches.per_epoch // config.grad_accum
-    total = config.max_steps or max(1, int(config.epochs * steps_per_epoch))
-    m1_steps = {"medusa1": total, "medusa2": 0}.get(config.stage, config.medusa1_steps)
-    m1_steps = total // 4 if m1_steps is None else min(m1_steps, total)
+    def _plan(self, meta: dict) -> None:
+        """Data splits, batches and the step counts: ``total`` steps, the first ``m1_steps`` heads-only."""
+        config, world = self.config, self.accelerator.num_processes
+        self.train_blocks = TokenBlocks(config.data, "train", meta)
+        self.val_blocks = TokenBlocks(config.data, "val", meta)
+        self.batches = Batches(self.train_blocks, config.batch_size, config.seed, self.accelerator.process_index, world)
+        if self.batches.per_epoch < config.grad_accum:
+            raise MedusaError(
+                f"{config.data} has {len(self.train_blocks)} training blocks, fewer than one step of "
+                f"{config.batch_size} x {config.grad_accum} x {world} processes"
+            )
+        self.steps_per_epoch = self.batches.per_epoch // config.grad_accum
+        self.total = config.max_steps or max(1, int(config.epochs * self.steps_per_epoch))
+        m1_steps = {"medusa1": self.total, "medusa2": 0}.get(config.stage, config.medusa1_steps)
+        self.m1_steps = self.total // 4 if m1_steps is None else min(m1_steps, self.total)
 
-    check_dataset(meta, config)
-    model, peft_model, heads = build_model(config, device, accelerator.process_index)
-    check_vocab(meta, config, heads.config.vocab_size)
-    objective = MedusaObjective(
-        model, heads, config.lambda_decay, config.soft_targets, config.lm_loss_weight, config.chunk_tokens
-    )
-    lora_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    groups = [{"params": list(heads.parameters()), "lr": config.lr * config.head_lr_mult}]
-    lambdas = [WarmupCosine(0, config.warmup_steps, total)]
-    if lora_params:
-        groups.append({"params": lora_params, "lr": config.lr})
-        lambdas.append(WarmupCosine(m1_steps, config.warmup_steps, total))
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-    events = EventLog(save_dir / LOG_NAME, enabled=main)
-    step, best = 0, {"val_loss": None, "step": None, "top1": []}
-    if main:
-        save_dir.mkdir(parents=True, exist_ok=True)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, heads, peft_model)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    def _restore(self, resume_from: Path) -> None:
+        state = load_checkpoint(resume_from, self.heads, self.peft_model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        step, best = state["step"], state["best"]
-        events.restore(resume_from / LOG_NAME)
-        info("resumed from %s at step %d", resume_from, step)
-    elif main:
-        (save_dir / LOG_NAME).write_text("")
-    if accelerator.num_processes > 1:
-        objective = accelerator.prepare_model(objective, device_placement=False)
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    config_dict = {**asdict(config), "total_steps": total, "medusa1_steps": m1_steps, "dataset_meta": meta["model"]}
-    info(
-        "training %d steps (%d per epoch, heads-only for %d) on %d blocks; %d trainable tensors (%.1f M values)",
-        total,
-        steps_per_epoch,
-        m1_steps,
-        len(train_blocks),
-        len(trainable),
-        sum(p.numel() for p in trainable) / 1e6,
-    )
+        self.step, self.best = state["step"], state["best"]
+        self.events.restore(resume_from / LOG_NAME)
+        self.info("resumed from %s at step %d", resume_from, self.step)
 
-    def checkpoint(directory: str, resumable: bool) -> None:
-        state = None
-        if resumable:
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
-                "step": step,
-                "best": best,
-            }
-        adapter = peft_model if peft_model is not None and (resumable or step > m1_steps) else None
-        save_checkpoint(save_dir / directory, heads, adapter, config_dict, events.events, state)
+    def due(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.total
 
-    running = torch.zeros(config.num_heads + 2, device=device)  # head losses, lm_kl, loss: summed between logs
-    since_log, tokens_seen, t_log = 0, 0, time.time()
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not main)
-    objective.train()
-    while step < total:
-        joint = step >= m1_steps
-        if joint and step == m1_steps and peft_model is not None:
-            events({"event": "stage", "step": step, "stage": "medusa2"})
+    @property
+    def stage(self) -> str:
+        """The stage of the last step taken."""
+        return "medusa2" if self.joint else "medusa1"
+
+    def train_step(self) -> None:
+        """One optimizer update over ``grad_accum`` micro-batches: heads only before ``m1_steps``, then joint."""
+        config, accelerator, device = self.config, self.accelerator, self.device
+        self.joint = self.step >= self.m1_steps
+        if self.joint and self.step == self.m1_steps and self.peft_model is not None:
+            self.events({"event": "stage", "step": self.step, "stage": "medusa2"})
         for m in range(config.grad_accum):
-            tokens, mask = batches.micro_batch(step * config.grad_accum + m)
+            tokens, mask = self.batches.micro_batch(self.step * config.grad_accum + m)
             if device.type == "cuda":
                 tokens, mask = tokens.pin_memory(), mask.pin_memory()
             tokens = tokens.to(device, non_blocking=True)  # (B, T)
             mask = mask.to(device, non_blocking=True)  # (B, T)
             sync = m == config.grad_accum - 1 or accelerator.num_processes == 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(objective):
+            with contextlib.nullcontext() if sync else accelerator.no_sync(self.objective):
                 with autocast(device, config):
-                    out = objective(tokens, mask, joint=joint)
+                    out = self.objective(tokens, mask, joint=self.joint)
                 (out["loss"] / config.grad_accum).backward()
-            running += torch.cat([out["head_loss"], out["lm_kl"][None], out["loss"].detach()[None]])
-            tokens_seen += tokens.numel() * accelerator.num_processes
+            self.running += torch.cat([out["head_loss"], out["lm_kl"][None], out["loss"].detach()[None]])
+            self.tokens_seen += tokens.numel() * accelerator.num_processes
         if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        since_log += config.grad_accum
-        bar.update(1)
-        if step % config.log_every == 0 or step == total:
-            values = (running / since_log).tolist()  # the host sync of the loop
-            now = time.time()
-            event = {
+            torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.since_log += config.grad_accum
+        self.bar.update(1)
+
+    def log_losses(self) -> None:
+        """Mean training losses since the last log: the loop's only host sync."""
+        values = (self.running / self.since_log).tolist()
+        now = time.time()
+        K = self.config.num_heads
+        self.events(
+            {
                 "event": "train",
-                "step": step,
+                "step": self.step,
                 "loss": values[-1],
-                "head_loss": values[: config.num_heads],
+                "head_loss": values[:K],
                 "lm_kl": values[-2],
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens_seen / max(now - t_log, 1e-9),
-                "time": now - start_time,
+                "lr": self.scheduler.get_last_lr()[0],
+                "tokens_per_s": self.tokens_seen / max(now - self.t_log, 1e-9),
+                "time": now - self.start_time,
             }
-            events(event)
-            bar.set_postfix(loss=f"{values[-1]:.3f}", h1=f"{values[0]:.3f}")
-            running.zero_()
-            since_log, tokens_seen, t_log = 0, 0, now
-        if step % config.eval_every == 0 or step == total:
-            metrics = evaluate(objective, val_blocks, config, joint, accelerator, device)
-            if metrics:
-                events({"event": "eval", "step": step, **metrics})
-                top1 = " ".join(f"{a:.3f}" for a in metrics["top1"])
-                info("step %d: val loss %.4f, top-1 per head %s", step, metrics["val_loss"], top1)
-                if best["val_loss"] is None or metrics["val_loss"] < best["val_loss"]:
-                    best = {"val_loss": metrics["val_loss"], "step": step, "top1": metrics["top1"]}
-                    if main:
-                        checkpoint("best", resumable=False)
-        if step % config.save_every == 0 or step == total:
-            if main:
-                checkpoint("last", resumable=True)
-            accelerator.wait_for_everyone()
+        )
+        self.bar.set_postfix(loss=f"{values[-1]:.3f}", h1=f"{values[0]:.3f}")
+        self.running.zero_()
+        self.since_log, self.tokens_seen, self.t_log = 0, 0, now
+
+    def validate(self) -> None:
+        """Validation metrics; ``best/`` follows the lowest validation loss of the current stage."""
+        metrics = evaluate(self.objective, self.val_blocks, self.config, self.joint, self.accelerator, self.device)
+        if not metrics:
+            return
+        self.events({"event": "eval", "step": self.step, **metrics})
+        top1 = " ".join(f"{a:.3f}" for a in metrics["top1"])
+        self.info("step %d: val loss %.4f, top-1 per head %s", self.step, metrics["val_loss"], top1)
+        best = self.best.get(self.stage)
+        if best is None or metrics["val_loss"] < best["val_loss"]:
+            self.best[self.stage] = {"val_loss": metrics["val_loss"], "step": self.step, "top1": metrics["top1"]}
+            if self.main:
+                self.checkpoint("best", resumable=False)
+
+    def save_last(self) -> None:
+        if self.main:
+            self.checkpoint("last", resumable=True)
+        self.accelerator.wait_for_everyone()
+
+    def checkpoint(self, directory: str, resumable: bool) -> None:
+        """Write ``save_dir/directory``: heads, the adapter once stage 2 ran (always in ``last/``), the state."""
+        state = None
+        if resumable:
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+                "step": self.step,
+                "best": self.best,
+            }
+        with_adapter = self.peft_model is not None and (resumable or self.step > self.m1_steps)
+        adapter = self.peft_model if with_adapter else None
+        save_checkpoint(self.save_dir / directory, self.heads, adapter, self.config_dict, self.events.events, state)
+
+    def finish(self) -> TrainResult:
+        """Close the run: ``best/`` from the final state if nothing was validated, the curves, the result."""
+        self.bar.close()
+        final_stage = "medusa2" if self.total > self.m1_steps else "medusa1"
+        best = self.best.get(final_stage)
+        if self.main:
+            if best is None:  # no validation data: the final state is the best we know
+                self.checkpoint("best", resumable=False)
+            plot_curves(self.events.events, self.save_dir / "curves.png")
+        best = best or {"val_loss": None, "step": None, "top1": []}
+        seconds = time.time() - self.start_time
+        result = TrainResult(self.step, seconds, best["val_loss"], best["step"], best["top1"], str(self.save_dir))
+        if self.main:
+            self.events({"event": "done", **asdict(result)})
+        return result
+
+
+def train(config: TrainConfig, on_step=None) -> TrainResult:
+    """Run training; ``on_step(step, objective)`` runs after every optimizer step (tests inspect or interrupt)."""
+    run = Trainer(config)
+    while run.step < run.total:
+        run.train_step()
+        if run.due(config.log_every):
+            run.log_losses()
+        if run.due(config.eval_every):
+            run.validate()
+        if run.due(config.save_every):
+            run.save_last()
         if on_step is not None:
-            on_step(step, objective)
-    bar.close()
-    if main:
-        if best["val_loss"] is None:  # no validation data: the final state is the best we know
-            checkpoint("best", resumable=False)
-        plot_curves(events.events, save_dir / "curves.png")
-    result = TrainResult(step, time.time() - start_time, best["val_loss"], best["step"], best["top1"], str(save_dir))
-    if main:
-        events({"event": "done", **asdict(result)})
-    return result
+            on_step(run.step, run.objective)
+    return run.finish()

@@ -2,7 +2,8 @@
 
 Layout of a prepared directory (``prepare``), which training streams (``TokenBlocks``):
 
-    meta.json                 tokenizer/model name and fingerprint, block size, counts per split
+    meta.json                 tokenizer/model name and fingerprint, block size, counts per split; the marker
+                              ``"writer": "medusa-llama prepare"`` by which prepare knows its own datasets
     train.tokens.u32 / .mask.u8   (N, block) token ids (uint32) and loss mask (uint8, 1 = learn this token)
     val.tokens.u32 / .mask.u8     the held-out split (``prompts.is_heldout``: a hash of the conversation id)
     prompts_val.jsonl         {"prompt": ...}: the first user turn of each held-out chat, for benchmarks
@@ -17,6 +18,10 @@ blocks, mask all 1.
 
 ``--self-distill N`` replaces the answers of up to N chats by the backbone's own greedy answer to their
 first user turn (Medusa, Sec. 2.3.2: heads must learn the model's outputs, not ShareGPT's).
+
+Nothing the user has is deleted: ``--out`` is checked before any tokenizing, a non-empty directory is refused
+unless it is a dataset prepare wrote (holding only its files) and ``--overwrite`` is given, and the dataset is
+written into a hidden sibling that is renamed into place at the end or removed on any failure (``outputs``).
 """
 
 from __future__ import annotations
@@ -25,8 +30,6 @@ import hashlib
 import itertools
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medusa_llama.errors import MedusaError
+from medusa_llama.train.outputs import check_output_dir, replace_dir, staging_dir
 from medusa_llama.train.sources import SOURCES, Record, SkipCounter, iter_source
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,9 @@ META_NAME = "meta.json"
 PROMPTS_NAME = "prompts_val.jsonl"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+WRITER = "medusa-llama prepare"
+"""``meta.json``'s ``writer``: marks a directory as a dataset prepare wrote (and may replace with ``--overwrite``)."""
+OWN_FILES = frozenset({META_NAME, PROMPTS_NAME} | {f"{s}.{x}" for s in SPLITS for x in ("tokens.u32", "mask.u8")})
 
 
 @dataclass
@@ -53,7 +60,10 @@ class PrepareConfig:
     model: str | None = None
     """Backbone whose tokenizer and chat template are used (None: the embedded SmolLM2-135M-Instruct)."""
     out: str | None = None
-    """Output directory, replaced atomically when done (None: ``data/<dataset name>``)."""
+    """Output directory, written atomically when done (None: ``data/<dataset name>``); must be new, empty, or
+    (with ``--overwrite``) a dataset prepare wrote."""
+    overwrite: bool = False
+    """Replace the dataset an earlier prepare wrote at ``--out`` (any other non-empty directory is refused)."""
     block_size: int = 512
     """Tokens per training sequence."""
     val_fraction: float = 0.02
@@ -293,34 +303,72 @@ def self_distill_records(
     bar.close()
 
 
+def is_prepared_dataset(directory: Path) -> bool:
+    """True if ``directory`` holds only files prepare writes, with its ``meta.json`` (marker, or the keys of one
+    written before the marker existed)."""
+    try:
+        names = {p.name for p in directory.iterdir()}
+        meta = json.loads((directory / META_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    legacy = isinstance(meta, dict) and {"format", "tokenizer_fingerprint", "splits", "config"} <= meta.keys()
+    return names <= OWN_FILES and isinstance(meta, dict) and (meta.get("writer") == WRITER or legacy)
+
+
+def check_out(config: PrepareConfig) -> Path:
+    """The absolute ``--out``, or ``MedusaError`` if writing there could lose anything or cannot work."""
+    out = check_output_dir(config.out, "--out", beside=True)
+    if out.is_symlink():
+        raise MedusaError(f"--out {out} is a symbolic link: pass the directory it points to")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_prepared_dataset(out):
+            raise MedusaError(f"--out {out} is a non-empty directory prepare did not write: choose another --out")
+        if not config.overwrite:
+            raise MedusaError(f"--out {out} already holds a prepared dataset: pass --overwrite to replace it")
+    return out
+
+
 def prepare(config: PrepareConfig) -> PrepareSummary:
     """Tokenize a source into train/val memmaps + meta.json + held-out prompts in ``config.out``."""
-    from medusa_llama.eval.prompts import is_heldout
-    from medusa_llama.loading import load_tokenizer, model_name
+    from medusa_llama.loading import load_tokenizer
 
+    out = check_out(config)  # before any long work
     tokenizer = load_tokenizer(config.model)
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    if eos_id is None:
+    if tokenizer.eos_token_id is None:
         raise MedusaError(f"the tokenizer of {config.model!r} has no EOS token")
     if len(tokenizer) >= 2**32:
         raise MedusaError("vocabulary too large for uint32 token storage")
-    out = Path(config.out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    with staging_dir(out) as tmp:
+        meta = write_dataset(tmp, tokenizer, config)
+        check_out(config)  # again: the directory may have changed during the work
+        replace_dir(tmp, out, out.with_name(tmp.name.removesuffix(".tmp") + ".old"))
+    skipped = SkipCounter(meta["skipped"])
+    log.info("skipped: %s", skipped.describe())
+    return PrepareSummary(
+        str(out), meta["records"], skipped.total_skipped(), dict(skipped), meta["self_distilled"], meta["splits"]
+    )
+
+
+def write_dataset(directory: Path, tokenizer, config: PrepareConfig) -> dict:
+    """Write the splits, held-out prompts and ``meta.json`` of ``config`` into ``directory``; return the meta."""
+    from medusa_llama.eval.prompts import is_heldout
+    from medusa_llama.loading import model_name
+
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     skipped = SkipCounter()
     distilled = [0]
     val_fraction = validation_fraction(config)
+    writers = {s: SplitWriter(directory, s, config.block_size, pad_id, eos_id) for s in SPLITS}
+    encoder: ChatEncoder | None = None
+    records = iter_source(config.dataset, skipped)
+    if config.limit is not None:
+        records = itertools.islice(records, config.limit)
+    if config.self_distill:
+        records = self_distill_records(records, tokenizer, config, distilled)
+    used = 0
     try:
-        writers = {s: SplitWriter(tmp, s, config.block_size, pad_id, eos_id) for s in SPLITS}
-        encoder: ChatEncoder | None = None
-        records = iter_source(config.dataset, skipped)
-        if config.limit is not None:
-            records = itertools.islice(records, config.limit)
-        if config.self_distill:
-            records = self_distill_records(records, tokenizer, config, distilled)
-        used = 0
-        with open(tmp / PROMPTS_NAME, "w", encoding="utf-8") as prompts:
+        with open(directory / PROMPTS_NAME, "w", encoding="utf-8") as prompts:
             bar = tqdm(records, total=config.limit, desc=f"prepare {Path(config.dataset).name}", unit="rec")
             for record in bar:
                 split = "val" if is_heldout(record.id, val_fraction) else "train"
@@ -344,32 +392,27 @@ def prepare(config: PrepareConfig) -> PrepareSummary:
                 if used % 200 == 0:
                     bar.set_postfix(train_blocks=writers["train"].stats.blocks, skipped=skipped.total_skipped())
             bar.close()
-        stats = {s: asdict(w.close()) for s, w in writers.items()}
-        if used == 0 or stats["train"]["blocks"] == 0:
-            raise MedusaError(f"no usable training records in {config.dataset!r} (skipped: {skipped.describe()})")
-        meta = {
-            "format": FORMAT_VERSION,
-            "model": model_name(config.model),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-            "vocab_size": len(tokenizer),
-            "block_size": config.block_size,
-            "pad_id": pad_id,
-            "dataset": config.dataset,
-            "records": used,
-            "skipped": dict(skipped),
-            "self_distilled": distilled[0],
-            "splits": stats,
-            "config": asdict(config),
-        }
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    summary = PrepareSummary(str(out), used, skipped.total_skipped(), dict(skipped), distilled[0], stats)
-    log.info("skipped: %s", skipped.describe())
-    return summary
+        stats = {s: asdict(w.close()) for s, w in writers.items()}
+    if used == 0 or stats["train"]["blocks"] == 0:
+        raise MedusaError(f"no usable training records in {config.dataset!r} (skipped: {skipped.describe()})")
+    meta = {
+        "format": FORMAT_VERSION,
+        "writer": WRITER,
+        "model": model_name(config.model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "vocab_size": len(tokenizer),
+        "block_size": config.block_size,
+        "pad_id": pad_id,
+        "dataset": config.dataset,
+        "records": used,
+        "skipped": dict(skipped),
+        "self_distilled": distilled[0],
+        "splits": stats,
+        "config": asdict(config),
+    }
+    (directory / META_NAME).write_text(json.dumps(meta, indent=2))
+    return meta
 
 
 # -- reading -------------------------------------------------------------------------------------------------------

@@ -161,3 +161,90 @@ def test_self_distill_replaces_answers_with_model_output(tmp_path, smol_tokenize
     ]
     answers = smol_tokenizer.decode(tokens[mask == 1].tolist())
     assert answers.count("ORIGINAL ANSWER") == 2
+
+
+# -- --out: nothing of the user's is ever deleted ---------------------------------------------------------------------
+def _listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _chats(tmp_path, n: int = 6):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(_conv(i)) + "\n" for i in range(n)))
+    return str(path)
+
+
+def test_out_never_deletes_user_files(tmp_path, smol_tokenizer):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(MedusaError, match="did not write"):
+            prepare(PrepareConfig(dataset=_chats(tmp_path), out=str(work), block_size=64, overwrite=overwrite))
+    assert (work / "notes.txt").read_text() == "mine"
+    own = tmp_path / "own"
+    prepare(PrepareConfig(dataset=_chats(tmp_path), out=str(own), block_size=64))
+    assert load_meta(own)["writer"] == "medusa-llama prepare"
+    (own / "extra.txt").write_text("also mine")  # a dataset of ours holding a user's file is not ours to replace
+    with pytest.raises(MedusaError, match="did not write"):
+        prepare(PrepareConfig(dataset=_chats(tmp_path), out=str(own), block_size=64, overwrite=True))
+    assert (own / "extra.txt").read_text() == "also mine"
+
+
+def test_out_replaces_own_dataset_only_with_overwrite(tmp_path, smol_tokenizer):
+    out = tmp_path / "data"
+    prepare(PrepareConfig(dataset=_chats(tmp_path, 4), out=str(out), block_size=64, val_fraction=0.0))
+    with pytest.raises(MedusaError, match="--overwrite"):
+        prepare(PrepareConfig(dataset=_chats(tmp_path, 8), out=str(out), block_size=64, val_fraction=0.0))
+    assert load_meta(out)["records"] == 4
+    prepare(PrepareConfig(dataset=_chats(tmp_path, 8), out=str(out), block_size=64, val_fraction=0.0, overwrite=True))
+    assert load_meta(out)["records"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chats.jsonl", "data"]  # no staging or backup left
+
+
+@pytest.mark.parametrize("case", ["file", "under a file", "unwritable"])
+def test_bad_out_fails_before_any_work(case, tmp_path, monkeypatch):
+    import os
+
+    import medusa_llama.loading
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before --out was checked")
+
+    monkeypatch.setattr(medusa_llama.loading, "load_tokenizer", no_work)
+    (tmp_path / "a_file").write_text("mine")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: make os.access say what it says to everyone else
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: os.path.abspath(p) != str(locked) and access(p, mode))
+    out = {"file": "a_file", "under a file": "a_file/data", "unwritable": "locked/data"}[case]
+    with pytest.raises(MedusaError, match="--out") as info:
+        prepare(PrepareConfig(dataset="x.jsonl", out=str(tmp_path / out)))
+    assert "\n" not in str(info.value)
+    assert (tmp_path / "a_file").read_text() == "mine" and not any(locked.iterdir())
+    locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_failed_prepare_leaves_nothing_behind(error, tmp_path, monkeypatch, smol_tokenizer):
+    import medusa_llama.train.prepare as prepare_module
+    from medusa_llama.train.sources import Record
+
+    old = tmp_path / "old"
+    prepare(PrepareConfig(dataset=_chats(tmp_path, 4), out=str(old), block_size=64, val_fraction=0.0))
+    before = {p: p.read_bytes() for p in old.iterdir()}
+    listing = _listing(tmp_path)
+
+    def breaks_midway(source, skipped):
+        chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+        yield Record("r0", messages=chat)
+        raise error("interrupted")
+
+    monkeypatch.setattr(prepare_module, "iter_source", breaks_midway)
+    for out in (old, tmp_path / "new" / "deeper" / "data"):
+        with pytest.raises(error):
+            prepare(PrepareConfig(dataset="any", out=str(out), block_size=64, overwrite=True))
+        assert _listing(tmp_path) == listing  # no staging directory, no created parents
+    assert {p: p.read_bytes() for p in old.iterdir()} == before  # the earlier dataset is untouched

@@ -295,3 +295,56 @@ def test_init_heads_start_from_trained_heads(tiny_dir, data_dir, tmp_path):
     wrong = config(tiny_dir, data_dir, tmp_path / "run2", head_kind="medusa", init_heads=str(tmp_path / "start"))
     with pytest.raises(MedusaError, match="--init-heads .* differ in kind"):
         train(wrong)
+
+
+def test_resume_never_runs_a_pickle(tiny_dir, data_dir, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))  # unpickling this creates the marker file
+
+    cfg = dict(max_steps=2, save_every=2, eval_every=2)
+    train(config(tiny_dir, data_dir, tmp_path / "run", **cfg))
+    last = tmp_path / "run" / "last"
+    for name in ("trainer_state.safetensors", "trainer_state.json"):
+        (last / name).unlink(missing_ok=True)
+    torch.save({"step": Payload()}, last / "trainer_state.pt")  # the state file of older versions, planted
+    with pytest.raises(MedusaError, match="never loaded") as info:
+        train(config(tiny_dir, data_dir, tmp_path / "run", resume=True, **{**cfg, "max_steps": 4}))
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_best_is_from_the_final_stage(tiny_dir, data_dir, tmp_path, monkeypatch):
+    from medusa_llama.train import loop
+
+    real = loop.evaluate
+
+    def stage2_costs_more(objective, blocks, cfg, joint, accelerator, device):
+        metrics = real(objective, blocks, cfg, joint, accelerator, device)
+        return {**metrics, "val_loss": metrics["val_loss"] + (10.0 if joint else 0.0)}  # like the added LM KL
+
+    monkeypatch.setattr(loop, "evaluate", stage2_costs_more)
+    cfg = config(tiny_dir, data_dir, tmp_path / "run", stage="both", medusa1_steps=2, max_steps=4, eval_every=1)
+    result = train(cfg)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    stage2 = [e["val_loss"] for e in evals if e["event"] == "eval" and e["step"] > 2]
+    assert result.best_step > 2 and result.best_val_loss == min(stage2)
+    best = tmp_path / "run" / "best"
+    assert (best / "adapter_config.json").is_file()
+    assert MedusaHeads.load(best).config.num_heads == cfg.num_heads
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_file/run"])
+def test_bad_save_dir_fails_before_loading_the_model(where, tiny_dir, data_dir, tmp_path, monkeypatch):
+    import medusa_llama.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --save-dir was checked")
+
+    monkeypatch.setattr(medusa_llama.loading, "load_model", no_load)
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(MedusaError, match="--save-dir"):
+        train(config(tiny_dir, data_dir, tmp_path / where))
+    assert (tmp_path / "a_file").read_text() == "mine"
