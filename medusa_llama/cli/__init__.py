@@ -15,6 +15,7 @@ from medusa_llama.errors import MedusaError
 
 def build_parser() -> argparse.ArgumentParser:
     from medusa_llama.cli import eval as commands_eval
+    from medusa_llama.cli import export as commands_export
     from medusa_llama.cli import generate as commands_generate
     from medusa_llama.cli import train as commands_train
 
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (commands_generate, commands_train, commands_eval):
+    for module in (commands_generate, commands_train, commands_eval, commands_export):
         module.register(sub)
     return parser
 

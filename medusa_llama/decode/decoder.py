@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from medusa_llama.decode import proposal
 from medusa_llama.decode.acceptance import AcceptanceConfig, accept, next_token, pick
 from medusa_llama.decode.backbone import Backbone
 from medusa_llama.decode.heads import MedusaHeads
@@ -237,7 +238,7 @@ class MedusaDecoder(_Decoder):
 
     def _propose(self) -> None:
         bb = self.backbone
-        self.tokens.copy_(self.heads.propose(self.hidden, self.root, self.tree, bb.embed, bb.lm_head))
+        self.tokens.copy_(proposal.propose(self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head))
 
     def _after_prefill(self) -> None:
         self._propose()

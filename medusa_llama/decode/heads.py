@@ -12,19 +12,18 @@ Two kinds share one interface:
 
 The vocab projection is either the backbone's own LM head, shared and frozen (``lm_head="shared"``, small
 checkpoints), or a trainable copy per head (``lm_head="own"``, the Medusa-1 format).
+
+This file holds the modules only: proposal (filling a candidate tree) is ``proposal.py``, files ``heads_io.py``.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from medusa_llama.errors import MedusaError
 
 HEAD_KINDS = ("medusa", "sequential")
 LM_HEAD_MODES = ("shared", "own")
@@ -145,96 +144,25 @@ class MedusaHeads(nn.Module):
                 states.append(self.head_state(k, hidden))
         return states
 
-    # -- proposal -----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def propose(self, hidden: torch.Tensor, root: torch.Tensor, tree, embed, lm_head) -> torch.Tensor:
-        """Fill a candidate tree: (T,) token per node, node 0 = ``root``. Fixed shapes, no host syncs.
-
-        hidden: (D,) backbone state at the last accepted token; root: 0-d, the token the backbone chose after it.
-        ``medusa`` heads run once on h_t; a node at depth d holds head d's rank-r token. ``sequential`` heads expand
-        the tree depth by depth: one batched head call per depth over the nodes that have children there.
-        """
-        tokens = root.new_zeros(tree.size)  # (T,)
-        tokens[0] = root
-        if self.config.kind == "medusa":
-            states = torch.stack(self.chain_states(hidden))  # (K, D)
-            k = max(tree.level_topk)
-            top = torch.stack([self.project(i, states[i], lm_head) for i in range(len(tree.level_topk))])  # (D, V)
-            top = top.topk(k, dim=-1).indices  # (D_tree, k)
-            tokens[1:] = top[tree.depth[1:] - 1, tree.rank[1:]]
-            return tokens
-        prev = hidden[None]  # (1, D): the state the root's children are predicted from
-        for d, nodes in enumerate(tree.expanders):  # nodes: (n_d,) nodes at depth d with children
-            parent_rows = tree.child_slot[nodes] if d > 0 else torch.zeros_like(nodes)
-            state = self.head_state(d, prev[parent_rows], embed(tokens[nodes]))  # (n_d, D)
-            top = self.project(d, state, lm_head).topk(tree.level_topk[d], dim=-1).indices  # (n_d, k_d)
-            lo, hi = tree.levels[d + 1]
-            tokens[lo:hi] = top[tree.child_slot[lo:hi], tree.rank[lo:hi]]
-            prev = state
-        return tokens
-
-    # -- persistence ---------------------------------------------------------------------------------------------
+    # -- persistence: thin wrappers over heads_io (kept because many callers use them) ----------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
 
     def save(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
-        """Write ``medusa_heads.safetensors`` + ``config.json`` into ``directory`` (atomically per file)."""
-        from safetensors.torch import save_file
+        """Write ``medusa_heads.safetensors`` + ``config.json`` into ``directory``: ``heads_io.save_heads``."""
+        from medusa_llama.decode.heads_io import save_heads
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = self.trainable_state_dict()
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, tmp, metadata={"format": "pt"})
-        tmp.replace(directory / WEIGHTS_NAME)
-        tmp = directory / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps({"model_type": "medusa-llama-heads", **asdict(self.config)}, indent=2))
-        tmp.replace(directory / CONFIG_NAME)
+        save_heads(self, directory, dtype)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        """Load heads from a directory (or its weights file). Errors are one line: ``MedusaError``."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32):
+        """Load heads in our, the FasterDecoding or the vLLM format: ``heads_io.load_heads``."""
+        from medusa_llama.decode.heads_io import load_heads
 
-        path = Path(path)
-        directory = path.parent if path.is_file() else path
-        weights = path if path.is_file() else directory / WEIGHTS_NAME
-        if not weights.is_file() and path.suffix == ".pt":
-            raise MedusaError(f"heads file not found: {path}")
-        if not (directory / CONFIG_NAME).is_file() or not weights.is_file():
-            raise MedusaError(f"{path} holds no Medusa heads ({WEIGHTS_NAME} + {CONFIG_NAME} expected)")
-        try:
-            raw = json.loads((directory / CONFIG_NAME).read_text())
-            raw.pop("model_type", None)
-            config = HeadsConfig(**raw)
-        except (json.JSONDecodeError, TypeError, ValueError) as exc:
-            raise MedusaError(f"corrupt heads config {directory / CONFIG_NAME}: {exc}") from exc
-        try:
-            if weights.suffix == ".pt":
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-            else:
-                state = load_file(weights)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise MedusaError(f"corrupt heads checkpoint {weights}: {str(exc).splitlines()[0]}") from exc
-        heads = cls(config)
-        missing, unexpected = heads.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise MedusaError(
-                f"heads checkpoint {weights} does not match its config: missing {list(missing)[:3]}, "
-                f"unexpected {list(unexpected)[:3]}"
-            )
-        return heads.to(device=device, dtype=dtype).eval()
+        return load_heads(path, device, dtype)
 
     def check_compatible(self, hidden_size: int, vocab_size: int, base_model: str | None = None) -> None:
-        """Raise ``MedusaError`` if these heads were not made for this backbone."""
-        c = self.config
-        if c.hidden_size != hidden_size or c.vocab_size != vocab_size:
-            raise MedusaError(
-                f"heads were trained for hidden size {c.hidden_size} / vocab {c.vocab_size} ({c.base_model or '?'}), "
-                f"but the model has hidden size {hidden_size} / vocab {vocab_size}"
-            )
-        if base_model and c.base_model and c.base_model != base_model:
-            raise MedusaError(f"heads were trained on {c.base_model!r}, not on {base_model!r}")
+        """Raise ``MedusaError`` if these heads were not made for this backbone: ``heads_io.check_compatible``."""
+        from medusa_llama.decode.heads_io import check_compatible
+
+        check_compatible(self.config, hidden_size, vocab_size, base_model)

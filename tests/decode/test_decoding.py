@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import FakeTokenizer, random_heads, tiny_llama
 
+from medusa_llama.decode import proposal
 from medusa_llama.decode.backbone import make_backbone
 from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
 from medusa_llama.decode.heads import HeadsConfig, MedusaHeads
@@ -64,7 +65,8 @@ def test_vanilla_equals_hf_generate(backbone, prompts):
 
 
 @pytest.mark.parametrize("tree_name", BUILTIN_TREE_NAMES)
-def test_oracle_heads_accept_the_whole_depth(backbone, prompts, tree_name):
+def test_oracle_heads_accept_the_whole_depth(backbone, prompts, tree_name, monkeypatch):
+    monkeypatch.setattr(proposal, "propose", lambda heads, *args: heads.propose(*args))  # the oracle proposes
     prompt = prompts[1]
     ref = VanillaDecoder(backbone).generate(prompt, GREEDY)
     tree = builtin_tree(tree_name)

@@ -39,6 +39,9 @@ def test_pt_checkpoints_load_with_weights_only(tmp_path):
     (tmp_path / WEIGHTS_NAME).unlink()
     loaded = MedusaHeads.load(tmp_path / "heads.pt")
     assert torch.equal(loaded.blocks[0][0].linear.weight, heads.blocks[0][0].linear.weight)
+    torch.save({"step": 3}, tmp_path / "other.pt")  # loads with weights_only=True, but holds no tensors
+    with pytest.raises(MedusaError, match="no flat mapping of names to tensors"):
+        MedusaHeads.load(tmp_path / "other.pt")
 
 
 def test_corrupt_and_mismatched_heads_are_refused(tmp_path):
