@@ -8,7 +8,7 @@ M="python3 -m medusa_llama"
 DATA=/tmp/data/sharegpt-sd
 case "$1" in
   prep)
-    timeout 300 python3 benchmarks/gpu_smoke.py 2>&1 | grep -v Loading | tee "$OUT/smoke.txt"
+    timeout 300 python3 benchmarks/gpu_check.py 2>&1 | grep -v Loading | tee "$OUT/gpu_check.txt"
     /usr/bin/time -f "prepare wall %e s" $M prepare --dataset sharegpt --block-size 512 --self-distill "${SD:-3072}" \
       --max-new-tokens 256 --distill-batch-size 256 --out $DATA 2>&1 | tr '\r' '\n' | grep -v "it/s\]$" | tail -8 | tee "$OUT/prepare.txt"
     ;;
@@ -38,6 +38,6 @@ case "$1" in
     cp /tmp/rep/report.json "$OUT/report_gpu.json"; cp /tmp/rep/report.md "$OUT/report_gpu.md"
     ;;
   speed)
-    python3 benchmarks/decode_speed.py --out "$OUT/decode_speed.json" ${COMPILE:+--compile} 2>&1 | grep -v Loading | tail -4
+    python3 benchmarks/decode_speed.py --out "$OUT/decode_speed.json" ${COMPILE:+--variants torch kernels torch+compile kernels+compile} 2>&1 | tail -12
     ;;
 esac

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from medusa_llama.decode.heads import HeadsConfig, MedusaHeads
+if not torch.cuda.is_available():
+    # On a CPU the Triton kernels' tests run in Triton's interpreter. Triton reads this switch when it is first
+    # imported, and importing transformers' models imports it: set it before.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from medusa_llama.decode.heads import HeadsConfig, MedusaHeads  # noqa: E402
 
 TINY = dict(
     vocab_size=96,

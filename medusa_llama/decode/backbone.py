@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from medusa_llama.decode.model import FastLlama, tree_attention_mask
+from medusa_llama.decode.model import FastLlama, TreeMask, kernels_available, tree_attention_mask
 from medusa_llama.errors import MedusaError
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,11 @@ class Backbone:
 
 
 class FastBackbone(Backbone):
-    """``FastLlama`` with a static cache: fixed shapes, so steps can be CUDA-graph captured."""
+    """``FastLlama`` with a static cache: fixed shapes, so steps can be CUDA-graph captured.
+
+    On a GPU with Triton, tree steps attend by the split-K kernel over the live cache (``tree_kernel``) and layers
+    run the fused small kernels (``model.use_fused_kernels``); both flags can be turned off to measure or compare.
+    """
 
     def __init__(self, hf_model, tokenizer, name: str, max_seq_len: int):
         super().__init__(hf_model, tokenizer, name, max_seq_len)
@@ -69,14 +73,20 @@ class FastBackbone(Backbone):
         self.lm_head = self.model.output
         self.embed = self.model.tok_embeddings
         self.supports_cuda_graphs = self.device.type == "cuda"
+        kernels = self.device.type == "cuda" and kernels_available()
+        self.tree_kernel = kernels
+        self.model.use_fused_kernels = kernels
 
-    def _run(self, tokens, positions, tree_mask) -> torch.Tensor:
+    def _run(self, tokens, positions, tree_mask, prefill: bool = False) -> torch.Tensor:
         t = tokens.shape[0]
         slots = self.cache_len + torch.arange(t, device=self.device)  # (T,)
-        # On a GPU shapes stay fixed (CUDA graphs, torch.compile), so attention spans the whole cache; on the CPU
-        # it spans only the filled slots (reading cache_len there costs no device sync).
-        span = self.max_seq_len if self.device.type == "cuda" else int(self.cache_len) + t
-        mask = tree_attention_mask(self.cache_len, tree_mask, span, self.dtype)  # (1, 1, T, span)
+        if self.tree_kernel and not prefill:  # the prefill (eager, long) keeps SDPA
+            mask = TreeMask(self.cache_len, tree_mask.to(torch.int8))
+        else:
+            # On a GPU shapes stay fixed (CUDA graphs, torch.compile), so attention spans the whole cache; on the
+            # CPU it spans only the filled slots (reading cache_len there costs no device sync).
+            span = self.max_seq_len if self.device.type == "cuda" else int(self.cache_len) + t
+            mask = tree_attention_mask(self.cache_len, tree_mask, span, self.dtype)  # (1, 1, T, span)
         return self.model(tokens[None], positions[None], slots, mask)[0]  # (T, D)
 
     @torch.no_grad()
@@ -84,7 +94,7 @@ class FastBackbone(Backbone):
         self.reset()
         t = tokens.shape[0]
         causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
-        hidden = self._run(tokens, torch.arange(t, device=self.device), causal)
+        hidden = self._run(tokens, torch.arange(t, device=self.device), causal, prefill=True)
         self.cache_len.fill_(t)
         return hidden
 

@@ -3,19 +3,43 @@
 It takes the weights of an HF ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` and adds what
 Medusa decoding needs and HF's forward makes slow: a static, preallocated KV cache written by index, tree attention
 through an additive mask with explicit positions, KV compaction after acceptance, and fixed shapes so that a
-whole decode / verify step can be captured in one CUDA graph. ``tests/test_model.py`` proves it equal to the HF
+whole decode / verify step can be captured in one CUDA graph. ``tests/decode/test_model.py`` proves it equal to the HF
 forward on a tiny random model in fp32.
+
+Two paths compute the same function. The PyTorch path (the CPU's, and the reference) attends by SDPA with a dense
+additive mask. The kernel path (on a GPU) attends by the split-K Triton kernel of ``attention.py`` over the live
+cache only, given a ``TreeMask`` instead of a dense mask, and with ``use_fused_kernels`` runs each layer's RMSNorm +
+residual add, rotary embedding + cache write and SwiGLU product as one Triton kernel each (``kernels.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:  # the GPU path's Triton kernels; the CPU path needs no Triton
+    from medusa_llama.decode import attention, kernels
+except ImportError:  # pragma: no cover - depends on the install
+    attention = kernels = None
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def kernels_available() -> bool:
+    return kernels is not None
+
+
+class TreeMask(NamedTuple):
+    """Tree attention by the Triton kernel: the T new tokens see slots < ``cache_len`` and the tree nodes ``mask``
+    allows (their own K/V sit at slots cache_len .. cache_len + T - 1). Passed where the PyTorch path takes the
+    dense additive mask."""
+
+    cache_len: torch.Tensor  # 0-d long, on the device
+    mask: torch.Tensor  # (T, T) int8
 
 
 @dataclass(frozen=True)
@@ -87,20 +111,28 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)  # fused q, k, v
         self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
 
-    def forward(self, x, cos, sin, mask, slots, k_cache, v_cache):
-        # x: (B, T, D); cos/sin: (B, T, hd); mask: (B, 1, T, S') additive over the first S' <= S cache slots;
-        # slots: (T,) cache slots to write; k_cache/v_cache: (B, S, n_kv, hd), updated in place.
+    def forward(self, x, cos, sin, mask, slots, k_cache, v_cache, fused: bool = False):
+        # x: (B, T, D); cos/sin: (B, T, hd); mask: (B, 1, T, S') additive over the first S' <= S cache slots, or a
+        # TreeMask; slots: (T,) cache slots to write; k_cache/v_cache: (B, S, n_kv, hd), updated in place.
         a = self.a
         b, t, _ = x.shape
-        q, k, v = self.wqkv(x).split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
-        q = q.view(b, t, a.n_heads, a.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = v.view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k_cache.index_copy_(1, slots, k.transpose(1, 2))  # (B, T, n_kv, hd) into slots
-        v_cache.index_copy_(1, slots, v.transpose(1, 2))
+        qkv = self.wqkv(x)  # (B, T, (nh + 2 n_kv) * hd)
+        if fused:
+            q = kernels.rope_cache_write(qkv, cos, sin, slots, k_cache, v_cache, a.n_heads)  # (B, T, nh, hd)
+            q = q.transpose(1, 2)  # (B, nh, T, hd), as the PyTorch path leaves it
+        else:
+            q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
+            q = q.view(b, t, a.n_heads, a.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+            k = k.view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+            v = v.view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            k_cache.index_copy_(1, slots, k.transpose(1, 2))  # (B, T, n_kv, hd) into slots
+            v_cache.index_copy_(1, slots, v.transpose(1, 2))
+        if isinstance(mask, TreeMask):
+            y = attention.tree_attention(q.transpose(1, 2), k_cache, v_cache, mask.cache_len, mask.mask)
+            return self.wo(y.view(b, t, a.n_heads * a.head_dim))  # (B, T, nh, hd) -> (B, T, nh * hd)
         s = mask.shape[-1]  # attend over the slots the mask covers: all S on a GPU, the filled ones on CPU
         k_all = k_cache[:, :s].transpose(1, 2)  # (B, n_kv, S', hd)
         v_all = v_cache[:, :s].transpose(1, 2)
@@ -115,7 +147,9 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(a.dim, 2 * a.intermediate_size, bias=a.mlp_bias)  # fused gate, up
         self.w2 = nn.Linear(a.intermediate_size, a.dim, bias=a.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:
+            return self.w2(kernels.silu_mul(self.w13(x)))
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
@@ -132,6 +166,13 @@ class Block(nn.Module):
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, slots, k_cache, v_cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
+    def forward_fused(self, x, h, next_norm: RMSNorm, cos, sin, mask, slots, k_cache, v_cache):
+        """The same block by the fused kernels. x: residual stream; h: this block's normalised input (the previous
+        block computed it with its last residual add). Returns (x, next_norm(x)) after this block."""
+        a = self.attention(h, cos, sin, mask, slots, k_cache, v_cache, fused=True)
+        x, h = kernels.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)
+        return kernels.add_rms_norm(x, self.feed_forward(h, fused=True), next_norm.weight, next_norm.eps)
+
 
 class FastLlama(nn.Module):
     """Llama-family decoder over a static KV cache. ``forward`` returns final normalised hidden states."""
@@ -147,6 +188,7 @@ class FastLlama(nn.Module):
         self.rope_scale = 1.0
         self.k_cache: torch.Tensor | None = None  # (L, B, S, n_kv, hd)
         self.v_cache: torch.Tensor | None = None
+        self.use_fused_kernels = False  # the Triton RMSNorm / rotary / SwiGLU kernels (GPU only; the backbone sets it)
 
     @classmethod
     @torch.no_grad()
@@ -197,10 +239,17 @@ class FastLlama(nn.Module):
         return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
 
     def forward(self, tokens, positions, slots, mask) -> torch.Tensor:
-        """tokens, positions: (B, T) long; slots: (T,) cache slots; mask: (B, 1, T, S' <= S) additive.
-        Returns the final normalised hidden states (B, T, D)."""
+        """tokens, positions: (B, T) long; slots: (T,) cache slots; mask: (B, 1, T, S' <= S) additive, or a TreeMask
+        (kernel attention). Returns the final normalised hidden states (B, T, D)."""
         x = self.tok_embeddings(tokens)  # (B, T, D)
         cos, sin = self.rope(positions, x.dtype)
+        if self.use_fused_kernels:
+            layers = self.layers
+            _, h = kernels.add_rms_norm(x, None, layers[0].attention_norm.weight, layers[0].attention_norm.eps)
+            for i, layer in enumerate(layers):
+                nxt = layers[i + 1].attention_norm if i + 1 < len(layers) else self.norm
+                x, h = layer.forward_fused(x, h, nxt, cos, sin, mask, slots, self.k_cache[i], self.v_cache[i])
+            return h
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, slots, self.k_cache[i], self.v_cache[i])
         return self.norm(x)

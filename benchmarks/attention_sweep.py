@@ -1,0 +1,137 @@
+"""Tile sweep of the split-K tree-attention kernel on a GPU: for each model shape and tree size, time every candidate
+``KernelConfig`` (one verify step's attention calls, one per layer, in a CUDA graph, ``--cached`` tokens cached),
+check it against SDPA, and keep the fastest. ``--write`` rewrites the ``TUNED`` table of ``attention.py``.
+
+    python benchmarks/attention_sweep.py [--budget-s 200] [--write medusa_llama/decode/attention.py] [--out sweep.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import statistics
+import time
+
+import torch
+
+from medusa_llama.decode.attention import KernelConfig, kernel_config, tree_attention, tree_attention_sdpa
+
+# (name, layers, query heads, KV heads, head dim, tree size T), most important first
+CASES = [
+    ("llama7b", 32, 32, 32, 128, 64),
+    ("smollm2", 30, 9, 3, 64, 128),
+    ("smollm2", 30, 9, 3, 64, 1),
+    ("smollm2", 30, 9, 3, 64, 64),
+    ("llama7b", 32, 32, 32, 128, 1),
+    ("smollm2", 30, 9, 3, 64, 16),
+    ("smollm2", 30, 9, 3, 64, 4),
+]
+
+
+def candidates(rows: int) -> list[KernelConfig]:
+    top = min(64, max(16, 1 << (rows - 1).bit_length()))
+    out = []
+    for bm, bn, bps in itertools.product((16, 32, 64), (32, 64), (1, 2, 4)):
+        if bm <= top:
+            for warps in (4, 8) if bm == 64 else (4,):
+                out.append(KernelConfig(bm, bn, bps, warps, 3))
+    return out
+
+
+def time_config(q, caches, cache_len, mask, n_layers: int, config: KernelConfig, reps=20, rounds=3) -> float:
+    def fn():
+        for i in range(n_layers):
+            tree_attention(q, caches[0, i], caches[1, i], cache_len, mask, config)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(rounds + 1):
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times[1:])
+
+
+def write_table(path: str, best: dict[tuple[int, int], KernelConfig]) -> None:
+    lines = ["TUNED: dict[tuple[int, int], KernelConfig] = {"]
+    for (hd, rows), c in sorted(best.items()):
+        lines.append(f"    ({hd}, {rows}): KernelConfig({c.block_m}, {c.block_n}, {c.blocks_per_split}, {c.num_warps}, "
+                     f"{c.num_stages}),")  # fmt: skip
+    lines.append("}")
+    text = open(path).read()
+    table = "\n".join(lines) + "\n"
+    new = re.sub(r"(# --- tuned: begin\n).*?(# --- tuned: end)", lambda m: m[1] + table + m[2], text, flags=re.S)
+    open(path, "w").write(new)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cached", type=int, default=512)
+    ap.add_argument("--max-seq-len", type=int, default=2048)
+    ap.add_argument("--budget-s", type=float, default=200, help="stop starting new cases after this many seconds")
+    ap.add_argument("--write", default=None, help="attention.py whose TUNED table to rewrite")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    results, best = [], {}
+    for name, n_layers, nh, n_kv, hd, t in CASES:
+        if time.perf_counter() - t0 > args.budget_s:
+            print("budget spent: remaining cases keep their defaults")
+            break
+        torch.manual_seed(0)
+        rows = t * (nh // n_kv)
+        caches = torch.randn(2, n_layers, 1, args.max_seq_len, n_kv, hd, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(1, t, nh, hd, device="cuda", dtype=torch.bfloat16)
+        mask = ((torch.rand(t, t, device="cuda") < 0.3) | torch.eye(t, dtype=torch.bool, device="cuda")).tril()
+        mask8 = mask.to(torch.int8)
+        cache_len = torch.tensor(args.cached, device="cuda")
+        ref = tree_attention_sdpa(q.double(), caches[0, 0].double(), caches[1, 0].double(), cache_len, mask)
+        default = kernel_config(hd, rows)
+        timed = []
+        for c in [default] + [c for c in candidates(rows) if c != default]:
+            if timed and time.perf_counter() - t0 > args.budget_s:
+                break
+            out = tree_attention(q, caches[0, 0], caches[1, 0], cache_len, mask8, c)
+            err = float((out.double() - ref).norm() / ref.norm())
+            ms = time_config(q, caches, cache_len, mask8, n_layers, c) if err < 1.5e-2 else float("inf")
+            timed.append((ms, c, err))
+        timed.sort(key=lambda x: x[0])
+        ms, c, _ = timed[0]
+        for stages in (1, 2):  # pipelining depth, on the best tiles only
+            alt = KernelConfig(c.block_m, c.block_n, c.blocks_per_split, c.num_warps, stages)
+            timed.append((time_config(q, caches, cache_len, mask8, n_layers, alt), alt, 0.0))
+        timed.sort(key=lambda x: x[0])
+        best_ms, best_c, _ = timed[0]
+        default_ms = next(m for m, cc, _ in timed if cc == default)
+        wrong = [vars(cc) for m, cc, e in timed if e >= 1.5e-2]
+        best[hd, 1 << (rows - 1).bit_length()] = best_c
+        r = dict(case=f"{name} T={t}", rows=rows, default=vars(default), default_ms=round(default_ms, 4),
+                 best=vars(best_c), best_ms=round(best_ms, 4), wrong=wrong,
+                 all=[(round(m, 4), vars(cc)) for m, cc, _ in timed])  # fmt: skip
+        results.append(r)
+        print(f"{r['case']}: default {r['default_ms']} ms -> best {r['best_ms']} ms {r['best']}; wrong: {wrong}",
+              flush=True)  # fmt: skip
+        del caches
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.write:
+        write_table(args.write, best)
+        print("rewrote the TUNED table of", args.write)
+
+
+if __name__ == "__main__":
+    main()
