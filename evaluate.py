@@ -8,16 +8,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medusa_llama.cli import run
+from medusa_llama.cli import add_global_args, run
 from medusa_llama.cli.eval import add_bench_args, cmd_bench
+from medusa_llama.cli.options import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="evaluate.py",
         description="Benchmark Medusa against vanilla decoding (tokens/s, latency, acceptance, losslessness).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    add_global_args(parser)
     add_bench_args(parser)
     parser.set_defaults(func=cmd_bench)
     return parser

@@ -1,6 +1,6 @@
 """The seed's data-preparation entry point: ``python preprocess_data.py --dataset_name wikitext --block_size 1024``.
 
-A thin wrapper over ``medusa-llama prepare`` (same options; see ``medusa_llama/data.py``).
+A thin wrapper over ``medusa-llama prepare`` (same options; see ``medusa_llama/train/prepare.py``).
 """
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ import argparse
 import sys
 
 from medusa_llama import cli
+from medusa_llama.cli.options import Parser
 from medusa_llama.cli.train import add_prepare_args, run_prepare
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Tokenize and pack a dataset for Medusa training.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser = Parser(prog="preprocess_data.py", description="Tokenize and pack a dataset for Medusa training.")
+    cli.add_global_args(parser)
     add_prepare_args(parser)
     parser.set_defaults(func=run_prepare)
     return parser

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from medusa_llama import cli
+from medusa_llama.cli.options import Parser
 from medusa_llama.cli.train import add_train_args, print_result, train_config
 
 
@@ -25,8 +26,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train Medusa heads with QLoRA self-distillation.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser = Parser(prog="train_kd.py", description="Train Medusa heads with QLoRA self-distillation.")
+    cli.add_global_args(parser)
     add_train_args(parser)
     parser.set_defaults(func=run)
     return parser

@@ -6,7 +6,7 @@ import torch
 from medusa_llama.cli.generate import encode_prompt
 from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
 from medusa_llama.decode.heads import HeadsConfig, MedusaHeads
-from medusa_llama.pipeline import default_heads_dir, load_heads, load_pipeline_backbone, load_tree
+from medusa_llama.pipeline import default_heads_dir, load_pipeline_backbone, load_tree
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def backbone(embedded_available):
 def heads(backbone):
     shipped = default_heads_dir(None)
     if shipped is not None:
-        return load_heads(shipped, backbone)
+        return MedusaHeads.load(shipped)  # MedusaDecoder checks them against the backbone
     torch.manual_seed(0)  # no shipped heads: random non-trivial ones still must not change the output
     h = MedusaHeads(HeadsConfig(hidden_size=576, vocab_size=49152, base_model=backbone.name))
     for p in h.parameters():

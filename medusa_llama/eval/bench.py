@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
 from medusa_llama.errors import MedusaError
-from medusa_llama.eval.setup import ModelOptions, device_name, sync
+from medusa_llama.pipeline import DecoderOptions, check_output_file, device_name
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,12 @@ class Run:
 
 
 Method = Callable[[list[int]], Run]
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued GPU work before reading a timer."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def decoder_method(decoder, gen_config) -> Method:
@@ -253,28 +260,28 @@ def bench_methods(
 
 
 @dataclass
-class BenchConfig(ModelOptions):
+class BenchConfig(DecoderOptions):
+    """``bench``: the decoder options (``--tree`` may also be ``auto``: run the tree optimizer here first), then:"""
+
     prompts: str | None = None
-    """--prompts: JSONL file ("prompt" or "turns" per line); None = the built-in held-out ShareGPT prompts."""
+    """JSONL prompt file ("prompt" or "turns" per line) (default: the built-in held-out ShareGPT prompts)."""
     limit: int | None = 10
-    """--limit: benchmark at most this many prompts (None = all)."""
+    """Benchmark at most this many prompts."""
     max_new_tokens: int = 128
-    """--max-new-tokens: new tokens per prompt and method."""
-    tree: str = "default"
-    """--tree: a built-in tree name, a medusa_choices JSON file, "auto" (run the tree optimizer here first), or
-    "default": the tree chosen for this device saved beside the heads (tree_cpu.json / tree_cuda.json), else tree64."""
+    """New tokens per prompt and method."""
     accuracy: str | None = None
-    """--accuracy: heads_accuracy.json for --tree auto and the expected accepted length (None: measure / tree file)."""
+    """heads_accuracy.json, for --tree auto and the expected accepted length (default: measure it / the tree file's)."""
     acceptance: str = "auto"
-    """--acceptance: greedy (lossless), typical, sampling, or auto (greedy at temperature 0, else sampling)."""
+    """greedy (lossless), typical (not lossless), sampling (lossless), or auto: greedy at temperature 0, else
+    sampling."""
     temperature: float = 0.0
-    """--temperature: 0 = greedy decoding."""
+    """0 = greedy decoding."""
     baselines: tuple[str, ...] = ()
-    """--baselines: extra baselines; "hf" = HF generate greedy and HF prompt-lookup decoding."""
+    """Extra baselines, comma-separated: "hf" = HF generate greedy and HF prompt-lookup decoding."""
     warmup: bool = True
-    """--no-warmup turns off the warm-up generation of each method."""
+    """A short warm-up generation of each method before timing."""
     out: str = "report.json"
-    """--out: JSON report path; report.md and the PNG plots are written beside it."""
+    """JSON report path; report.md and the PNG plots are written beside it."""
     extra: dict = field(default_factory=dict)
     """Not a flag: extra keys stored in the report."""
 
@@ -284,50 +291,58 @@ class BenchConfig(ModelOptions):
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.max_new_tokens < 2:
             raise ValueError(f"--max-new-tokens must be >= 2, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         bad = [b for b in self.baselines if b not in BASELINES]
         if bad:
             raise ValueError(f"--baselines must be among {BASELINES}, got {bad}")
-        if not self.tree:
-            raise ValueError("--tree must name a built-in tree, a JSON file or 'auto'")
         from medusa_llama.decode.decoder import GenerationConfig
 
         GenerationConfig(self.max_new_tokens, self.temperature, self.acceptance).acceptance_config()  # checks flags
 
 
-def fixed_tree(cfg: BenchConfig) -> tuple[list[list[int]], dict]:
-    """``--tree NAME|FILE`` -> (choices, info), read before any model loads. info holds the tree's expected
-    accepted length when head accuracies are known (--accuracy, or the "accuracy" key of an optimizer tree file).
-    """
-    from medusa_llama.decode.tree import expected_accept_length, load_choices
-    from medusa_llama.eval.tree_opt import load_accuracy, monotone_accuracy
+def read_accuracy(cfg: BenchConfig) -> list[list[float]] | None:
+    """Head accuracies for the expected accepted length: --accuracy, else the "accuracy" key of a --tree file (an
+    optimizer tree). Read before any model loads."""
+    from medusa_llama.eval.tree_opt import load_accuracy
 
-    choices = load_choices(cfg.tree)
-    info: dict = {"tree": cfg.tree}
-    accuracy = load_accuracy(cfg.accuracy) if cfg.accuracy else None
-    if accuracy is None and Path(cfg.tree).is_file():
-        saved = json.loads(Path(cfg.tree).read_text())
+    if cfg.accuracy:
+        return load_accuracy(cfg.accuracy)
+    if cfg.tree and Path(cfg.tree).is_file():
+        try:
+            saved = json.loads(Path(cfg.tree).read_text())
+        except json.JSONDecodeError:
+            return None  # the tree loader says what is wrong with the file
         if isinstance(saved, dict) and isinstance(saved.get("accuracy"), list):
-            accuracy = saved["accuracy"]
+            return saved["accuracy"]
+    return None
+
+
+def tree_info(tree, spec: str, accuracy: list[list[float]] | None) -> dict:
+    """The tree's name and, when head accuracies are known, its expected accepted length (as ``tree_opt``)."""
+    from medusa_llama.decode.tree import expected_accept_length
+    from medusa_llama.eval.tree_opt import monotone_accuracy
+
+    info: dict = {"tree": spec}
     if accuracy is not None:
-        if len(accuracy) < max(len(p) for p in choices):
-            raise MedusaError(f"--accuracy covers {len(accuracy)} heads but the tree {cfg.tree} is deeper")
-        info["expected_accept_length"] = expected_accept_length(choices, monotone_accuracy(accuracy))  # as tree_opt
-    return choices, info
+        if len(accuracy) < tree.max_depth:
+            raise MedusaError(f"--accuracy covers {len(accuracy)} heads but the tree {spec} is {tree.max_depth} deep")
+        info["expected_accept_length"] = expected_accept_length(tree.paths, monotone_accuracy(accuracy))
+    return info
 
 
-def auto_tree(cfg: BenchConfig, backbone, heads, bench_prompts) -> tuple[list[list[int]], dict]:
+def auto_tree(cfg: BenchConfig, pipe, accuracy, bench_prompts):
     """``--tree auto``: run the tree optimizer on this device. Head accuracy comes from --accuracy or is measured
     on built-in held-out prompts disjoint from the benchmark's; the latency probe uses the benchmark prompts.
+    Returns ``(tree, info)``.
     """
+    from medusa_llama.decode.tree import build_tree
     from medusa_llama.eval.prompts import chat_ids, load_prompts
-    from medusa_llama.eval.tree_opt import TreeOptConfig, load_accuracy, optimize_for_device
+    from medusa_llama.eval.tree_opt import TreeOptConfig, optimize_for_device
 
-    opt = TreeOptConfig(**{k: getattr(cfg, k) for k in asdict(ModelOptions())})
-    if cfg.accuracy:
-        accuracy = load_accuracy(cfg.accuracy)
-    else:
+    backbone, heads = pipe.backbone, pipe.heads
+    opt = TreeOptConfig(**{f.name: getattr(cfg, f.name) for f in fields(DecoderOptions)})
+    if accuracy is None:
         from medusa_llama.eval.head_accuracy import measure_head_accuracy
 
         skip = 0 if cfg.prompts else len(bench_prompts)
@@ -336,34 +351,33 @@ def auto_tree(cfg: BenchConfig, backbone, heads, bench_prompts) -> tuple[list[li
         accuracy = measure_head_accuracy(backbone, heads, ids, opt.accuracy_tokens)["accuracy"]
     probe = [chat_ids(backbone.tokenizer, p.text) for p in bench_prompts[: opt.probe_prompts]]
     choices, info = optimize_for_device(backbone, heads, accuracy, probe, opt)
-    return choices, {"tree": "auto", **info}
+    return build_tree(choices, heads.num_heads), {"tree": "auto", **info}
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     """The `bench` command: load, decode every prompt with every method, write the report files."""
     import transformers
 
-    from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
-    from medusa_llama.decode.tree import build_tree
+    from medusa_llama.decode.decoder import GenerationConfig
     from medusa_llama.eval.prompts import chat_ids, load_prompts
     from medusa_llama.eval.report import write_report
-    from medusa_llama.eval.setup import load_backbone_and_heads
+    from medusa_llama.pipeline import load_pipeline
 
-    prompts = load_prompts(cfg.prompts, limit=cfg.limit)  # bad prompt or tree files fail before the model loads
-    if cfg.tree == "default":
-        from medusa_llama.eval.setup import resolve_heads_dir
-        from medusa_llama.pipeline import default_tree_spec
-
-        cfg = replace(cfg, tree=default_tree_spec(resolve_heads_dir(cfg.heads, cfg.model), str(cfg.torch_device)))
-    choices, tree_info = fixed_tree(cfg) if cfg.tree != "auto" else (None, {})
-    backbone, heads = load_backbone_and_heads(cfg)
-    if choices is None:
-        choices, tree_info = auto_tree(cfg, backbone, heads, prompts)
-    tree = build_tree(choices, heads.num_heads)
+    check_output_file(cfg.out, "--out")  # bad files fail before the model loads: the report's path ...
+    check_output_file(Path(cfg.out).with_suffix(".md"), "--out")
+    prompts = load_prompts(cfg.prompts, limit=cfg.limit)  # ... the prompts, the accuracies, heads and tree
+    accuracy = read_accuracy(cfg)
+    auto = cfg.tree == "auto"
+    pipe = load_pipeline(replace(cfg, tree=None) if auto else cfg, need_heads=True)
+    if auto:
+        tree, info = auto_tree(cfg, pipe, accuracy, prompts)
+        pipe = pipe.with_tree(tree)
+    else:
+        info = tree_info(pipe.tree, pipe.tree_spec, accuracy)
+    backbone, tree = pipe.backbone, pipe.tree
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, acceptance=cfg.acceptance)
     short = GenerationConfig(max_new_tokens=WARMUP_TOKENS, temperature=cfg.temperature, acceptance=cfg.acceptance)
-    vanilla = VanillaDecoder(backbone, compile=cfg.compile)
-    medusa = MedusaDecoder(backbone, heads, tree, compile=cfg.compile)
+    vanilla, medusa = pipe.vanilla(), pipe.decoder
     methods = {"vanilla": decoder_method(vanilla, gen), "medusa": decoder_method(medusa, gen)}
     warm = {"vanilla": decoder_method(vanilla, short), "medusa": decoder_method(medusa, short)}
     if "hf" in cfg.baselines:
@@ -376,7 +390,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     for _, ids in encoded:
         backbone.check_room(len(ids), cfg.max_new_tokens + tree.size)
     report = bench_methods(methods, encoded, warmup_methods=warm if cfg.warmup else None, progress=progress)
-    expected = tree_info.get("expected_accept_length")
+    expected = info.get("expected_accept_length")
     measured = report["mean_accepted_tokens"]
     report["expected_vs_measured"] = {
         "expected_accepted_tokens": expected,
@@ -390,10 +404,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         backend=type(backbone).__name__,
         dtype=str(backbone.dtype).removeprefix("torch."),
         acceptance=gen.acceptance_config().rule,
-        tree=tree_info.pop("tree"),
+        tree=info.pop("tree"),
         tree_size=tree.size,
         tree_depth=tree.max_depth,
-        tree_info=tree_info,
+        tree_info=info,
         max_new_tokens=cfg.max_new_tokens,
         versions={"torch": torch.__version__, "transformers": transformers.__version__},
         **cfg.extra,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from medusa_llama.errors import MedusaError
-from medusa_llama.eval.setup import ModelOptions, device_name
+from medusa_llama.pipeline import DecoderOptions, check_output_file, device_name
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +109,21 @@ def format_accuracy(report: dict) -> str:
 
 
 @dataclass
-class HeadAccuracyConfig(ModelOptions):
+class HeadAccuracyConfig(DecoderOptions):
+    """``heads-accuracy``: the decoder options (no tree: the heads are scored on their own), then:"""
+
     prompts: str | None = None
-    """--prompts: JSONL prompt file; None = the built-in held-out ShareGPT prompts."""
+    """JSONL prompt file (default: the built-in held-out ShareGPT prompts)."""
     limit: int = 40
-    """--limit: number of prompts."""
+    """Number of prompts."""
     skip: int = 0
-    """--skip: drop this many prompts first (e.g. to stay disjoint from the benchmark prompts)."""
+    """Drop this many prompts first (e.g. to stay disjoint from the benchmark prompts)."""
     max_new_tokens: int = 128
-    """--max-new-tokens: length of each greedy continuation that the heads are scored on."""
+    """Length of each greedy continuation that the heads are scored on."""
     topk: int = MAX_TOPK
-    """--topk: ranks scored per head (at most 10)."""
+    """Ranks scored per head (at most 10)."""
     out: str = "heads_accuracy.json"
-    """--out: where to write the accuracy report (the tree optimizer's --accuracy input)."""
+    """Where to write the accuracy report (the tree optimizer's --accuracy input)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -138,10 +140,12 @@ class HeadAccuracyConfig(ModelOptions):
 def run_head_accuracy(cfg: HeadAccuracyConfig) -> dict:
     """The `heads-accuracy` command: measure and write ``cfg.out``."""
     from medusa_llama.eval.prompts import chat_ids, load_prompts
-    from medusa_llama.eval.setup import load_backbone_and_heads
+    from medusa_llama.pipeline import load_pipeline
 
+    check_output_file(cfg.out, "--out")
     prompts = load_prompts(cfg.prompts, limit=cfg.limit, skip=cfg.skip)
-    backbone, heads = load_backbone_and_heads(cfg)
+    pipe = load_pipeline(cfg, need_heads=True)
+    backbone, heads = pipe.backbone, pipe.heads
     ids = [chat_ids(backbone.tokenizer, p.text) for p in prompts]
     report = measure_head_accuracy(backbone, heads, ids, cfg.max_new_tokens, cfg.topk)
     report.update(model=backbone.name, heads=str(cfg.heads or "default"), device=device_name(backbone.device))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from medusa_llama.decode.tree import build_tree, expected_accept_length, grow_tree, save_choices
 from medusa_llama.errors import MedusaError
-from medusa_llama.eval.setup import ModelOptions, device_name
+from medusa_llama.pipeline import DecoderOptions, check_output_file, device_name
 
 log = logging.getLogger(__name__)
 
@@ -172,23 +172,26 @@ def measure_latency_curve(
 
 
 @dataclass
-class TreeOptConfig(ModelOptions):
+class TreeOptConfig(DecoderOptions):
+    """``tree``: the decoder options (no tree: this command makes one), then:"""
+
     accuracy: str | None = None
-    """--accuracy: a heads_accuracy.json from `heads-accuracy` (or a tree file holding "accuracy"); None = measure."""
+    """A heads_accuracy.json from `heads-accuracy` (or a tree file holding "accuracy") (default: measure it first)."""
     sizes: tuple[int, ...] | None = None
-    """--sizes: tree sizes (tokens with the root; 1 = vanilla) to time; None: DEFAULT_SIZES on GPU, CPU_SIZES on CPU."""
+    """Comma-separated tree sizes to time, in tokens with the root, 1 = vanilla (default: 1,4,8,...,256 on a GPU,
+    1,2,4,...,64 on a CPU)."""
     prompts: str | None = None
-    """--prompts: JSONL prompt file for the measurements; None = the built-in held-out prompts."""
+    """JSONL prompt file for the measurements (default: the built-in held-out ShareGPT prompts)."""
     probe_prompts: int = 3
-    """--probe-prompts: generations per tree size for the latency curve."""
+    """Generations per tree size for the latency curve."""
     probe_tokens: int = 32
-    """--probe-tokens: new tokens per latency-probe generation."""
+    """New tokens per latency-probe generation."""
     accuracy_prompts: int = 24
-    """--accuracy-prompts: prompts for measuring head accuracy when --accuracy is not given."""
+    """Prompts for measuring head accuracy when --accuracy is not given."""
     accuracy_tokens: int = 128
-    """--accuracy-tokens: greedy continuation length per prompt for the accuracy measurement."""
+    """Greedy continuation length per prompt for the accuracy measurement."""
     out: str = "medusa_choices.json"
-    """--out: where to write the chosen tree (medusa_choices JSON, usable as --tree FILE)."""
+    """Where to write the chosen tree (a medusa_choices JSON, usable as --tree FILE)."""
     extra: dict = field(default_factory=dict)
     """Not a flag: extra keys to store in the output file."""
 
@@ -252,11 +255,13 @@ def run_tree_opt(cfg: TreeOptConfig) -> dict:
     """The `tree` command: accuracy (given or measured), latency curve, optimised tree saved to ``cfg.out``."""
     from medusa_llama.eval.head_accuracy import measure_head_accuracy
     from medusa_llama.eval.prompts import chat_ids, load_prompts
-    from medusa_llama.eval.setup import load_backbone_and_heads
+    from medusa_llama.pipeline import load_pipeline
 
+    check_output_file(cfg.out, "--out")
     accuracy = load_accuracy(cfg.accuracy) if cfg.accuracy else None
     probe = load_prompts(cfg.prompts, limit=cfg.probe_prompts)
-    backbone, heads = load_backbone_and_heads(cfg)
+    pipe = load_pipeline(cfg, need_heads=True)
+    backbone, heads = pipe.backbone, pipe.heads
     if accuracy is None:
         acc_prompts = load_prompts(cfg.prompts, limit=cfg.accuracy_prompts)
         ids = [chat_ids(backbone.tokenizer, p.text) for p in acc_prompts]

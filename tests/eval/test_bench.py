@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -130,13 +129,9 @@ def test_report_files(tiny_report, tmp_path):
 
 
 def run_cli(argv, capsys):
-    from medusa_llama.cli import eval as commands_eval
     from medusa_llama.cli import run
 
-    parser = argparse.ArgumentParser(prog="medusa-llama")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    commands_eval.register(parser.add_subparsers(dest="command", required=True))
-    code = run(argv, parser=parser)
+    code = run(argv)
     return code, capsys.readouterr().err.strip()
 
 
@@ -148,7 +143,7 @@ def run_cli(argv, capsys):
         (["bench", "--baselines", "vllm"], "--baselines must be among"),
         (["bench", "--dtype", "float8"], "--dtype must be one of"),
         (["bench", "--acceptance", "typical"], "needs --temperature > 0"),
-        (["bench", "--acceptance", "nope"], "--acceptance must be one of"),
+        (["bench", "--acceptance", "nope"], "argument --acceptance: invalid choice: 'nope'"),
         (["bench", "--prompts", "/nonexistent.jsonl"], "--prompts file not found"),
         (["heads-accuracy", "--topk", "11"], "--topk must be in 1..10"),
         (["tree", "--sizes", "1"], "--sizes must include a size >= 2"),

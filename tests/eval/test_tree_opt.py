@@ -175,9 +175,10 @@ def test_expected_accept_length_matches_a_real_run():
     from medusa_llama.decode.tree import build_tree
     from medusa_llama.eval.head_accuracy import measure_head_accuracy
     from medusa_llama.eval.prompts import chat_ids, load_prompts
-    from medusa_llama.eval.setup import ModelOptions, load_backbone_and_heads
+    from medusa_llama.pipeline import DecoderOptions, load_pipeline
 
-    backbone, heads = load_backbone_and_heads(ModelOptions(heads=str(heads_dir), device="cpu"))
+    pipe = load_pipeline(DecoderOptions(heads=str(heads_dir), device="cpu"), need_heads=True)
+    backbone, heads = pipe.backbone, pipe.heads
     encode = [chat_ids(backbone.tokenizer, p.text) for p in load_prompts(None, limit=20)]
     accuracy = measure_head_accuracy(backbone, heads, encode[:10], max_new_tokens=96, progress=False)["accuracy"]
     curve = measure_latency_curve(backbone, heads, accuracy, encode[:2], sizes=(1, 4, 16, 64), max_new_tokens=16,
