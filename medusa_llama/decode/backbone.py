@@ -17,6 +17,7 @@ import logging
 
 import torch
 
+from medusa_llama.decode.cpu_linear import pack_linears
 from medusa_llama.decode.model import FastLlama, TreeMask, kernels_available, tree_attention_mask
 from medusa_llama.errors import MedusaError
 
@@ -70,6 +71,8 @@ class FastBackbone(Backbone):
         super().__init__(hf_model, tokenizer, name, max_seq_len)
         self.model = FastLlama.from_hf(hf_model)
         self.model.setup_cache(self.max_seq_len)
+        if self.device.type == "cpu":  # oneDNN-prepacked weights: small batches read each weight once (cpu_linear.py)
+            pack_linears(self.model)
         self.lm_head = self.model.output
         self.embed = self.model.tok_embeddings
         self.supports_cuda_graphs = self.device.type == "cuda"

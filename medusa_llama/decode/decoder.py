@@ -6,12 +6,16 @@ forward, acceptance, KV compaction) is one CUDA-graph replay and the host reads 
 
 Medusa step (Cai et al., 2024, Sec. 2): the heads fill the tree from the last accepted hidden state; one forward
 verifies every node under the tree mask; the acceptance rule picks a path; its KV entries are compacted into
-place; the backbone's prediction after the path is the bonus token, the next tree's root.
+place; the backbone's prediction after the path is the bonus token, the next tree's root. A tree of the root alone
+is vanilla decoding: the tree optimizer picks it where no tree pays for its extra work.
+
+``profile`` times the phases of a step (``PHASES``) in a separate eager pass, to show where a step's time goes.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +30,14 @@ from medusa_llama.decode.tree import Tree, build_tree
 from medusa_llama.errors import MedusaError
 
 log = logging.getLogger(__name__)
+
+PHASES = ("verify_forward", "lm_head", "acceptance", "proposal", "commit")
+"""The phases of a decode step, in the order ``profile`` reports them: the backbone's forward over the tree (one
+token for vanilla decoding), the LM head over its nodes, the acceptance rule, the heads' next proposal (none for
+vanilla decoding) and the KV commit with the step's bookkeeping."""
+
+Mark = Callable[[str], None]
+"""Called with a phase's name when that phase of a step ends (profiling only)."""
 
 
 @dataclass
@@ -114,10 +126,12 @@ class _Decoder:
         dev = backbone.device
         self.root = torch.zeros((), dtype=torch.long, device=dev)  # last emitted token, not yet in the cache
         self.hidden = torch.zeros(backbone.hidden_size, dtype=backbone.dtype, device=dev)  # state before root
+        self._one = torch.ones(1, 1, dtype=torch.bool, device=dev)  # the one-token step's tree: mask (1, 1) ...
+        self._zero = torch.zeros(1, dtype=torch.long, device=dev)  # ... depth (1,), and its path to commit
         self._steps: dict[str, StepRunner] = {}
 
     # Subclasses set _depth (max tree depth), _tree_size and self.out ([n, emitted tokens...]) and implement
-    # _make_step(cfg) (a tensor-only step writing self.out) and _after_prefill().
+    # _make_step(cfg, mark) (a tensor-only step writing self.out; ``mark`` is for profiling) and _after_prefill().
     def _step_for(self, cfg: AcceptanceConfig) -> StepRunner:
         key = repr(cfg)
         if key not in self._steps:
@@ -151,10 +165,7 @@ class _Decoder:
         result = GenerationResult(accepted_per_depth=[0] * self._depth)
         _sync(bb.device)
         t0 = time.perf_counter()
-        hidden = bb.prefill(prompt)[-1]  # (D,)
-        self.hidden.copy_(hidden)
-        self.root.copy_(next_token(bb.logits(hidden), acfg))
-        self._after_prefill()
+        self._prefill(prompt, acfg)
         first = int(self.root)
         result.prefill_s = time.perf_counter() - t0
         result.tokens.append(first)
@@ -183,6 +194,74 @@ class _Decoder:
         result.total_s = time.perf_counter() - t0
         return result
 
+    def _prefill(self, prompt: torch.Tensor, cfg: AcceptanceConfig) -> None:
+        """Run the prompt (P,), choose the first new token (the root) and make the first proposal."""
+        bb = self.backbone
+        hidden = bb.prefill(prompt)[-1]  # (D,)
+        self.hidden.copy_(hidden)
+        self.root.copy_(next_token(bb.logits(hidden), cfg))
+        self._after_prefill()
+
+    @torch.no_grad()
+    def profile(self, prompt_ids, config: GenerationConfig | None = None, steps: int = 8) -> dict[str, float]:
+        """Milliseconds per decode step spent in each of ``PHASES``, and their sum as ``total``: the median over
+        ``steps`` steps after prefilling ``prompt_ids``. EOS does not stop the steps.
+
+        A separate measuring pass, not the timed generation: the step runs eagerly (no CUDA graph, no torch.compile)
+        and every phase ends with a device synchronisation and a clock read. So on a GPU the phases add up to more
+        than a graph replay of the whole step costs; their proportions are what this shows.
+        """
+        if steps < 1:
+            raise ValueError(f"profile steps must be >= 1, got {steps}")
+        cfg = config or GenerationConfig()
+        acfg = cfg.acceptance_config()
+        bb = self.backbone
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=bb.device).flatten()
+        if prompt.numel() == 0:
+            raise MedusaError("the prompt is empty")
+        bb.check_room(prompt.numel(), steps * (self._depth + 1) + 2 * (self._depth + 1) + self._tree_size)
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        times: dict[str, list[float]] = {phase: [] for phase in PHASES}
+        clock = [0.0]
+
+        def mark(phase: str) -> None:
+            _sync(bb.device)
+            now = time.perf_counter()
+            times[phase].append(now - clock[0])
+            clock[0] = now
+
+        step = self._make_step(acfg, mark)
+        self._prefill(prompt, acfg)
+        for _ in range(steps):
+            _sync(bb.device)
+            clock[0] = time.perf_counter()
+            step()
+        ms = {phase: 1e3 * statistics.median(t) if t else 0.0 for phase, t in times.items()}
+        return {**ms, "total": sum(ms.values())}
+
+    def _one_token_step(self, cfg: AcceptanceConfig, mark: Mark | None = None) -> Callable[[], None]:
+        """Vanilla decoding's step: forward the root alone, commit it, choose the next token."""
+        bb = self.backbone
+
+        def step() -> None:
+            hidden = bb.forward_tree(self.root.view(1), self._one, self._zero)  # (1, D)
+            if mark:
+                mark("verify_forward")
+            logits = bb.logits(hidden[0])  # (V,)
+            if mark:
+                mark("lm_head")
+            token = next_token(logits, cfg)  # 0-d
+            if mark:
+                mark("acceptance")
+            bb.commit(self._zero, self._zero[0])
+            self.root.copy_(token)
+            self.out[1].copy_(token)
+            if mark:
+                mark("commit")
+
+        return step
+
 
 class VanillaDecoder(_Decoder):
     """One token per forward: greedy or sampled. The baseline Medusa is measured against."""
@@ -192,28 +271,20 @@ class VanillaDecoder(_Decoder):
 
     def __init__(self, backbone: Backbone, use_cuda_graphs: bool = True, compile: bool = False):
         super().__init__(backbone, use_cuda_graphs, compile)
-        dev = backbone.device
-        self.out = torch.zeros(2, dtype=torch.long, device=dev)  # [n = 0, next token]
-        self._one = torch.ones(1, 1, dtype=torch.bool, device=dev)
-        self._zero = torch.zeros(1, dtype=torch.long, device=dev)
+        self.out = torch.zeros(2, dtype=torch.long, device=backbone.device)  # [n = 0, next token]
 
     def _after_prefill(self) -> None:
         pass
 
-    def _make_step(self, cfg: AcceptanceConfig):
-        bb = self.backbone
-
-        def step() -> None:
-            hidden = bb.forward_tree(self.root.view(1), self._one, self._zero)  # (1, D)
-            bb.commit(self._zero, self._zero[0])
-            self.root.copy_(next_token(bb.logits(hidden[0]), cfg))
-            self.out[1].copy_(self.root)
-
-        return step
+    def _make_step(self, cfg: AcceptanceConfig, mark: Mark | None = None):
+        return self._one_token_step(cfg, mark)
 
 
 class MedusaDecoder(_Decoder):
-    """Tree decoding with Medusa heads. Greedy acceptance reproduces the backbone's greedy output exactly."""
+    """Tree decoding with Medusa heads. Greedy acceptance reproduces the backbone's greedy output exactly.
+
+    A tree of the root alone (``[]``) decodes exactly as ``VanillaDecoder``, at its cost: the heads are not run.
+    """
 
     def __init__(
         self,
@@ -236,19 +307,30 @@ class MedusaDecoder(_Decoder):
         self.tokens = torch.zeros(tree.size, dtype=torch.long, device=backbone.device)  # the current candidates
         self.out = torch.zeros(tree.max_depth + 2, dtype=torch.long, device=backbone.device)  # [n, emitted...]
 
-    def _propose(self) -> None:
+    def propose(self) -> None:
+        """Fill ``self.tokens`` (the candidate tree) from ``self.hidden`` and ``self.root`` with the heads."""
         bb = self.backbone
         self.tokens.copy_(proposal.propose(self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head))
 
     def _after_prefill(self) -> None:
-        self._propose()
+        if self.tree.size > 1:
+            self.propose()
 
-    def _make_step(self, cfg: AcceptanceConfig):
+    def _make_step(self, cfg: AcceptanceConfig, mark: Mark | None = None):
+        if self.tree.size == 1:  # the root alone: vanilla decoding
+            return self._one_token_step(cfg, mark)
         bb, tree = self.backbone, self.tree
 
         def step() -> None:
             hidden = bb.forward_tree(self.tokens, tree.mask, tree.depth)  # (T, D)
-            path, n, bonus = accept(bb.logits(hidden), self.tokens, tree, cfg)  # (D+1,), 0-d, 0-d
+            if mark:
+                mark("verify_forward")
+            logits = bb.logits(hidden)  # (T, V)
+            if mark:
+                mark("lm_head")
+            path, n, bonus = accept(logits, self.tokens, tree, cfg)  # (D+1,), 0-d, 0-d
+            if mark:
+                mark("acceptance")
             emitted = self.tokens[path[1:]].clone()  # (D,) accepted candidates first ...
             emitted = torch.cat([emitted, emitted.new_zeros(1)])  # (D+1,)
             emitted.scatter_(0, n.view(1), bonus.view(1))  # ... then the bonus token at index n
@@ -257,7 +339,11 @@ class MedusaDecoder(_Decoder):
             bb.commit(path, n)
             self.hidden.copy_(pick(hidden, pick(path, n)))
             self.root.copy_(bonus)
-            self._propose()
+            if mark:
+                mark("commit")
+            self.propose()
+            if mark:
+                mark("proposal")
 
         return step
 

@@ -22,9 +22,11 @@ Path_ = tuple[int, ...]
 
 
 def validate_choices(choices, num_heads: int | None = None) -> list[Path_]:
-    """Check a ``medusa_choices`` list; return it as sorted tuples. Raises ``ValueError`` naming the bad path."""
-    if not isinstance(choices, (list, tuple)) or not choices:
-        raise ValueError("a tree must be a non-empty list of paths such as [[0], [0, 0], [1]]")
+    """Check a ``medusa_choices`` list; return it as sorted tuples. Raises ``ValueError`` naming the bad path.
+
+    The empty list is the root alone: vanilla decoding, which the tree optimizer picks where no tree pays."""
+    if not isinstance(choices, (list, tuple)):
+        raise ValueError("a tree must be a list of paths such as [[0], [0, 0], [1]] ([] for vanilla decoding)")
     paths: set[Path_] = set()
     for raw in choices:
         if not isinstance(raw, (list, tuple)) or not raw or not all(isinstance(r, int) and r >= 0 for r in raw):

@@ -73,8 +73,7 @@ def test_corrupt_and_mismatched_heads_are_refused(tmp_path):
         ([[0], [1, 0]], "no parent"),
         ([[0], [0]], "appears twice"),
         ([[0], [-1]], "non-negative integer"),
-        ([], "non-empty list"),
-        ("[[0]]", "non-empty list"),
+        ("[[0]]", "list of paths"),
     ],
 )
 def test_bad_trees_are_refused(choices, message):
