@@ -27,6 +27,8 @@ BASELINES = ("hf",)
 """--baselines: "hf" adds HF ``generate`` greedy and HF prompt-lookup decoding."""
 PROMPT_LOOKUP_TOKENS = 10
 WARMUP_TOKENS = 16
+PROFILE_STEPS = 8
+"""Decode steps of the separate profiling pass that measures the step breakdown."""
 
 
 @dataclass
@@ -68,6 +70,13 @@ def sync(device: torch.device | str) -> None:
     """Wait for queued GPU work before reading a timer."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def step_breakdown(decoders: dict, prompt_ids: list[int], gen_config, steps: int = PROFILE_STEPS) -> dict:
+    """Per decoder: milliseconds per decode step in each phase (``decoder.PHASES``: verify forward, LM head,
+    acceptance, proposal, commit) and their ``total``, each the median of ``steps`` steps of a separate eager pass
+    that synchronises the device after every phase (``Decoder.profile``). Measured, not estimated."""
+    return {name: dec.profile(prompt_ids, gen_config, steps=steps) for name, dec in decoders.items()}
 
 
 def decoder_method(decoder, gen_config) -> Method:
@@ -390,6 +399,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     for _, ids in encoded:
         backbone.check_room(len(ids), cfg.max_new_tokens + tree.size)
     report = bench_methods(methods, encoded, warmup_methods=warm if cfg.warmup else None, progress=progress)
+    report["step_breakdown_ms"] = step_breakdown({"vanilla": vanilla, "medusa": medusa}, encoded[0][1], gen)
+    report["step_breakdown_steps"] = PROFILE_STEPS
     expected = info.get("expected_accept_length")
     measured = report["mean_accepted_tokens"]
     report["expected_vs_measured"] = {

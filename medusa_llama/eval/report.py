@@ -69,6 +69,7 @@ def markdown(report: dict) -> str:
             f" | {_f(m['ttft_ms'], '.1f')} | {_f(m['wall_s'], '.1f')} | {speed} |"
         )
     lines += notes
+    lines += step_breakdown_lines(report)
     depth = report.get("acceptance_by_depth") or []
     if depth:
         lines += ["", "Acceptance rate by depth (share of steps whose accepted path reached depth d):", ""]
@@ -84,6 +85,37 @@ def markdown(report: dict) -> str:
             f"{'yes' if p['identical'] else 'NO'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+BREAKDOWN_COLUMNS = {
+    "verify_forward": "verify forward",
+    "lm_head": "LM head",
+    "acceptance": "acceptance",
+    "proposal": "proposal",
+    "commit": "commit",
+    "total": "total",
+}
+
+
+def step_breakdown_lines(report: dict) -> list[str]:
+    """The step breakdown table (``step_breakdown_ms``): milliseconds per decode step by phase, per decoder."""
+    breakdown = report.get("step_breakdown_ms") or {}
+    if not breakdown:
+        return []
+    lines = [
+        "",
+        f"Where a decode step's time goes, ms per step (median of {report.get('step_breakdown_steps', '?')} steps on "
+        "the first prompt, measured in a separate eager pass that synchronises the device after each phase; on a "
+        "GPU the timed runs replay the whole step as one CUDA graph, so read proportions there):",
+        "",
+        "| method | " + " | ".join(BREAKDOWN_COLUMNS.values()) + " | ms per token |",
+        "|---" * (len(BREAKDOWN_COLUMNS) + 2) + "|",
+    ]
+    for name, ms in breakdown.items():
+        accepted = (report["methods"].get(name) or {}).get("mean_accepted_tokens") or 1.0
+        cells = " | ".join(_f(ms.get(k), ".2f") for k in BREAKDOWN_COLUMNS)
+        lines.append(f"| {METHOD_LABELS.get(name, name)} | {cells} | {_f(ms['total'] / accepted, '.2f')} |")
+    return lines
 
 
 def plot(report: dict, stem: Path) -> list[Path]:

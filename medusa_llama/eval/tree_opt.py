@@ -3,11 +3,13 @@
 A bigger tree accepts more tokens per step but costs more per step; how much more depends on the hardware
 (a GPU verifies 64 tokens for about the price of one; a CPU pays roughly per token). So:
 
-1. ``measure_latency_curve``: the real step time of ``MedusaDecoder`` for trees of several sizes (size 1 is
+1. ``measure_latency_curve``: the real time of a whole decode step of ``MedusaDecoder`` (the heads' proposal, the
+   verify forward, the LM head over the tree, acceptance and the KV commit) for trees of several sizes (size 1 is
    vanilla decoding), median over a few short generations on this device.
 2. ``optimize_tree`` (pure): for every size n the best tree under the product model of per-depth, per-rank head
    accuracies is ``grow_tree(accuracy, n - 1)`` (Medusa, Sec. 2.3.3); its expected speed is
-   ``expected_accept_length / latency(n)``, the latency interpolated between measured sizes. Pick the fastest.
+   ``expected_accept_length / latency(n)``, the latency interpolated between measured sizes. Pick the fastest,
+   vanilla decoding (size 1, the empty tree ``[]``) included: where no tree pays, as on a slow CPU, none is used.
 """
 
 from __future__ import annotations
@@ -107,20 +109,20 @@ def optimize_tree(
 ) -> tuple[list[list[int]], list[dict]]:
     """Pure: the tree with the highest expected tokens/s, and the table it was chosen from.
 
-    Returns ``(choices, table)``. A Medusa tree needs at least one node, so the choice is the best size >= 2; when
-    plain decoding (size 1) is expected to be faster still, that is logged and visible in the table.
+    Returns ``(choices, table)``. When vanilla decoding (size 1) is expected to be fastest, ``choices`` is ``[]``,
+    the root-only tree, which ``MedusaDecoder`` decodes as ``VanillaDecoder`` does.
     """
     accuracy = monotone_accuracy(accuracy)
     table = tree_table(accuracy, latency_curve, sizes)
-    candidates = [r for r in table if r["size"] >= 2]
-    if not candidates:
+    if not any(r["size"] >= 2 for r in table):
         raise ValueError("no tree size >= 2 to choose from: measure the latency of larger trees")
-    best = max(candidates, key=lambda r: r["expected_tokens_per_s"])
-    vanilla = next((r for r in table if r["size"] == 1), None)
-    if vanilla is not None and vanilla["expected_tokens_per_s"] > best["expected_tokens_per_s"]:
+    best = max(table, key=lambda r: r["expected_tokens_per_s"])  # the first, smallest, of equals
+    if best["size"] == 1:
+        tree = max((r for r in table if r["size"] >= 2), key=lambda r: r["expected_tokens_per_s"])
         log.warning(
-            "plain decoding is expected to be faster (%.1f tok/s) than the best tree (%d tokens, %.1f tok/s)",
-            vanilla["expected_tokens_per_s"], best["size"], best["expected_tokens_per_s"],
+            "no tree pays on this device: vanilla decoding (%.1f tok/s expected) beats the best tree (%d tokens, "
+            "%.1f tok/s expected), so the tree is the root alone",
+            best["expected_tokens_per_s"], tree["size"], tree["expected_tokens_per_s"],
         )  # fmt: skip
     return grow_tree(accuracy, best["size"] - 1), table
 
@@ -138,8 +140,9 @@ def measure_latency_curve(
 ) -> dict[int, float]:  # fmt: skip
     """Median seconds per decode step of the real decoders for trees of each size (1 = ``VanillaDecoder``).
 
-    Each tree is ``grow_tree(accuracy, n - 1)``, the tree the optimizer would pick at that size, so the step time
-    includes that tree's heads, verification and acceptance work. Every decoder is warmed up (and on a GPU its
+    Each tree is ``grow_tree(accuracy, n - 1)``, the tree the optimizer would pick at that size, and the time is that
+    of the whole step as generation runs it (wall clock of the decode loop / steps): the heads' proposal, the verify
+    forward, the LM head over the tree, acceptance and the KV commit. Every decoder is warmed up (and on a GPU its
     step captured) first; then sizes are interleaved per prompt, so load drifting over time hits all sizes alike.
     """
     from tqdm.auto import tqdm
@@ -166,6 +169,24 @@ def measure_latency_curve(
     curve = {n: statistics.median(t) for n, t in times.items()}
     log.debug("step latency by tree size (ms): %s", {n: round(t * 1e3, 2) for n, t in curve.items()})
     return curve
+
+
+def profile_trees(
+    backbone, heads, accuracy: list[list[float]], prompt_ids: list[int], sizes, steps: int = 8
+) -> dict[int, dict[str, float]]:
+    """Per tree size (tokens with the root; 1 = vanilla): milliseconds per step of each phase of the step
+    (``decoder.PHASES``: verify forward, LM head, acceptance, proposal, commit), measured by ``profile`` (eager)."""
+    from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder
+
+    accuracy = monotone_accuracy(accuracy)
+    gen = GenerationConfig(temperature=0.0, acceptance="greedy")
+    out = {}
+    for n in sorted(set(sizes)):
+        dec = MedusaDecoder(backbone, heads, grow_tree(accuracy, n - 1))  # n = 1: the root alone, vanilla decoding
+        dec.profile(prompt_ids, gen, steps=2)  # warm-up
+        out[n] = dec.profile(prompt_ids, gen, steps=steps)
+    log.debug("step breakdown by tree size (ms): %s", out)
+    return out
 
 
 # -- the `tree` command --------------------------------------------------------------------------------------------
@@ -232,6 +253,9 @@ def optimize_for_device(backbone, heads, accuracy: list[list[float]], prompt_ids
     )
     choices, table = optimize_tree(accuracy, curve)
     best = next(r for r in table if r["size"] == len(choices) + 1)
+    runner_up = max((r for r in table if r["size"] >= 2), key=lambda r: r["expected_tokens_per_s"])["size"]
+    shown = sorted({1, best["size"], runner_up})  # vanilla, the choice, and the best real tree when vanilla won
+    breakdown = profile_trees(backbone, heads, accuracy, prompt_ids[0], shown)
     info = {
         "tree_size": best["size"],
         "expected_accept_length": best["expected_accept_length"],
@@ -239,6 +263,7 @@ def optimize_for_device(backbone, heads, accuracy: list[list[float]], prompt_ids
         "latency_curve_ms": {str(n): t * 1e3 for n, t in sorted(curve.items())},
         "measured_sizes": sorted(curve),
         "table": [r for r in table if r["size"] in curve or r["size"] == best["size"]],
+        "step_breakdown_ms": {str(n): ms for n, ms in breakdown.items()},
         "accuracy": accuracy,
         "device": device_name(backbone.device),
         "model": backbone.name,
