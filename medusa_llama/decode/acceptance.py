@@ -18,6 +18,7 @@ after them. All are tensor-only (no host syncs), so a CUDA graph can capture a w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,8 @@ class AcceptanceConfig:
     def __post_init__(self):
         if self.rule not in ACCEPTANCE_RULES:
             raise ValueError(f"--acceptance must be one of {ACCEPTANCE_RULES}, got {self.rule!r}")
-        if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.rule in ("typical", "sampling") and self.temperature == 0:
             raise ValueError(f"--acceptance {self.rule} needs --temperature > 0 (temperature 0 is greedy)")
         if self.rule == "greedy" and self.temperature > 0:

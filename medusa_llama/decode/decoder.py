@@ -60,6 +60,7 @@ class GenerationConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        self.acceptance_config()  # the rule and temperature are checked once, here
 
     def acceptance_config(self) -> AcceptanceConfig:
         rule = self.acceptance

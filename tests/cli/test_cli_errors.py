@@ -45,7 +45,7 @@ def assert_one_error_line(code: int, err: str, *fragments: str) -> None:
         (["generate", "hi", "--temperature", "nan"], "--temperature must be a finite number, got 'nan'"),
         (["generate", "hi", "--temperature", "inf"], "--temperature must be a finite number, got 'inf'"),
         (["bench", "--temperature=-inf"], "--temperature must be a finite number"),
-        (["generate", "hi", "--temperature", "-1"], "--temperature must be >= 0"),
+        (["generate", "hi", "--temperature", "-1"], "--temperature must be a finite number >= 0"),
         (["generate", "hi", "--max-seq-len", "x"], "--max-seq-len must be an integer, got 'x'"),
         (["generate", "hi", "--backend", "tpu"], "invalid choice: 'tpu'"),
         (["generate"], "the following arguments are required: prompt"),

@@ -97,3 +97,11 @@ def test_typical_threshold_is_the_smaller_of_epsilon_and_the_entropy_term():
     loose = AcceptanceConfig("typical", temperature=1.0, typical_epsilon=0.04, typical_delta=0.3)
     path, n, bonus = accept_typical(logits, tokens, TYPICAL_TREE, loose)
     assert int(n) == 2 and path.tolist() == [0, 1, 3] and int(bonus) == 2
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_library_refuses_a_non_finite_or_negative_temperature(temperature):
+    from medusa_llama.decode.decoder import GenerationConfig
+
+    with pytest.raises(ValueError, match="--temperature"):
+        GenerationConfig(temperature=temperature)
