@@ -153,15 +153,12 @@ class _Decoder:
         cfg = config or GenerationConfig()
         acfg = cfg.acceptance_config()
         bb = self.backbone
-        prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=bb.device).flatten()
-        if prompt.numel() == 0:
-            raise MedusaError("the prompt is empty")
-        bb.check_room(prompt.numel(), cfg.max_new_tokens + 2 * (self._depth + 1) + self._tree_size)
+        prompt = self._checked_prompt(prompt_ids, cfg.max_new_tokens)
         step = self._step_for(acfg)
         if step.use_graph and step.graph is None:
             bb.reset()
             step.capture()
-        if cfg.seed is not None:
+        if cfg.seed is not None:  # after the capture, whose warm-up draws random numbers
             torch.manual_seed(cfg.seed)
         result = GenerationResult(accepted_per_depth=[0] * self._depth)
         _sync(bb.device)
@@ -195,6 +192,15 @@ class _Decoder:
         result.total_s = time.perf_counter() - t0
         return result
 
+    def _checked_prompt(self, prompt_ids, new_tokens: int) -> torch.Tensor:
+        """The prompt as a (P,) tensor on the device, checked to leave room for ``new_tokens`` and one tree."""
+        bb = self.backbone
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=bb.device).flatten()
+        if prompt.numel() == 0:
+            raise MedusaError("the prompt is empty")
+        bb.check_room(prompt.numel(), new_tokens + 2 * (self._depth + 1) + self._tree_size)
+        return prompt
+
     def _prefill(self, prompt: torch.Tensor, cfg: AcceptanceConfig) -> None:
         """Run the prompt (P,), choose the first new token (the root) and make the first proposal."""
         bb = self.backbone
@@ -217,10 +223,7 @@ class _Decoder:
         cfg = config or GenerationConfig()
         acfg = cfg.acceptance_config()
         bb = self.backbone
-        prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=bb.device).flatten()
-        if prompt.numel() == 0:
-            raise MedusaError("the prompt is empty")
-        bb.check_room(prompt.numel(), steps * (self._depth + 1) + 2 * (self._depth + 1) + self._tree_size)
+        prompt = self._checked_prompt(prompt_ids, steps * (self._depth + 1))
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         times: dict[str, list[float]] = {phase: [] for phase in PHASES}
