@@ -36,5 +36,5 @@ def test_every_layer_is_a_package():
 def test_the_test_environment_runs_the_kernel_tests():
     """The test extra installs Triton, so CI runs the GPU kernels' tests in the interpreter instead of skipping."""
     text = (PACKAGE.parent / "pyproject.toml").read_text()
-    test_extra = text.split("test = [", 1)[1].split("]", 1)[0]
+    test_extra = text.split("\ntest = [", 1)[1].split("\n]", 1)[0]
     assert '"triton==' in test_extra
