@@ -69,12 +69,13 @@ def _split_kernel(
     Q,  # (B, T, nh, hd)
     K,  # (B, S, n_kv, hd): the cache, tree tokens included
     V,
-    CacheLen,  # 0-d int64: number of committed slots
+    CacheLen,  # (B,) int64, stride stride_cl: committed slots of each sequence (stride 0: one for all)
     TreeMask,  # (T, T) int8: tree_mask[i, j] = 1 if node i sees node j
     O_part,  # (B * n_kv, NUM_SPLITS, T * G, hd) float32: each split's normalised output
     L_part,  # (B * n_kv, NUM_SPLITS, T * G) float32: each split's log2-sum-exp2
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     T,
+    stride_cl,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -99,7 +100,7 @@ def _split_kernel(
     pid_bh = tl.program_id(2)
     b = pid_bh // N_KV
     kvh = pid_bh % N_KV
-    cache_len = tl.load(CacheLen).to(tl.int32)
+    cache_len = tl.load(CacheLen + b * stride_cl).to(tl.int32)
     total = cache_len + T
     start = pid_s * (BLOCK_N * BLOCKS_PER_SPLIT)
     if start < total:  # splits past the live slots do nothing (the merge does not read them)
@@ -163,6 +164,7 @@ def _merge_kernel(
     Out,  # (B, T, nh, hd)
     CacheLen,
     T,
+    stride_cl,
     stride_ob,
     stride_ot,
     stride_oh,
@@ -178,7 +180,8 @@ def _merge_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // N_KV
     kvh = pid_bh % N_KV
-    live = (tl.load(CacheLen).to(tl.int32) + T + SPLIT_N - 1) // SPLIT_N  # splits the split kernel wrote
+    cache_len = tl.load(CacheLen + b * stride_cl).to(tl.int32)
+    live = (cache_len + T + SPLIT_N - 1) // SPLIT_N  # splits the split kernel wrote
     s = tl.arange(0, BLOCK_S)
     s_ok = s < live
     d = tl.arange(0, BLOCK_D)
@@ -207,7 +210,8 @@ def tree_attention(
     """Attention of T tree tokens over the live cache, by the split-K Triton kernel (no host sync).
 
     q: (B, T, nh, hd), any strides with a unit last stride; k_cache, v_cache: (B, S, n_kv, hd), holding the tree
-    tokens' keys and values at slots cache_len .. cache_len + T - 1; cache_len: 0-d long on q's device;
+    tokens' keys and values at slots cache_len .. cache_len + T - 1; cache_len: 0-d long on q's device, or (B,)
+    long, one cache length per sequence (batched decoding);
     tree_mask: (T, T) bool or int8. Returns (B, T, nh, hd) in q's dtype. ``config``: tiles (default: ``TUNED``).
     """
     if config is None:
@@ -242,9 +246,10 @@ def _launch(q, k_cache, v_cache, cache_len, tree_mask, c: KernelConfig) -> torch
     l_part = torch.empty(b * n_kv, num_splits, rows, dtype=torch.float32, device=q.device)
     mask = tree_mask if tree_mask.dtype == torch.int8 else tree_mask.to(torch.int8)
     out = torch.empty(b, t, nh, hd, dtype=q.dtype, device=q.device)
+    stride_cl = cache_len.stride(0) if cache_len.dim() else 0  # 0-d: every sequence reads the one length
     _split_kernel[(num_splits, triton.cdiv(rows, c.block_m), b * n_kv)](
         q, k_cache, v_cache, cache_len, mask.contiguous(), o_part, l_part,
-        math.log2(math.e) / math.sqrt(hd), t,
+        math.log2(math.e) / math.sqrt(hd), t, stride_cl,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -253,7 +258,7 @@ def _launch(q, k_cache, v_cache, cache_len, tree_mask, c: KernelConfig) -> torch
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     _merge_kernel[(rows, b * n_kv)](
-        o_part, l_part, out, cache_len, t, out.stride(0), out.stride(1), out.stride(2),
+        o_part, l_part, out, cache_len, t, stride_cl, out.stride(0), out.stride(1), out.stride(2),
         N_KV=n_kv, G=g, HD=hd, NUM_SPLITS=num_splits, SPLIT_N=split_n,
         BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
     )  # fmt: skip
@@ -267,11 +272,14 @@ def tree_attention_sdpa(
 
     Same arguments and result as ``tree_attention``; reads ``cache_len`` on the host (not graph-safe).
     """
-    from medusa_llama.decode.model import tree_attention_mask
+    from medusa_llama.decode.model import batched_tree_attention_mask, tree_attention_mask
 
     b, t, nh, hd = q.shape
-    span = int(cache_len) + t
-    mask = tree_attention_mask(cache_len, tree_mask.bool(), span, q.dtype)  # (1, 1, T, span)
+    span = int(cache_len.max()) + t
+    if cache_len.dim():  # one cache length per sequence
+        mask = batched_tree_attention_mask(cache_len, tree_mask.bool(), span, q.dtype)  # (B, 1, T, span)
+    else:
+        mask = tree_attention_mask(cache_len, tree_mask.bool(), span, q.dtype)  # (1, 1, T, span)
     k = k_cache[:, :span].transpose(1, 2)  # (B, n_kv, span, hd)
     v = v_cache[:, :span].transpose(1, 2)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=nh != k.shape[1])

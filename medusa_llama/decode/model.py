@@ -38,7 +38,7 @@ class TreeMask(NamedTuple):
     allows (their own K/V sit at slots cache_len .. cache_len + T - 1). Passed where the PyTorch path takes the
     dense additive mask."""
 
-    cache_len: torch.Tensor  # 0-d long, on the device
+    cache_len: torch.Tensor  # 0-d long, on the device; or (B,), one length per sequence (batched decoding)
     mask: torch.Tensor  # (T, T) int8
 
 
@@ -113,11 +113,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, slots, k_cache, v_cache, fused: bool = False):
         # x: (B, T, D); cos/sin: (B, T, hd); mask: (B, 1, T, S') additive over the first S' <= S cache slots, or a
-        # TreeMask; slots: (T,) cache slots to write; k_cache/v_cache: (B, S, n_kv, hd), updated in place.
+        # TreeMask; slots: (T,) cache slots to write, the same for every row, or (B, T) one set per row (batched
+        # decoding, each sequence at its own cache length); k_cache/v_cache: (B, S, n_kv, hd), updated in place.
         a = self.a
         b, t, _ = x.shape
         qkv = self.wqkv(x)  # (B, T, (nh + 2 n_kv) * hd)
-        if fused:
+        if fused and slots.dim() == 1:  # the fused cache write takes one set of slots; per-row slots take PyTorch
             q = kernels.rope_cache_write(qkv, cos, sin, slots, k_cache, v_cache, a.n_heads)  # (B, T, nh, hd)
             q = q.transpose(1, 2)  # (B, nh, T, hd), as the PyTorch path leaves it
         else:
@@ -128,8 +129,13 @@ class Attention(nn.Module):
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            k_cache.index_copy_(1, slots, k.transpose(1, 2))  # (B, T, n_kv, hd) into slots
-            v_cache.index_copy_(1, slots, v.transpose(1, 2))
+            if slots.dim() == 1:
+                k_cache.index_copy_(1, slots, k.transpose(1, 2))  # (B, T, n_kv, hd) into slots
+                v_cache.index_copy_(1, slots, v.transpose(1, 2))
+            else:
+                rows = torch.arange(b, device=slots.device)[:, None]  # (B, 1)
+                k_cache.index_put_((rows, slots), k.transpose(1, 2))  # (B, T, n_kv, hd) into (row, slot)
+                v_cache.index_put_((rows, slots), v.transpose(1, 2))
         if isinstance(mask, TreeMask):
             y = attention.tree_attention(q.transpose(1, 2), k_cache, v_cache, mask.cache_len, mask.mask)
             return self.wo(y.view(b, t, a.n_heads * a.head_dim))  # (B, T, nh, hd) -> (B, T, nh * hd)
@@ -224,10 +230,16 @@ class FastLlama(nn.Module):
         return m.eval()
 
     def setup_cache(self, max_seq_len: int, batch_size: int = 1) -> None:
+        self.k_cache, self.v_cache = self.new_cache(max_seq_len, batch_size)
+
+    def new_cache(self, max_seq_len: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A zeroed (k, v) cache pair, each (L, B, S, n_kv, hd), in the model's dtype and device."""
         a, w = self.a, self.tok_embeddings.weight
         shape = (a.n_layers, batch_size, max_seq_len, a.n_kv_heads, a.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
-        self.v_cache = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        return (
+            torch.zeros(shape, dtype=w.dtype, device=w.device),
+            torch.zeros(shape, dtype=w.dtype, device=w.device),
+        )
 
     @property
     def max_seq_len(self) -> int:
@@ -238,9 +250,12 @@ class FastLlama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
         return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
 
-    def forward(self, tokens, positions, slots, mask) -> torch.Tensor:
-        """tokens, positions: (B, T) long; slots: (T,) cache slots; mask: (B, 1, T, S' <= S) additive, or a TreeMask
-        (kernel attention). Returns the final normalised hidden states (B, T, D)."""
+    def forward(self, tokens, positions, slots, mask, cache: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """tokens, positions: (B, T) long; slots: (T,) or (B, T) cache slots; mask: (B, 1, T, S' <= S) additive, or a
+        TreeMask (kernel attention). ``cache``: (k, v), each (L, B, S, n_kv, hd), to use instead of the model's own
+        (a batched decoder owns its cache; a view of one row prefills that row). Returns the final normalised
+        hidden states (B, T, D)."""
+        k_cache, v_cache = cache if cache is not None else (self.k_cache, self.v_cache)
         x = self.tok_embeddings(tokens)  # (B, T, D)
         cos, sin = self.rope(positions, x.dtype)
         if self.use_fused_kernels:
@@ -248,10 +263,10 @@ class FastLlama(nn.Module):
             _, h = kernels.add_rms_norm(x, None, layers[0].attention_norm.weight, layers[0].attention_norm.eps)
             for i, layer in enumerate(layers):
                 nxt = layers[i + 1].attention_norm if i + 1 < len(layers) else self.norm
-                x, h = layer.forward_fused(x, h, nxt, cos, sin, mask, slots, self.k_cache[i], self.v_cache[i])
+                x, h = layer.forward_fused(x, h, nxt, cos, sin, mask, slots, k_cache[i], v_cache[i])
             return h
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, slots, self.k_cache[i], self.v_cache[i])
+            x = layer(x, cos, sin, mask, slots, k_cache[i], v_cache[i])
         return self.norm(x)
 
     def compact(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -272,3 +287,18 @@ def tree_attention_mask(cache_len: torch.Tensor, tree_mask: torch.Tensor, max_se
     allowed = (rel < 0)[None, :] | (in_tree[None, :] & tree_mask[:, rel.clamp(0, t - 1)])  # (T, S)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=tree_mask.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]  # (1, 1, T, S)
+
+
+def batched_tree_attention_mask(
+    cache_len: torch.Tensor, tree_mask: torch.Tensor, max_seq_len: int, dtype
+) -> torch.Tensor:
+    """``tree_attention_mask`` for B sequences at their own cache lengths: cache_len (B,) -> additive (B, 1, T, S).
+
+    Row b's T new tokens occupy slots cache_len[b] .. cache_len[b] + T - 1 of its own cache row."""
+    t = tree_mask.shape[0]
+    rel = torch.arange(max_seq_len, device=tree_mask.device)[None, :] - cache_len[:, None]  # (B, S)
+    in_tree = (rel >= 0) & (rel < t)  # (B, S)
+    node = tree_mask[:, rel.clamp(0, t - 1)].permute(1, 0, 2)  # (T, B, S) -> (B, T, S): sees the node in slot s
+    allowed = (rel < 0)[:, None, :] | (in_tree[:, None, :] & node)  # (B, T, S)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=tree_mask.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, T, S)

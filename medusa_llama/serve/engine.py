@@ -7,7 +7,8 @@ forward after the prefill, and mean accepted tokens per step counts the bonus to
 
 An ``Engine`` advances sequences on one model and is only ever called from the scheduler's worker thread, so the
 model, its KV cache and its CUDA graphs are never used from two threads. ``DecoderEngine`` runs one sequence at a
-time through ``decoder.generate``; a batched engine (B sequences per verify step) implements the same ``step``.
+time through ``decoder.generate``; ``BatchedEngine`` runs B sequences per verify step on a ``BatchedDecoder``,
+one step per ``step`` call, so the scheduler refills finished rows between steps (continuous batching).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from medusa_llama.decode.batch import BatchedDecoder
 from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
 from medusa_llama.errors import MedusaError
 from medusa_llama.serve.text import SharedTokenizer, TextStream
@@ -181,3 +183,55 @@ class DecoderEngine(Engine):
             return
         eos = seq.config.stop_at_eos and seq.last_token in self.backbone.eos_token_ids
         seq.finish("stop" if eos else "length")
+
+
+class BatchedEngine(Engine):
+    """Up to ``capacity`` sequences per verify step on a ``BatchedDecoder``: each ``step`` prefills the sequences it
+    sees for the first time into free rows, runs ONE batched decode step and frees the rows of those that end.
+
+    All sequences of a batch share one acceptance rule (greedy, or one sampling setting): a sequence asking for
+    another while others run fails with status 400."""
+
+    def __init__(self, decoder: BatchedDecoder, model_id: str | None = None):
+        self.decoder = decoder
+        self.backbone = decoder.backbone
+        self.capacity = decoder.capacity
+        self.model_id = model_id or self.backbone.name or "medusa-llama"
+        self.kind = decoder.kind
+        self.tokenizer = SharedTokenizer(self.backbone.tokenizer)
+        self.vocab_size, self.max_seq_len = self.backbone.vocab_size, self.backbone.max_seq_len
+        self._rows: dict[Sequence, int] = {}  # the sequences holding a decoder row
+
+    def room(self, prompt_len: int) -> int:
+        return self.decoder.room(prompt_len)
+
+    def step(self, batch: list[Sequence]) -> None:
+        for seq in [s for s in self._rows if s.done or s not in batch]:  # ended or dropped since the last step
+            self._release(seq)
+        for seq in batch:
+            if seq in self._rows or seq.done:
+                continue
+            try:
+                row = self.decoder.add(seq.prompt_ids, seq.config)
+            except MedusaError as exc:
+                seq.fail(str(exc), status=400)
+                continue
+            self._rows[seq] = row
+            self._push(seq, list(self.decoder.result(row).tokens))
+        new = self.decoder.step()
+        for seq, row in list(self._rows.items()):
+            if row in new:
+                self._push(seq, new[row])
+
+    def _push(self, seq: Sequence, tokens: list[int]) -> None:
+        """Hand a row's new tokens to its sequence; finish and free the row where the sequence or the row ended."""
+        row = self._rows[seq]
+        if not seq.push(tokens):  # a stop string or cancellation finished it
+            self._release(seq)
+        elif self.decoder.done(row):
+            eos = seq.config.stop_at_eos and seq.last_token in self.backbone.eos_token_ids
+            seq.finish("stop" if eos else "length")
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.decoder.release(self._rows.pop(seq))

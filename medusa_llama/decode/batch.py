@@ -1,0 +1,338 @@
+"""Batched decoding: B sequences advance together, one verify forward for all of them per step.
+
+Each sequence owns one row of a (L, B, S, n_kv, hd) KV cache and its own cache length (``cache_len``, (B,) on the
+device), so prompts of any lengths share a batch. A step is the single-sequence step of ``decoder.py`` made
+batched: the verify forward takes (B, T) tree tokens at positions ``cache_len[b] + depth`` under an additive
+(B, 1, T, S) mask (row b's filled prefix plus the tree mask); each row picks its own accepted path and bonus token;
+each row's path is compacted into its own cache row. The step is tensor-only (no host syncs), so a GPU can capture
+one CUDA graph per (B, tree) shape; the host reads back one (B, D+2) tensor per step.
+
+Sequences join and leave between steps (continuous batching at step granularity): ``add`` prefills a prompt into a
+free row (one sequence at a time, eagerly), ``step`` advances every row, ``release`` frees a row. A free row still
+runs through the step (fixed shapes) but its cache length never advances, so its work is wasted and harmless.
+
+Limits: one acceptance rule per batch (the step is built for it); sampling draws from the one global RNG, so a
+sequence's sampled output depends on its batch-mates (greedy output does not); the fast backbone only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from medusa_llama.decode import proposal
+from medusa_llama.decode.acceptance import AcceptanceConfig, accept, next_token
+from medusa_llama.decode.backbone import FastBackbone
+from medusa_llama.decode.decoder import GenerationConfig, GenerationResult, StepRunner
+from medusa_llama.decode.heads import MedusaHeads
+from medusa_llama.decode.model import TreeMask, batched_tree_attention_mask, tree_attention_mask
+from medusa_llama.decode.tree import Tree, build_tree
+from medusa_llama.errors import MedusaError
+
+
+class BatchedBackbone:
+    """B cache rows over one ``FastBackbone``'s weights (its own single-sequence cache is left alone).
+
+    The batched counterparts of the backbone's verbs: ``prefill(row, tokens)``, ``forward_tree(tokens (B, T), ...)``
+    and ``commit(path (B, D+1), n (B,), active (B,))``."""
+
+    def __init__(self, backbone: FastBackbone, batch_size: int):
+        if not isinstance(backbone, FastBackbone):
+            raise MedusaError("batched decoding needs the fast backbone (--backend fast)")
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        self.backbone = backbone
+        self.model = backbone.model
+        self.batch_size = batch_size
+        self.device, self.dtype = backbone.device, backbone.dtype
+        self.max_seq_len = backbone.max_seq_len
+        self.k_cache, self.v_cache = self.model.new_cache(self.max_seq_len, batch_size)  # (L, B, S, n_kv, hd)
+        self.cache_len = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # (B,)
+        self._rows = torch.arange(batch_size, device=self.device)[:, None]  # (B, 1)
+        self.tree_kernel = backbone.tree_kernel  # tree steps by the Triton kernel, one cache length per row
+
+    @torch.no_grad()
+    def prefill(self, row: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Run the prompt (P,) into cache row ``row`` alone and commit it. Returns its hidden states (P, D)."""
+        t = tokens.shape[0]
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
+        mask = tree_attention_mask(zero, causal, t, self.dtype)  # (1, 1, P, P)
+        pos = torch.arange(t, device=self.device)
+        cache = (self.k_cache[:, row : row + 1], self.v_cache[:, row : row + 1])  # views: (L, 1, S, n_kv, hd)
+        hidden = self.model(tokens[None], pos[None], pos, mask, cache=cache)[0]  # (P, D)
+        self.cache_len[row] = t
+        return hidden
+
+    @torch.no_grad()
+    def forward_tree(self, tokens: torch.Tensor, tree_mask: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, T); tree_mask: (T, T) bool; depth: (T,). Runs row b's tree at slots cache_len[b] + (0..T-1)
+        and positions cache_len[b] + depth, without committing. Returns hidden states (B, T, D)."""
+        t = tokens.shape[1]
+        slots = self.cache_len[:, None] + torch.arange(t, device=self.device)  # (B, T)
+        positions = self.cache_len[:, None] + depth  # (B, T)
+        if self.tree_kernel:
+            mask = TreeMask(self.cache_len, tree_mask.to(torch.int8))  # the kernel reads each row's length itself
+            return self.model(tokens, positions, slots, mask, cache=(self.k_cache, self.v_cache))
+        # fixed shapes on a GPU (CUDA graphs); on the CPU only the filled slots (reading cache_len costs no sync)
+        span = self.max_seq_len if self.device.type == "cuda" else int(self.cache_len.max()) + t
+        mask = batched_tree_attention_mask(self.cache_len, tree_mask, span, self.dtype)  # (B, 1, T, span)
+        return self.model(tokens, positions, slots, mask, cache=(self.k_cache, self.v_cache))
+
+    @torch.no_grad()
+    def commit(self, path: torch.Tensor, n: torch.Tensor, active: torch.Tensor) -> None:
+        """Keep row b's tree nodes ``path[b, :n[b]+1]`` as its next cache entries; inactive rows do not advance.
+
+        All D+1 path slots move (fixed shapes); those past the kept ones lie beyond the new cache length."""
+        d1 = path.shape[1]
+        dst = self.cache_len[:, None] + torch.arange(d1, device=self.device)  # (B, D+1)
+        src = self.cache_len[:, None] + path.clamp(min=0)  # (B, D+1)
+        for cache in (self.k_cache, self.v_cache):
+            cache[:, self._rows, dst] = cache[:, self._rows, src]  # (L, B, D+1, n_kv, hd); reads before writes
+        self.cache_len += (n + 1) * active
+
+
+@dataclass
+class _Slot:
+    """Host-side state of the sequence in one cache row."""
+
+    config: GenerationConfig
+    result: GenerationResult
+    eos: frozenset[int]
+    t0: float
+    done: bool = False
+
+
+class BatchedDecoder:
+    """Batched decoding with Medusa heads and a tree, or vanilla decoding (``heads=None``: the tree is the root
+    alone, one token per step, the honest baseline). Greedy output equals each sequence's batch-size-1 output.
+
+    Use ``add`` / ``step`` / ``release`` for continuous batching, or ``generate_many`` for a list of prompts.
+    """
+
+    def __init__(
+        self,
+        backbone: FastBackbone,
+        batch_size: int,
+        heads: MedusaHeads | None = None,
+        tree: Tree | list | None = None,
+        use_cuda_graphs: bool = True,
+    ):
+        self.bb = BatchedBackbone(backbone, batch_size)
+        self.backbone = backbone
+        self.capacity = batch_size
+        dev = backbone.device
+        if heads is None:
+            tree = build_tree([])
+        else:
+            heads.check_compatible(backbone.hidden_size, backbone.vocab_size, backbone.name)
+            if not isinstance(tree, Tree):
+                tree = build_tree(tree if tree is not None else [], heads.num_heads)
+            if tree.max_depth > heads.num_heads:
+                raise MedusaError(f"the tree is {tree.max_depth} deep but the heads predict only {heads.num_heads}")
+            heads = heads.to(device=dev, dtype=backbone.dtype).eval()
+        self.heads = heads if tree.size > 1 else None  # a root-only tree runs no heads
+        self.tree = tree.to(dev)
+        b, t, d = batch_size, tree.size, tree.max_depth
+        self.root = torch.zeros(b, dtype=torch.long, device=dev)  # (B,) last emitted token, not yet in the cache
+        self.hidden = torch.zeros(b, backbone.hidden_size, dtype=backbone.dtype, device=dev)  # (B, D) before root
+        self.tokens = torch.zeros(b, t, dtype=torch.long, device=dev)  # (B, T) the candidate trees
+        self.active = torch.zeros(b, dtype=torch.bool, device=dev)  # (B,) rows whose cache advances
+        self.out = torch.zeros(b, d + 2, dtype=torch.long, device=dev)  # (B, D+2): [n, emitted tokens...] per row
+        self.use_graphs = use_cuda_graphs and backbone.supports_cuda_graphs
+        self._slots: list[_Slot | None] = [None] * b
+        self._steps: dict[str, StepRunner] = {}
+        self._acfg: AcceptanceConfig | None = None  # the running batch's acceptance rule
+
+    @property
+    def kind(self) -> str:
+        return "vanilla" if self.heads is None else "medusa"
+
+    def free_rows(self) -> list[int]:
+        return [i for i, s in enumerate(self._slots) if s is None]
+
+    def running(self) -> list[int]:
+        """Rows holding a sequence that has not finished."""
+        return [i for i, s in enumerate(self._slots) if s is not None and not s.done]
+
+    def room(self, prompt_len: int) -> int:
+        """The most new tokens a sequence with this prompt may ask for (< 1: the prompt does not fit)."""
+        return self.bb.max_seq_len - prompt_len - 2 * (self.tree.max_depth + 1) - self.tree.size
+
+    # -- joining and leaving --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def add(self, prompt_ids, config: GenerationConfig | None = None) -> int:
+        """Prefill a prompt into a free row and choose its first token. Returns the row. The sequence may already be
+        done (EOS first, or a budget of one token): check ``done(row)``."""
+        cfg = config or GenerationConfig()
+        acfg = cfg.acceptance_config()
+        if self._acfg is not None and acfg != self._acfg and any(s is not None for s in self._slots):
+            raise MedusaError(f"this batch runs {self._acfg}; a sequence asks for {acfg}")
+        free = self.free_rows()
+        if not free:
+            raise MedusaError(f"all {self.capacity} rows are busy: release one first")
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.bb.device).flatten()
+        if prompt.numel() == 0:
+            raise MedusaError("the prompt is empty")
+        self.backbone.check_room(prompt.numel(), cfg.max_new_tokens + 2 * (self.tree.max_depth + 1) + self.tree.size)
+        self._acfg = acfg
+        step = self._step_for(acfg)
+        if step.use_graph and step.graph is None:  # capture while no row holds a sequence: its runs are harmless
+            step.capture()
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        row, t0 = free[0], time.perf_counter()
+        hidden = self.bb.prefill(row, prompt)[-1]  # (D,)
+        self.hidden[row] = hidden
+        self.root[row] = next_token(self.backbone.logits(hidden), acfg)
+        if self.heads is not None:
+            self._propose(row)
+        first = int(self.root[row])
+        result = GenerationResult(accepted_per_depth=[0] * self.tree.max_depth)
+        result.prefill_s = time.perf_counter() - t0
+        result.tokens.append(first)
+        result.token_times.append(result.prefill_s)
+        eos = frozenset(self.backbone.eos_token_ids) if cfg.stop_at_eos else frozenset()
+        slot = _Slot(cfg, result, eos, t0, done=first in eos or cfg.max_new_tokens == 1)
+        self._slots[row] = slot
+        self.active[row] = not slot.done
+        if slot.done:
+            result.total_s = result.prefill_s
+        return row
+
+    def done(self, row: int) -> bool:
+        slot = self._slots[row]
+        return slot is None or slot.done
+
+    def result(self, row: int) -> GenerationResult:
+        """The result so far of the sequence in ``row``."""
+        slot = self._slots[row]
+        if slot is None:
+            raise MedusaError(f"row {row} holds no sequence")
+        return slot.result
+
+    def release(self, row: int) -> GenerationResult:
+        """Free ``row`` (finished or not: a cancelled sequence is released as it stands). Returns its result."""
+        slot = self._slots[row]
+        if slot is None:
+            raise MedusaError(f"row {row} holds no sequence")
+        self._slots[row] = None
+        self.active[row] = False
+        return slot.result
+
+    # -- stepping ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> dict[int, list[int]]:
+        """One batched decode step. Returns each running row's new tokens; rows that finish are marked done (their
+        cache stops advancing) but keep their result until ``release``."""
+        rows = self.running()
+        if not rows:
+            return {}
+        self._step_for(self._acfg)()
+        out = self.out.tolist()  # one host sync per step: (B, D+2)
+        now = time.perf_counter()
+        new_tokens: dict[int, list[int]] = {}
+        for row in rows:
+            slot = self._slots[row]
+            res, cfg = slot.result, slot.config
+            n, new = out[row][0], out[row][1 : out[row][0] + 2]
+            res.steps += 1
+            for d in range(n):
+                res.accepted_per_depth[d] += 1
+            new = new[: cfg.max_new_tokens - len(res.tokens)]
+            for i, tok in enumerate(new):
+                if tok in slot.eos:
+                    new, slot.done = new[: i + 1], True
+                    break
+            res.tokens.extend(new)
+            res.token_times.extend([now - slot.t0] * len(new))
+            slot.done = slot.done or len(res.tokens) >= cfg.max_new_tokens
+            if slot.done:
+                res.total_s = now - slot.t0
+                self.active[row] = False
+            new_tokens[row] = new
+        return new_tokens
+
+    @torch.no_grad()
+    def generate_many(
+        self,
+        prompts: list,
+        configs: GenerationConfig | list[GenerationConfig] | None = None,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for every prompt, at most ``capacity`` at a time: a finished sequence's row is refilled with the
+        next waiting prompt before the next step. ``on_tokens(i, tokens)`` gets prompt i's new tokens."""
+        if not isinstance(configs, list):
+            configs = [configs or GenerationConfig()] * len(prompts)
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        owner: dict[int, int] = {}  # row -> prompt index
+        waiting = list(range(len(prompts)))
+        while waiting or owner:
+            while waiting and self.free_rows():
+                i = waiting.pop(0)
+                row = self.add(prompts[i], configs[i])
+                owner[row] = i
+                if on_tokens:
+                    on_tokens(i, list(self._slots[row].result.tokens))
+            for row, new in self.step().items():
+                if on_tokens:
+                    on_tokens(owner[row], new)
+            for row in [r for r in owner if self.done(r)]:
+                results[owner.pop(row)] = self.release(row)
+        return results
+
+    def _step_for(self, cfg: AcceptanceConfig) -> StepRunner:
+        key = repr(cfg)
+        if key not in self._steps:
+            fn = self._medusa_step(cfg) if self.heads is not None else self._vanilla_step(cfg)
+            self._steps[key] = StepRunner(fn, self.use_graphs)
+        return self._steps[key]
+
+    def _propose(self, row: int) -> None:
+        """Fill ``tokens[row]`` from that row's hidden state and root (one single-sequence proposal per row)."""
+        bb, heads = self.backbone, self.heads
+        self.tokens[row] = proposal.propose(heads, self.hidden[row], self.root[row], self.tree, bb.embed, bb.lm_head)
+
+    def _vanilla_step(self, cfg: AcceptanceConfig) -> Callable[[], None]:
+        """Forward each row's root alone, commit it, choose each row's next token."""
+        tree, zeros = self.tree, torch.zeros(self.capacity, dtype=torch.long, device=self.bb.device)
+
+        def step() -> None:
+            hidden = self.bb.forward_tree(self.root[:, None], tree.mask, tree.depth)  # (B, 1, D)
+            token = next_token(self.backbone.logits(hidden[:, 0]), cfg)  # (B,)
+            self.bb.commit(zeros[:, None], zeros, self.active)
+            self.root.copy_(token)
+            self.hidden.copy_(hidden[:, 0])
+            self.out[:, 0] = 0
+            self.out[:, 1] = token
+
+        return step
+
+    def _medusa_step(self, cfg: AcceptanceConfig) -> Callable[[], None]:
+        """Verify every row's tree in one forward, accept per row, compact per row, propose per row."""
+        tree, batch = self.tree, range(self.capacity)
+        rows = torch.arange(self.capacity, device=self.bb.device)  # (B,)
+
+        def step() -> None:
+            hidden = self.bb.forward_tree(self.tokens, tree.mask, tree.depth)  # (B, T, D)
+            logits = self.backbone.logits(hidden)  # (B, T, V)
+            picked = [accept(logits[b], self.tokens[b], tree, cfg) for b in batch]  # B x (path, n, bonus)
+            path = torch.stack([p for p, _, _ in picked])  # (B, D+1)
+            n = torch.stack([k for _, k, _ in picked])  # (B,)
+            bonus = torch.stack([x for _, _, x in picked])  # (B,)
+            emitted = self.tokens.gather(1, path[:, 1:])  # (B, D) accepted candidates first ...
+            emitted = torch.cat([emitted, emitted.new_zeros(self.capacity, 1)], dim=1)  # (B, D+1)
+            emitted.scatter_(1, n[:, None], bonus[:, None])  # ... then each row's bonus token at index n
+            self.out[:, 0] = n
+            self.out[:, 1:] = emitted
+            self.bb.commit(path, n, self.active)
+            last = path.gather(1, n[:, None])[:, 0]  # (B,) node of each row's last accepted token
+            self.hidden.copy_(hidden[rows, last])  # (B, D)
+            self.root.copy_(bonus)
+            for b in batch:
+                self._propose(b)
+
+        return step

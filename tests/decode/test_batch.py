@@ -1,0 +1,173 @@
+"""Batched decoding reproduces batch-size-1 decoding token for token: prompts of different lengths, sequences that
+finish at different times, rows refilled mid-run (continuous batching), both head kinds, a couple of trees."""
+
+import pytest
+import torch
+from conftest import FakeTokenizer, random_heads, tiny_llama
+
+from medusa_llama.decode.backbone import make_backbone
+from medusa_llama.decode.batch import BatchedDecoder
+from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
+from medusa_llama.decode.model import batched_tree_attention_mask, tree_attention_mask
+from medusa_llama.decode.tree import build_tree, builtin_tree
+from medusa_llama.errors import MedusaError
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel tests: compiled on a GPU, interpreted on a CPU
+BUDGETS = (40, 12, 33, 25, 7)  # different budgets: sequences finish at different steps, rows are refilled
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return make_backbone(tiny_llama(), FakeTokenizer(), "tiny", 256, "fast")
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 17, 30, 9, 23)]
+
+
+def configs():
+    return [GenerationConfig(max_new_tokens=m, stop_at_eos=False) for m in BUDGETS]
+
+
+def test_batched_mask_rows_equal_the_single_mask():
+    tree = build_tree(builtin_tree("tree16"))
+    cache_len = torch.tensor([0, 7, 30])
+    mask = batched_tree_attention_mask(cache_len, tree.mask, 64, torch.float32)  # (3, 1, T, 64)
+    for b in range(3):
+        assert torch.equal(mask[b : b + 1], tree_attention_mask(cache_len[b], tree.mask, 64, torch.float32))
+
+
+@pytest.mark.parametrize("tree_name", ["chain", "tree16"])
+@pytest.mark.parametrize("kind", ["medusa", "sequential"])
+def test_batched_medusa_equals_single(one_thread, backbone, prompts, kind, tree_name):
+    heads, tree = random_heads(kind), builtin_tree(tree_name)
+    single = MedusaDecoder(backbone, heads, tree)
+    refs = [single.generate(p, c).tokens for p, c in zip(prompts, configs(), strict=True)]
+    results = BatchedDecoder(backbone, 3, heads, tree).generate_many(prompts, configs())
+    assert [r.tokens for r in results] == refs
+    for r, m in zip(results, BUDGETS, strict=True):
+        assert len(r.tokens) == m
+        # first token + one bonus per step + accepted candidates, less what the budget cut from the last step
+        assert r.steps + 1 <= len(r.tokens) <= 1 + r.steps + sum(r.accepted_per_depth)
+
+
+def test_batched_vanilla_equals_single(one_thread, backbone, prompts):
+    single = VanillaDecoder(backbone)
+    refs = [single.generate(p, c).tokens for p, c in zip(prompts, configs(), strict=True)]
+    results = BatchedDecoder(backbone, 2, heads=None).generate_many(prompts, configs())
+    assert [r.tokens for r in results] == refs
+    assert all(r.steps == len(r.tokens) - 1 for r in results)  # one token per step
+
+
+def test_release_mid_run_and_refill(one_thread, backbone, prompts):
+    """A sequence released unfinished (a cancelled request) frees its row for a new prompt; the others go on."""
+    heads, tree = random_heads("sequential"), builtin_tree("tree16")
+    cfg = GenerationConfig(max_new_tokens=30, stop_at_eos=False)
+    single = MedusaDecoder(backbone, heads, tree)
+    refs = [single.generate(p, cfg).tokens for p in prompts[:3]]
+    dec = BatchedDecoder(backbone, 2, heads, tree)
+    a, b = dec.add(prompts[0], cfg), dec.add(prompts[1], cfg)
+    with pytest.raises(MedusaError, match="busy"):
+        dec.add(prompts[2], cfg)
+    for _ in range(2):
+        dec.step()
+    partial = dec.release(b).tokens
+    assert partial == refs[1][: len(partial)]
+    c = dec.add(prompts[2], cfg)
+    assert c == b
+    while dec.running():
+        dec.step()
+    assert dec.release(a).tokens == refs[0]
+    assert dec.release(c).tokens == refs[2]
+
+
+def test_stops_at_eos_per_sequence(one_thread, prompts):
+    hf = tiny_llama()
+    free = VanillaDecoder(make_backbone(hf, FakeTokenizer(), "tiny", 256, "fast")).generate(
+        prompts[1], GenerationConfig(max_new_tokens=40, stop_at_eos=False)
+    )
+    tok = FakeTokenizer()
+    tok.eos_token_id = free.tokens[6]
+    bb = make_backbone(hf, tok, "tiny", 256, "fast")
+    heads, tree = random_heads("medusa"), builtin_tree("tree16")
+    cfg = GenerationConfig(max_new_tokens=40)
+    single = MedusaDecoder(bb, heads, tree)
+    refs = [single.generate(p, cfg).tokens for p in prompts]
+    for dec in (BatchedDecoder(bb, 3, heads, tree), BatchedDecoder(bb, 3)):
+        assert [r.tokens for r in dec.generate_many(prompts, cfg)] == refs
+    assert refs[1][-1] == tok.eos_token_id and len(refs[1]) <= 7
+
+
+def test_bad_inputs_are_refused(backbone):
+    dec = BatchedDecoder(backbone, 2, random_heads(), builtin_tree("chain"))
+    with pytest.raises(MedusaError, match="exceeds the context"):
+        dec.add(list(range(90)) * 3, GenerationConfig(max_new_tokens=10))
+    with pytest.raises(MedusaError, match="empty"):
+        dec.add([], GenerationConfig())
+    with pytest.raises(ValueError, match="--batch-size"):
+        BatchedDecoder(backbone, 0)
+    hf_backbone = make_backbone(tiny_llama(), FakeTokenizer(), "tiny", 256, "hf")
+    with pytest.raises(MedusaError, match="fast backbone"):
+        BatchedDecoder(hf_backbone, 2)
+
+
+def test_tree_attention_kernel_per_sequence_cache_len():
+    """The Triton kernel (the CPU interpreter here) with one cache length per sequence equals SDPA row by row."""
+    attention = pytest.importorskip("medusa_llama.decode.attention")
+    if type(attention._split_kernel).__name__ != "InterpretedFunction" and not torch.cuda.is_available():
+        pytest.skip("Triton was imported before conftest set TRITON_INTERPRET=1")
+    torch.manual_seed(0)
+    t, nh, n_kv, hd, s = 5, 4, 2, 16, 320
+    for lens in ([3, 150], [0, 77, 260]):
+        b = len(lens)
+        cache_len = torch.tensor(lens, device=DEV)
+        q = torch.randn(b, t, nh, hd, device=DEV)
+        k_cache, v_cache = torch.randn(b, s, n_kv, hd, device=DEV), torch.randn(b, s, n_kv, hd, device=DEV)
+        for row, n in enumerate(lens):  # slots past each row's tree must never be read
+            k_cache[row, n + t :] = v_cache[row, n + t :] = float("nan")
+        mask = ((torch.rand(t, t) < 0.3) | torch.eye(t, dtype=torch.bool)).tril().to(DEV)
+        out = attention.tree_attention(q, k_cache, v_cache, cache_len, mask)  # (B, T, nh, hd)
+        for row, n in enumerate(lens):
+            span = n + t
+            ref = attention.tree_attention_sdpa(
+                q[row : row + 1].double(),
+                k_cache[row : row + 1, :span].double(),
+                v_cache[row : row + 1, :span].double(),
+                cache_len[row],
+                mask,
+            )
+            torch.testing.assert_close(out[row : row + 1].double(), ref, rtol=1e-5, atol=1e-5)
+        k, v = k_cache.nan_to_num().double(), v_cache.nan_to_num().double()  # SDPA reads (masked) dead slots
+        batched_ref = attention.tree_attention_sdpa(q.double(), k, v, cache_len, mask)  # the (B,) reference path
+        torch.testing.assert_close(out.double(), batched_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_backbone_kernel_path_equals_pytorch_path(one_thread):
+    """The batched verify forward with the tree-attention kernel (rows at different lengths) against SDPA, fp32."""
+    pytest.importorskip("medusa_llama.decode.attention")
+    bb = make_backbone(tiny_llama(seed=2).to(DEV), FakeTokenizer(), "tiny", 160, "fast")
+    tree = build_tree(builtin_tree("tree16")).to(DEV)
+    tokens = torch.randint(0, 96, (3, tree.size), device=DEV)
+    outs = []
+    for on in (False, True):
+        batched = BatchedDecoder(backbone=bb, batch_size=3).bb
+        batched.tree_kernel = on
+        for row, n in enumerate((7, 40, 21)):
+            batched.prefill(row, torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(n)).to(DEV))
+        outs.append(bb.logits(batched.forward_tree(tokens, tree.mask, tree.depth)))  # (3, T, V)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the compiled kernels need a GPU")
+def test_batched_cuda_graph_steps_equal_single_on_gpu(prompts):
+    """On a GPU: captured batched steps (one graph per tree), kernel attention with per-row lengths, fp32."""
+    bb = make_backbone(tiny_llama().cuda(), FakeTokenizer(), "tiny", 256, "fast")
+    assert bb.supports_cuda_graphs and bb.tree_kernel
+    for heads, tree in ((random_heads("sequential"), builtin_tree("tree16")), (None, None)):
+        single = MedusaDecoder(bb, heads, tree) if heads is not None else VanillaDecoder(bb)
+        refs = [single.generate(p, c).tokens for p, c in zip(prompts, configs(), strict=True)]
+        dec = BatchedDecoder(bb, 3, heads, tree)
+        assert [r.tokens for r in dec.generate_many(prompts, configs())] == refs
+        assert all(step.graph is not None for step in dec._steps.values())
