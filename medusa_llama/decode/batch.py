@@ -11,6 +11,9 @@ Sequences join and leave between steps (continuous batching at step granularity)
 free row (one sequence at a time, eagerly), ``step`` advances every row, ``release`` frees a row. A free row still
 runs through the step (fixed shapes) but its cache length never advances, so its work is wasted and harmless.
 
+The heads and the greedy rule run once for all rows (``propose_batch``, ``accept_batch``: the functions of
+``proposal.py`` and ``acceptance.py`` with a batch dimension, pinned equal to them by the tests).
+
 Limits: one acceptance rule per batch (the step is built for it); sampling draws from the one global RNG, so a
 sequence's sampled output depends on its batch-mates (greedy output does not); the fast backbone only.
 """
@@ -291,6 +294,11 @@ class BatchedDecoder:
             self._steps[key] = StepRunner(fn, self.use_graphs)
         return self._steps[key]
 
+    def _propose_all(self) -> torch.Tensor:
+        """(B, T): every row's tree from its hidden state and root, the heads run once for the whole batch."""
+        bb = self.backbone
+        return propose_batch(self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head)
+
     def _propose(self, row: int) -> None:
         """Fill ``tokens[row]`` from that row's hidden state and root (one single-sequence proposal per row)."""
         bb, heads = self.backbone, self.heads
@@ -312,17 +320,14 @@ class BatchedDecoder:
         return step
 
     def _medusa_step(self, cfg: AcceptanceConfig) -> Callable[[], None]:
-        """Verify every row's tree in one forward, accept per row, compact per row, propose per row."""
-        tree, batch = self.tree, range(self.capacity)
+        """Verify every row's tree in one forward, accept and compact per row, run the heads once for all rows."""
+        tree = self.tree
         rows = torch.arange(self.capacity, device=self.bb.device)  # (B,)
 
         def step() -> None:
             hidden = self.bb.forward_tree(self.tokens, tree.mask, tree.depth)  # (B, T, D)
             logits = self.backbone.logits(hidden)  # (B, T, V)
-            picked = [accept(logits[b], self.tokens[b], tree, cfg) for b in batch]  # B x (path, n, bonus)
-            path = torch.stack([p for p, _, _ in picked])  # (B, D+1)
-            n = torch.stack([k for _, k, _ in picked])  # (B,)
-            bonus = torch.stack([x for _, _, x in picked])  # (B,)
+            path, n, bonus = accept_batch(logits, self.tokens, tree, cfg)  # (B, D+1), (B,), (B,)
             emitted = self.tokens.gather(1, path[:, 1:])  # (B, D) accepted candidates first ...
             emitted = torch.cat([emitted, emitted.new_zeros(self.capacity, 1)], dim=1)  # (B, D+1)
             emitted.scatter_(1, n[:, None], bonus[:, None])  # ... then each row's bonus token at index n
@@ -332,7 +337,54 @@ class BatchedDecoder:
             last = path.gather(1, n[:, None])[:, 0]  # (B,) node of each row's last accepted token
             self.hidden.copy_(hidden[rows, last])  # (B, D)
             self.root.copy_(bonus)
-            for b in batch:
-                self._propose(b)
+            self.tokens.copy_(self._propose_all())
 
         return step
+
+
+# -- batched proposal and acceptance ----------------------------------------------------------------------------------
+# The single-sequence functions of proposal.py and acceptance.py with a leading batch dimension, so that a step runs
+# the heads and the greedy rule once for all B rows instead of B times. tests/decode/test_batch.py pins them equal to
+# the single-sequence ones row by row.
+
+
+@torch.no_grad()
+def propose_batch(heads: MedusaHeads, hidden, root, tree: Tree, embed, lm_head) -> torch.Tensor:
+    """``proposal.propose`` for B rows: hidden (B, D), root (B,) -> tokens (B, T), column 0 = ``root``."""
+    tokens = root.new_zeros(root.shape[0], tree.size)  # (B, T)
+    tokens[:, 0] = root
+    if heads.config.kind == "medusa":  # one top-k list per depth and row; node i takes entry rank[i] of its depth's
+        states = heads.chain_states(hidden)  # K x (B, D), all read h_t
+        logits = torch.stack([heads.project(d, states[d], lm_head) for d in range(tree.max_depth)], 1)  # (B, K', V)
+        top = logits.topk(max(tree.level_topk), dim=-1).indices  # (B, K', k)
+        tokens[:, 1:] = top[:, tree.depth[1:] - 1, tree.rank[1:]]  # (B, T-1) gather by (depth - 1, rank)
+        return tokens
+    prev = hidden[:, None]  # (B, 1, D): the state the root's children are predicted from
+    for d, nodes in enumerate(tree.expanders):  # nodes: (n_d,) nodes at depth d that have children
+        parent_rows = tree.child_slot[nodes] if d > 0 else torch.zeros_like(nodes)  # (n_d,) columns of `prev`
+        state = heads.head_state(d, prev[:, parent_rows], embed(tokens[:, nodes]))  # (B, n_d, D)
+        top = heads.project(d, state, lm_head).topk(tree.level_topk[d], dim=-1).indices  # (B, n_d, k_d)
+        lo, hi = tree.levels[d + 1]
+        tokens[:, lo:hi] = top[:, tree.child_slot[lo:hi], tree.rank[lo:hi]]  # each child: its parent's, its rank
+        prev = state
+    return tokens
+
+
+def accept_batch(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg: AcceptanceConfig):
+    """``acceptance.accept`` for B rows: logits (B, T, V), tokens (B, T) -> path (B, D+1), n (B,), bonus (B,).
+
+    Greedy is vectorised over rows (the same first-longest path as ``accept_greedy``); the sampling rules run row by
+    row (their random draws differ from a batch-size-1 run anyway)."""
+    if cfg.rule != "greedy":
+        picked = [accept(logits[b], tokens[b], tree, cfg) for b in range(tokens.shape[0])]
+        return tuple(torch.stack(x) for x in zip(*picked, strict=True))
+    pred = logits.argmax(-1)  # (B, T) the backbone's choice after each node
+    ok = (tokens == pred[:, tree.parent.clamp(min=0)]) | (tree.parent < 0)  # (B, T) the root is always kept
+    ret = tree.retrieve  # (P, D+1), -1 padded
+    path_ok = ok[:, ret.clamp(min=0)] & (ret >= 0)  # (B, P, D+1)
+    accepted = path_ok.long().cumprod(dim=2).sum(dim=2) - 1  # (B, P) accepted tokens per path, root excluded
+    best = accepted.argmax(dim=1)  # (B,) each row's first longest path
+    path = ret[best].clamp(min=0)  # (B, D+1)
+    n = accepted.gather(1, best[:, None])[:, 0]  # (B,)
+    bonus = pred.gather(1, path.gather(1, n[:, None]))[:, 0]  # (B,) the prediction after the last accepted node
+    return path, n, bonus

@@ -5,8 +5,10 @@ import pytest
 import torch
 from conftest import FakeTokenizer, random_heads, tiny_llama
 
+from medusa_llama.decode import proposal
+from medusa_llama.decode.acceptance import AcceptanceConfig, accept
 from medusa_llama.decode.backbone import make_backbone
-from medusa_llama.decode.batch import BatchedDecoder
+from medusa_llama.decode.batch import BatchedDecoder, accept_batch, propose_batch
 from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
 from medusa_llama.decode.model import batched_tree_attention_mask, tree_attention_mask
 from medusa_llama.decode.tree import build_tree, builtin_tree
@@ -37,6 +39,26 @@ def test_batched_mask_rows_equal_the_single_mask():
     mask = batched_tree_attention_mask(cache_len, tree.mask, 64, torch.float32)  # (3, 1, T, 64)
     for b in range(3):
         assert torch.equal(mask[b : b + 1], tree_attention_mask(cache_len[b], tree.mask, 64, torch.float32))
+
+
+@pytest.mark.parametrize("tree_name", ["chain", "tree16"])
+@pytest.mark.parametrize("kind", ["medusa", "sequential"])
+def test_batched_proposal_and_acceptance_equal_single_rows(backbone, kind, tree_name):
+    torch.manual_seed(1)
+    heads, tree = random_heads(kind), build_tree(builtin_tree(tree_name))
+    hidden, root = torch.randn(4, 64), torch.randint(0, 96, (4,))
+    embed, lm_head = backbone.embed, backbone.lm_head
+    tokens = propose_batch(heads, hidden, root, tree, embed, lm_head)  # (4, T)
+    for b in range(4):
+        assert torch.equal(tokens[b], proposal.propose(heads, hidden[b], root[b], tree, embed, lm_head))
+    logits = torch.randn(4, tree.size, 96)
+    logits[..., 5] += 8.0  # token 5 wins everywhere, so trees holding 5 accept long paths
+    tokens[:, 1::2] = 5
+    path, n, bonus = accept_batch(logits, tokens, tree, AcceptanceConfig())
+    assert n.max() > 0
+    for b in range(4):
+        ref = accept(logits[b], tokens[b], tree, AcceptanceConfig())
+        assert torch.equal(path[b], ref[0]) and n[b] == ref[1] and bonus[b] == ref[2]
 
 
 @pytest.mark.parametrize("tree_name", ["chain", "tree16"])
