@@ -19,6 +19,7 @@ import torch
 
 from medusa_llama.decode.backbone import BACKENDS, Backbone, make_backbone
 from medusa_llama.decode.decoder import MedusaDecoder, VanillaDecoder
+from medusa_llama.decode.dynamic_tree import DynamicTree, StepTree, parse_dynamic
 from medusa_llama.decode.heads import WEIGHTS_NAME, MedusaHeads
 from medusa_llama.decode.heads_io import load_heads
 from medusa_llama.decode.tree import DEFAULT_TREE, Tree, build_tree, load_choices
@@ -45,7 +46,8 @@ class DecoderOptions:
     tree: str | None = None
     """A built-in tree (chain, tree16, tree32, tree64, tree128) or a JSON file of medusa_choices paths (default: the
     tree chosen for this device kind and saved beside the heads, tree_cpu.json / tree_cuda.json, else tree64). A
-    built-in tree deeper than the heads is cut to fit them."""
+    built-in tree deeper than the heads is cut to fit them. ``dynamic<N>`` (e.g. dynamic64): a tree of N nodes shaped
+    each step from the heads' confidences (EAGLE-2 style; ``dynamic<N>k<k>`` sets the top-k, default 8)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto: cuda when available, else cpu."""
     dtype: str = "auto"
@@ -93,7 +95,7 @@ class Pipeline:
 
     backbone: Backbone
     heads: MedusaHeads | None
-    tree: Tree | None
+    tree: Tree | StepTree | None
     decoder: MedusaDecoder | VanillaDecoder
     options: DecoderOptions
     tree_spec: str | None = None
@@ -185,9 +187,12 @@ def fit_tree(choices: list[list[int]], num_heads: int, spec: str = "") -> list[l
     return [p for p in choices if len(p) <= num_heads]
 
 
-def load_tree(spec: str | None, num_heads: int) -> Tree:
-    """``--tree`` (None: the built-in default) read, fitted to the heads and built."""
+def load_tree(spec: str | None, num_heads: int) -> Tree | DynamicTree:
+    """``--tree`` (None: the built-in default) read, fitted to the heads and built; ``dynamic<N>`` over all heads."""
     spec = spec or DEFAULT_TREE
+    dynamic = parse_dynamic(spec, num_heads)
+    if dynamic is not None:
+        return dynamic
     return build_tree(fit_tree(load_choices(spec), num_heads, spec), num_heads)
 
 

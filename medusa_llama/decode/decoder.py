@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medusa_llama.decode import proposal
+from medusa_llama.decode import dynamic_tree, proposal
 from medusa_llama.decode.acceptance import AcceptanceConfig, accept, next_token, pick
 from medusa_llama.decode.backbone import Backbone
+from medusa_llama.decode.dynamic_tree import DynamicTree, StepTree
 from medusa_llama.decode.heads import MedusaHeads
 from medusa_llama.decode.tree import Tree, build_tree
 from medusa_llama.errors import MedusaError
@@ -288,19 +289,24 @@ class MedusaDecoder(_Decoder):
     """Tree decoding with Medusa heads. Greedy acceptance reproduces the backbone's greedy output exactly.
 
     A tree of the root alone (``[]``) decodes exactly as ``VanillaDecoder``, at its cost: the heads are not run.
+    A ``DynamicTree`` shapes each step's tree from the heads' confidences (``dynamic_tree.py``): ``self.tree`` is then
+    a ``StepTree`` whose buffers each proposal overwrites.
     """
 
     def __init__(
         self,
         backbone: Backbone,
         heads: MedusaHeads,
-        tree: Tree | list,
+        tree: Tree | DynamicTree | list,
         use_cuda_graphs: bool = True,
         compile: bool = False,
     ):
         super().__init__(backbone, use_cuda_graphs, compile)
         heads.check_compatible(backbone.hidden_size, backbone.vocab_size, backbone.name)
-        if not isinstance(tree, Tree):
+        self.dynamic = tree if isinstance(tree, DynamicTree) else None
+        if self.dynamic is not None:
+            tree = StepTree.star(self.dynamic)
+        elif not isinstance(tree, Tree):
             tree = build_tree(tree, heads.num_heads)
         if tree.max_depth > heads.num_heads:
             raise MedusaError(f"the tree is {tree.max_depth} deep but the heads predict only {heads.num_heads} tokens")
@@ -314,6 +320,11 @@ class MedusaDecoder(_Decoder):
     def propose(self) -> None:
         """Fill ``self.tokens`` (the candidate tree) from ``self.hidden`` and ``self.root`` with the heads."""
         bb = self.backbone
+        if self.dynamic is not None:
+            tokens, tree = dynamic_tree.propose(self.heads, self.hidden, self.root, self.dynamic, bb.embed, bb.lm_head)
+            self.tokens.copy_(tokens)
+            self.tree.copy_(tree)
+            return
         self.tokens.copy_(proposal.propose(self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head))
 
     def _after_prefill(self) -> None:
