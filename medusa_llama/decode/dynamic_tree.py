@@ -168,9 +168,9 @@ def expand(next_logp: NextLogp, root: torch.Tensor, spec: DynamicTree) -> Candid
         below = torch.nextafter(f_value, torch.full_like(f_value, -torch.inf))  # (k,) just under each parent
         value = torch.minimum(f_value[:, None] + lp.clamp_min(MIN_LOGP), below[:, None]).flatten()  # (k*k,)
         token = tok.flatten()  # (k*k,) row-major: frontier node j's children are j*k .. j*k+k-1
-        rows = torch.arange(k, device=dev).repeat_interleave(k)  # (k*k,) the frontier row each child came from
+        rows = torch.arange(k, device=dev)[:, None].expand(k, k).flatten()  # (k*k,) the frontier row of each child
         parts[0].append(token)
-        parts[1].append((start + f).repeat_interleave(k))
+        parts[1].append((start + f)[:, None].expand(k, k).flatten())  # (k*k,) candidate index of each parent
         parts[2].append(torch.full((k * k,), d + 1, dtype=torch.long, device=dev))
         parts[3].append(value)
         start += k if d == 1 else k * k
