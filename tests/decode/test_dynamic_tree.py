@@ -187,3 +187,16 @@ def test_proposal_and_acceptance_make_no_host_sync(monkeypatch):
     monkeypatch.undo()
     for tokens, tree in proposed:
         check_is_tree(tokens, tree)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("kind", ["medusa", "sequential"])
+def test_dynamic_tree_step_is_one_cuda_graph_on_gpu(kind):
+    """The capture fails on any host sync; the replayed steps must still decode exactly as vanilla (fp32)."""
+    bb = make_backbone(tiny_llama().cuda(), FakeTokenizer(), "tiny", 256, "fast")
+    assert bb.supports_cuda_graphs
+    vanilla = VanillaDecoder(bb)
+    medusa = MedusaDecoder(bb, random_heads(kind), DynamicTree(48))
+    for prompt in ([4, 8, 15, 16, 23, 42], list(range(3, 30))):
+        assert medusa.generate(prompt, GREEDY).tokens == vanilla.generate(prompt, GREEDY).tokens
+    assert all(step.graph is not None for step in medusa._steps.values())
