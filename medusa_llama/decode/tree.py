@@ -184,7 +184,9 @@ def load_choices(spec: str) -> list[list[int]]:
         return builtin_tree(spec)
     path = Path(spec)
     if not path.is_file():
-        raise MedusaError(f"--tree {spec!r} is neither a built-in tree ({', '.join(BUILTIN_TREE_NAMES)}) nor a file")
+        raise MedusaError(
+            f"--tree {spec!r} is neither a built-in tree ({', '.join(BUILTIN_TREE_NAMES)}, dynamic<N>) nor a file"
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
