@@ -8,7 +8,7 @@ import importlib.util
 from medusa_llama.cli.generate import add_decoder_args
 from medusa_llama.cli.options import add_config_args, config_from_args
 from medusa_llama.errors import MedusaError
-from medusa_llama.pipeline import DecoderOptions, load_pipeline
+from medusa_llama.pipeline import DecoderOptions, Pipeline, load_pipeline
 from medusa_llama.serve.config import SERVE_ACCEPTANCE, ServeConfig
 
 SERVE_INSTALL = "pip install fastapi uvicorn"
@@ -24,7 +24,8 @@ def register(sub) -> None:
         "serve",
         help="serve the model over an OpenAI-compatible HTTP API",
         description="Serve /v1/chat/completions, /v1/completions and /v1/models (OpenAI's API, streamed or not) "
-        "with Medusa tree decoding. Requests share the model: they wait in a queue and run one at a time.",
+        "with Medusa tree decoding. Requests share the model: they wait in a queue and run one at a time, or "
+        "--batch-size at a time with one verify forward for all.",
     )
     add_decoder_args(p)
     add_serve_args(p)
@@ -36,10 +37,26 @@ def run_serve(args) -> int:
     if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
         raise MedusaError(f"medusa-llama serve needs fastapi and uvicorn: run `{SERVE_INSTALL}`")
     from medusa_llama.serve.app import create_app
-    from medusa_llama.serve.engine import DecoderEngine
     from medusa_llama.serve.server import run_server
 
     pipe = load_pipeline(config_from_args(DecoderOptions, args))
-    engine = DecoderEngine(pipe.decoder, cfg.served_model_name)
-    run_server(create_app(engine, cfg), cfg.host, cfg.port)
+    run_server(create_app(make_engine(pipe, cfg), cfg), cfg.host, cfg.port)
     return 0
+
+
+def make_engine(pipe: Pipeline, cfg: ServeConfig):
+    """The engine the scheduler drives: the pipeline's decoder one sequence at a time, or a batched decoder of
+    ``cfg.batch_size`` rows over the same backbone, heads and (static) tree."""
+    from medusa_llama.decode.backbone import FastBackbone
+    from medusa_llama.decode.batch import BatchedDecoder
+    from medusa_llama.decode.tree import Tree
+    from medusa_llama.serve.engine import BatchedEngine, DecoderEngine
+
+    if cfg.batch_size == 1:
+        return DecoderEngine(pipe.decoder, cfg.served_model_name)
+    if pipe.tree is not None and not isinstance(pipe.tree, Tree):
+        raise MedusaError("--batch-size > 1 takes a static tree (dynamic trees decode one sequence at a time)")
+    if not isinstance(pipe.backbone, FastBackbone):
+        raise MedusaError("--batch-size > 1 needs the fast backbone (--backend fast)")
+    decoder = BatchedDecoder(pipe.backbone, cfg.batch_size, pipe.heads, pipe.tree)
+    return BatchedEngine(decoder, cfg.served_model_name)

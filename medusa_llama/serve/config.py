@@ -30,6 +30,9 @@ class ServeConfig:
     step). Each chunk costs the decoding thread a few hundred microseconds on the CPU."""
     max_waiting: int = 64
     """Requests allowed to wait for the model; more are answered 429."""
+    batch_size: int = 1
+    """Sequences decoded together, one verify forward for all (continuous batching: a finished sequence's row is
+    refilled between steps). 1: one sequence at a time. Greedy output is the same at every batch size (fp32)."""
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -46,3 +49,5 @@ class ServeConfig:
             raise ValueError(f"--stream-interval must be a finite number >= 0, got {self.stream_interval}")
         if self.max_waiting < 1:
             raise ValueError(f"--max-waiting must be >= 1, got {self.max_waiting}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")

@@ -1,0 +1,57 @@
+"""``serve --batch-size N``: the real server over a batched engine answers several clients at once, each exactly as
+the single-sequence decoder would (fp32, greedy)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+from tiny_serving import MODEL_ID, CharTokenizer, tiny_decoder
+
+from medusa_llama.cli.serve import make_engine
+from medusa_llama.decode.decoder import GenerationConfig
+from medusa_llama.errors import MedusaError
+from medusa_llama.pipeline import DecoderOptions, Pipeline
+from medusa_llama.serve.app import create_app
+from medusa_llama.serve.config import ServeConfig
+from medusa_llama.serve.engine import BatchedEngine, DecoderEngine
+from medusa_llama.serve.server import background_server
+
+
+def tiny_pipeline(tree: str = "tree16") -> Pipeline:
+    decoder = tiny_decoder(tree)
+    return Pipeline(decoder.backbone, decoder.heads, decoder.tree, decoder, DecoderOptions(device="cpu"))
+
+
+def test_batch_size_picks_the_engine():
+    assert isinstance(make_engine(tiny_pipeline(), ServeConfig()), DecoderEngine)
+    engine = make_engine(tiny_pipeline(), ServeConfig(batch_size=3))
+    assert isinstance(engine, BatchedEngine) and engine.capacity == 3
+
+
+def test_batch_size_refuses_a_dynamic_tree():
+    pipe = tiny_pipeline()
+    pipe.tree = object()  # stands for a DynamicTree: anything that is not a static Tree
+    with pytest.raises(MedusaError, match="static tree"):
+        make_engine(pipe, ServeConfig(batch_size=2))
+
+
+def test_batched_server_answers_each_client_as_alone(one_thread):
+    engine = make_engine(tiny_pipeline(), ServeConfig(batch_size=3))
+    reference = tiny_decoder()
+    jobs = [(f"prompt {i}" + " more" * i, 8 + 5 * i) for i in range(5)]  # different lengths and budgets
+
+    with background_server(create_app(engine, ServeConfig(stream_interval=0))) as url:
+
+        def ask(job) -> str:
+            prompt, budget = job
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+            return client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=budget).choices[0].text
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(ask, jobs))
+    tok = CharTokenizer()
+    for (prompt, budget), answer in zip(jobs, answers, strict=True):
+        ids = reference.generate(tok(prompt)["input_ids"], GenerationConfig(max_new_tokens=budget)).tokens
+        assert answer == tok.decode(ids)
