@@ -166,6 +166,18 @@ def load_trainer_state(directory: Path) -> dict:
     return unflatten_state(saved["state"], load_file(directory / STATE_TENSORS))
 
 
+def check_checkpoint_slots(save_dir: Path) -> None:
+    """Refuse a ``save_dir`` whose ``last/`` or ``best/`` exists but was not written by this project: saving replaces
+    those two directories, and nothing the user wrote may be lost."""
+    for name in ("last", "best"):
+        slot = save_dir / name
+        if slot.exists() and not (slot / CONFIG_NAME).is_file():
+            raise MedusaError(
+                f"--save-dir {save_dir}: {slot} exists and is not a checkpoint medusa-llama wrote (no {CONFIG_NAME}); "
+                "choose another --save-dir"
+            )
+
+
 def save_checkpoint(
     final: Path,
     heads,
@@ -175,6 +187,7 @@ def save_checkpoint(
     trainer_state: dict | None = None,
 ) -> None:
     """Write a checkpoint atomically. ``peft_model`` None: no adapter; ``trainer_state`` None: not resumable."""
+    check_checkpoint_slots(final.parent)
     with staging_dir(final) as tmp:
         heads.save(tmp)
         if peft_model is not None:

@@ -33,6 +33,7 @@ from medusa_llama.train.checkpoint import (
     CONFIG_NAME,
     LOG_NAME,
     EventLog,
+    check_checkpoint_slots,
     find_resumable,
     load_checkpoint,
     plot_curves,
@@ -232,6 +233,7 @@ class Trainer:
         self.config, self.start_time = config, time.time()
         self.save_dir = Path(config.save_dir).expanduser()
         check_output_dir(self.save_dir, "--save-dir")  # a file there fails now, not after loading the model
+        check_checkpoint_slots(self.save_dir)
         meta = load_meta(config.data)
         ddp = DistributedDataParallelKwargs(find_unused_parameters=config.stage == "both")
         cpu = config.device == "cpu" or not torch.cuda.is_available()  # cpu=True also enables multi-process gloo

@@ -348,3 +348,18 @@ def test_bad_save_dir_fails_before_loading_the_model(where, tiny_dir, data_dir, 
     with pytest.raises(MedusaError, match="--save-dir"):
         train(config(tiny_dir, data_dir, tmp_path / where))
     assert (tmp_path / "a_file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("slot", ["best", "last"])
+def test_save_dir_holding_user_files_named_like_checkpoints_is_refused(slot, tiny_dir, data_dir, tmp_path, monkeypatch):
+    import medusa_llama.loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --save-dir was checked")
+
+    monkeypatch.setattr(medusa_llama.loading, "load_model", no_load)
+    (tmp_path / "run" / slot).mkdir(parents=True)
+    (tmp_path / "run" / slot / "notes.txt").write_text("mine")
+    with pytest.raises(MedusaError, match="not a checkpoint medusa-llama wrote"):
+        train(config(tiny_dir, data_dir, tmp_path / "run"))
+    assert (tmp_path / "run" / slot / "notes.txt").read_text() == "mine"
