@@ -3,31 +3,15 @@ gives it; rows freed by finished or cancelled requests are refilled."""
 
 from __future__ import annotations
 
-import threading
-
 from conftest import random_heads
-from tiny_serving import tiny_decoder
+from tiny_serving import Events, tiny_decoder
 
 from medusa_llama.decode.batch import BatchedDecoder
 from medusa_llama.decode.decoder import GenerationConfig
 from medusa_llama.decode.tree import builtin_tree
-from medusa_llama.serve.engine import BatchedEngine, Delta, Failed, Finished, Sequence
+from medusa_llama.serve.engine import BatchedEngine, Sequence
 from medusa_llama.serve.scheduler import Scheduler
 from medusa_llama.serve.text import TextStream
-
-
-class Events:
-    def __init__(self):
-        self.items, self.done = [], threading.Event()
-
-    def __call__(self, event) -> None:
-        self.items.append(event)
-        if isinstance(event, Finished | Failed):
-            self.done.set()
-
-    def text(self) -> str:
-        assert self.done.wait(60)
-        return "".join(e.text for e in self.items if isinstance(e, Delta | Finished))
 
 
 def test_batched_engine_matches_single_sequence_decoding(one_thread):

@@ -6,29 +6,12 @@ import threading
 import time
 
 import pytest
-from tiny_serving import tiny_decoder
+from tiny_serving import Events, tiny_decoder
 
 from medusa_llama.decode.decoder import GenerationConfig
 from medusa_llama.serve.engine import DecoderEngine, Engine, Failed, Finished, Sequence
 from medusa_llama.serve.scheduler import QueueFull, Scheduler
 from medusa_llama.serve.text import TextStream
-
-
-class Events:
-    """A sink collecting one sequence's events; ``done`` is set by its last one."""
-
-    def __init__(self):
-        self.items, self.done = [], threading.Event()
-
-    def __call__(self, event) -> None:
-        self.items.append(event)
-        if isinstance(event, Finished | Failed):
-            self.done.set()
-
-    @property
-    def last(self):
-        assert self.done.wait(30)
-        return self.items[-1]
 
 
 def sequence(engine: Engine, ids: list[int], budget: int = 12, stops=None) -> tuple[Sequence, Events]:
