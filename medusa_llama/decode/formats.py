@@ -150,17 +150,25 @@ def _tensor(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.detach().to("cpu", dtype).contiguous().clone()  # own storage: safetensors refuses shared tensors
 
 
+def _export_state(heads, base_lm_weight: torch.Tensor | None, block: str, lm_head: str) -> State:
+    """Our ``medusa`` heads' tensors under a format's names: ``block`` (with ``{h}`` and ``{layer}``) prefixes each
+    ResBlock's ``weight`` / ``bias``, ``lm_head`` (with ``{h}``) names each head's vocabulary projection."""
+    dtype = next(heads.parameters()).dtype
+    state = {}
+    for h, lm in enumerate(lm_head_weights(heads, base_lm_weight)):
+        for layer, res_block in enumerate(heads.blocks[h]):
+            prefix = block.format(h=h, layer=layer)
+            state[prefix + "weight"] = _tensor(res_block.linear.weight, dtype)
+            state[prefix + "bias"] = _tensor(res_block.linear.bias, dtype)
+        state[lm_head.format(h=h)] = _tensor(lm, dtype)
+    return state
+
+
 def to_faster_decoding(heads, base_lm_weight: torch.Tensor | None = None) -> tuple[dict, State]:
     """Our ``medusa`` heads -> FasterDecoding ``config.json`` dict + ``medusa_lm_head`` tensors."""
     c = heads.config
     check_exportable(c, FASTER_DECODING)
-    dtype = next(heads.parameters()).dtype
-    state = {}
-    for h, lm in enumerate(lm_head_weights(heads, base_lm_weight)):
-        for layer, block in enumerate(heads.blocks[h]):
-            state[f"{h}.{layer}.linear.weight"] = _tensor(block.linear.weight, dtype)
-            state[f"{h}.{layer}.linear.bias"] = _tensor(block.linear.bias, dtype)
-        state[f"{h}.{c.num_layers}.weight"] = _tensor(lm, dtype)
+    state = _export_state(heads, base_lm_weight, "{h}.{layer}.linear.", f"{{h}}.{c.num_layers}.weight")
     raw = {
         "medusa_num_heads": c.num_heads,
         "medusa_num_layers": c.num_layers,
@@ -175,13 +183,7 @@ def to_vllm(heads, base_lm_weight: torch.Tensor | None = None) -> tuple[dict, St
     """Our ``medusa`` heads -> vLLM ``config.json`` dict + tensors."""
     c = heads.config
     check_exportable(c, VLLM)
-    dtype = next(heads.parameters()).dtype
-    state = {}
-    for h, lm in enumerate(lm_head_weights(heads, base_lm_weight)):
-        for layer, block in enumerate(heads.blocks[h]):
-            state[f"blocks.{h}.layers.{layer}.weight"] = _tensor(block.linear.weight, dtype)
-            state[f"blocks.{h}.layers.{layer}.bias"] = _tensor(block.linear.bias, dtype)
-        state[f"lm_heads.{h}.weight"] = _tensor(lm, dtype)
+    state = _export_state(heads, base_lm_weight, "blocks.{h}.layers.{layer}.", "lm_heads.{h}.weight")
     raw = {
         "model_type": "medusa",
         "architectures": ["MedusaModel"],
