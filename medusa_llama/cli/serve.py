@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
+from dataclasses import replace
 
 from medusa_llama.cli.generate import add_decoder_args
 from medusa_llama.cli.options import add_config_args, config_from_args
 from medusa_llama.errors import MedusaError
-from medusa_llama.pipeline import DecoderOptions, Pipeline, load_pipeline
+from medusa_llama.pipeline import DecoderOptions, Pipeline, fit_tree, load_pipeline, resolve_heads_dir
 from medusa_llama.serve.config import SERVE_ACCEPTANCE, ServeConfig
+from medusa_llama.serve.trees import choose_tree, table_path
+
+log = logging.getLogger(__name__)
 
 SERVE_INSTALL = "pip install fastapi uvicorn"
 
@@ -40,23 +45,67 @@ def run_serve(args) -> int:
     from medusa_llama.serve.server import run_server
 
     pipe = load_pipeline(config_from_args(DecoderOptions, args))
+    if cfg.tree_table is None and pipe.heads is not None:  # default: the table saved beside the heads, if any
+        found = table_path(resolve_heads_dir(pipe.options.heads, pipe.options.model))
+        cfg = replace(cfg, tree_table=str(found) if found else None)
     run_server(create_app(make_engine(pipe, cfg), cfg), cfg.host, cfg.port)
     return 0
 
 
 def make_engine(pipe: Pipeline, cfg: ServeConfig):
     """The engine the scheduler drives: the pipeline's decoder one sequence at a time, or a batched decoder of
-    ``cfg.batch_size`` rows over the same backbone, heads and (static) tree."""
+    ``cfg.batch_size`` rows over the same backbone and heads. The tree is ``--tree`` when given, else the entry of
+    ``cfg.tree_table`` for this batch size and device type (an empty one: vanilla decoding), else the pipeline's."""
     from medusa_llama.decode.backbone import FastBackbone
     from medusa_llama.decode.batch import BatchedDecoder
     from medusa_llama.decode.tree import Tree
     from medusa_llama.serve.engine import BatchedEngine, DecoderEngine
 
+    heads, tree = serve_tree(pipe, cfg)
     if cfg.batch_size == 1:
-        return DecoderEngine(pipe.decoder, cfg.served_model_name)
-    if pipe.tree is not None and not isinstance(pipe.tree, Tree):
+        if heads is pipe.heads and tree is pipe.tree:
+            decoder = pipe.decoder
+        else:
+            decoder = pipe.vanilla() if heads is None else pipe.with_tree(tree).decoder
+        return DecoderEngine(decoder, cfg.served_model_name)
+    if tree is not None and not isinstance(tree, Tree):
         raise MedusaError("--batch-size > 1 takes a static tree (dynamic trees decode one sequence at a time)")
     if not isinstance(pipe.backbone, FastBackbone):
         raise MedusaError("--batch-size > 1 needs the fast backbone (--backend fast)")
-    decoder = BatchedDecoder(pipe.backbone, cfg.batch_size, pipe.heads, pipe.tree)
+    decoder = BatchedDecoder(pipe.backbone, cfg.batch_size, heads, tree)
     return BatchedEngine(decoder, cfg.served_model_name)
+
+
+def serve_tree(pipe: Pipeline, cfg: ServeConfig):
+    """(heads, tree) to serve: the pipeline's, or, when no ``--tree`` was given and ``cfg.tree_table`` names a table
+    with an entry for this device type, that entry's tree (heads None where it is empty: vanilla decoding)."""
+    from medusa_llama.decode.tree import build_tree
+
+    explicit = pipe.options.tree not in (None, "default")
+    if pipe.heads is None or explicit or cfg.tree_table is None:
+        why = "no heads" if pipe.heads is None else ("--tree" if explicit else "no tree table")
+        log.info("batch size %d: serving the pipeline's tree (%s)", cfg.batch_size, why)
+        return pipe.heads, pipe.tree
+    choice = choose_tree(cfg.tree_table, pipe.backbone.device.type, cfg.batch_size)
+    if choice is None:
+        log.info(
+            "batch size %d: %s has no %s entry; serving the pipeline's tree",
+            cfg.batch_size,
+            cfg.tree_table,
+            pipe.backbone.device.type,
+        )
+        return pipe.heads, pipe.tree
+    log.info(
+        "batch size %d: serving %s from %s, entry for batch size %d",
+        cfg.batch_size,
+        "vanilla decoding (no tree)" if choice.vanilla else f"a {choice.size}-node tree",
+        choice.source,
+        choice.table_batch_size,
+    )
+    if choice.vanilla:
+        return None, None
+    k = pipe.heads.num_heads
+    try:
+        return pipe.heads, build_tree(fit_tree(choice.choices, k), k)
+    except MedusaError as exc:
+        raise MedusaError(f"--tree-table {cfg.tree_table}: {exc}") from None

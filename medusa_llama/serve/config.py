@@ -33,6 +33,10 @@ class ServeConfig:
     batch_size: int = 1
     """Sequences decoded together, one verify forward for all (continuous batching: a finished sequence's row is
     refilled between steps). 1: one sequence at a time. Greedy output is the same at every batch size (fp32)."""
+    tree_table: str | None = None
+    """Trees per batch size, used when --tree is not given: a JSON file written by benchmarks/batch_throughput.py
+    --write-serve-trees (default: serve_trees.json beside the heads). The entry of the largest batch size <=
+    --batch-size for this device type is served; an empty tree there means vanilla decoding."""
 
     def __post_init__(self):
         if not 0 <= self.port < 65536:
@@ -51,3 +55,5 @@ class ServeConfig:
             raise ValueError(f"--max-waiting must be >= 1, got {self.max_waiting}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.tree_table == "":
+            raise ValueError("--tree-table must name a JSON file")
