@@ -7,7 +7,9 @@ forward, acceptance, KV compaction) is one CUDA-graph replay and the host reads 
 Medusa step (Cai et al., 2024, Sec. 2): the heads fill the tree from the last accepted hidden state; one forward
 verifies every node under the tree mask; the acceptance rule picks a path; its KV entries are compacted into
 place; the backbone's prediction after the path is the bonus token, the next tree's root. A tree of the root alone
-is vanilla decoding: the tree optimizer picks it where no tree pays for its extra work.
+is vanilla decoding: the tree optimizer picks it where no tree pays for its extra work. Heads with prefix attention
+(``prefix.py``) read the prefix layer's output instead of the last hidden state: the decoder keeps that layer's KV
+cache, filled from the prompt's hidden states at prefill and from the accepted path's after each step.
 
 ``profile`` times the phases of a step (``PHASES``) in a separate eager pass, to show where a step's time goes.
 """
@@ -27,6 +29,7 @@ from medusa_llama.decode.acceptance import AcceptanceConfig, accept, next_token,
 from medusa_llama.decode.backbone import Backbone
 from medusa_llama.decode.dynamic_tree import DynamicTree, StepTree
 from medusa_llama.decode.heads import MedusaHeads
+from medusa_llama.decode.prefix import PrefixCache
 from medusa_llama.decode.tree import Tree, build_tree
 from medusa_llama.errors import MedusaError
 
@@ -34,8 +37,8 @@ log = logging.getLogger(__name__)
 
 PHASES = ("verify_forward", "lm_head", "acceptance", "proposal", "commit")
 """The phases of a decode step, in the order ``profile`` reports them: the backbone's forward over the tree (one
-token for vanilla decoding), the LM head over its nodes, the acceptance rule, the heads' next proposal (none for
-vanilla decoding) and the KV commit with the step's bookkeeping."""
+token for vanilla decoding), the LM head over its nodes, the acceptance rule, the heads' next proposal (with the
+prefix layer's cache update; none for vanilla decoding) and the KV commit with the step's bookkeeping."""
 
 Mark = Callable[[str], None]
 """Called with a phase's name when that phase of a step ends (profiling only)."""
@@ -127,13 +130,14 @@ class _Decoder:
         self.compile = compile  # torch.compile the step (fuses the small elementwise kernels; slow first call)
         dev = backbone.device
         self.root = torch.zeros((), dtype=torch.long, device=dev)  # last emitted token, not yet in the cache
-        self.hidden = torch.zeros(backbone.hidden_size, dtype=backbone.dtype, device=dev)  # state before root
+        self.hidden = torch.zeros(backbone.hidden_size, dtype=backbone.dtype, device=dev)  # heads' input before root
         self._one = torch.ones(1, 1, dtype=torch.bool, device=dev)  # the one-token step's tree: mask (1, 1) ...
         self._zero = torch.zeros(1, dtype=torch.long, device=dev)  # ... depth (1,), and its path to commit
         self._steps: dict[str, StepRunner] = {}
 
     # Subclasses set _depth (max tree depth), _tree_size and self.out ([n, emitted tokens...]) and implement
-    # _make_step(cfg, mark) (a tensor-only step writing self.out; ``mark`` is for profiling) and _after_prefill().
+    # _make_step(cfg, mark) (a tensor-only step writing self.out; ``mark`` is for profiling) and
+    # _after_prefill(states), given the prompt's hidden states (P, D).
     def _step_for(self, cfg: AcceptanceConfig) -> StepRunner:
         key = repr(cfg)
         if key not in self._steps:
@@ -205,10 +209,10 @@ class _Decoder:
     def _prefill(self, prompt: torch.Tensor, cfg: AcceptanceConfig) -> None:
         """Run the prompt (P,), choose the first new token (the root) and make the first proposal."""
         bb = self.backbone
-        hidden = bb.prefill(prompt)[-1]  # (D,)
-        self.hidden.copy_(hidden)
-        self.root.copy_(next_token(bb.logits(hidden), cfg))
-        self._after_prefill()
+        states = bb.prefill(prompt)  # (P, D)
+        self.hidden.copy_(states[-1])
+        self.root.copy_(next_token(bb.logits(states[-1]), cfg))
+        self._after_prefill(states)
 
     @torch.no_grad()
     def profile(self, prompt_ids, config: GenerationConfig | None = None, steps: int = 8) -> dict[str, float]:
@@ -278,7 +282,7 @@ class VanillaDecoder(_Decoder):
         super().__init__(backbone, use_cuda_graphs, compile)
         self.out = torch.zeros(2, dtype=torch.long, device=backbone.device)  # [n = 0, next token]
 
-    def _after_prefill(self) -> None:
+    def _after_prefill(self, states: torch.Tensor) -> None:
         pass
 
     def _make_step(self, cfg: AcceptanceConfig, mark: Mark | None = None):
@@ -316,6 +320,10 @@ class MedusaDecoder(_Decoder):
         self._tree_size = tree.size
         self.tokens = torch.zeros(tree.size, dtype=torch.long, device=backbone.device)  # the current candidates
         self.out = torch.zeros(tree.max_depth + 2, dtype=torch.long, device=backbone.device)  # [n, emitted...]
+        # The prefix layer's KV cache, for heads with prefix attention (a root-only tree runs no heads: none).
+        self.prefix_cache = None
+        if self.heads.prefix is not None and tree.size > 1:
+            self.prefix_cache = PrefixCache(self.heads.prefix, backbone.max_seq_len, backbone.device, backbone.dtype)
 
     def propose(self) -> None:
         """Fill ``self.tokens`` (the candidate tree) from ``self.hidden`` and ``self.root`` with the heads."""
@@ -327,7 +335,10 @@ class MedusaDecoder(_Decoder):
             return
         self.tokens.copy_(proposal.propose(self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head))
 
-    def _after_prefill(self) -> None:
+    def _after_prefill(self, states: torch.Tensor) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.reset()
+            self.hidden.copy_(self.prefix_cache.extend(states)[-1])  # the layer over the prompt, positions 0..P-1
         if self.tree.size > 1:
             self.propose()
 
@@ -356,6 +367,9 @@ class MedusaDecoder(_Decoder):
             self.root.copy_(bonus)
             if mark:
                 mark("commit")
+            if self.prefix_cache is not None:  # the accepted path (root + n nodes) joins the prefix layer's cache
+                rows = self.prefix_cache.extend(hidden[path.clamp(min=0)], n + 1)  # (D+1, D), rows past n padding
+                self.hidden.copy_(pick(rows, n))
             self.propose()
             if mark:
                 mark("proposal")

@@ -10,6 +10,9 @@ Two kinds share one interface:
   ``s_k = s_{k-1} + SiLU(A_k s_{k-1} + B_k e(x_{t+k}) + b_k)`` with ``s_0 = h_t`` (then ``L - 1`` more residual
   blocks), so deeper heads know which branch they extend. It measured clearly better on SmolLM2 (FACTS.md).
 
+With ``prefix_attention`` (Hydra++, ``prefix.py``) either kind reads, instead of h_t, the output at t of one extra
+decoder layer over h_0 .. h_t: training runs it over the block (``head_inputs``), decoding keeps its KV cache.
+
 The vocab projection is either the backbone's own LM head, shared and frozen (``lm_head="shared"``, small
 checkpoints), or a trainable copy per head (``lm_head="own"``, the Medusa-1 format).
 
@@ -24,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from medusa_llama.decode.prefix import PrefixLayer
 
 HEAD_KINDS = ("medusa", "sequential")
 LM_HEAD_MODES = ("shared", "own")
@@ -47,6 +52,14 @@ class HeadsConfig:
     """``shared``: the backbone's frozen LM head; ``own``: a trainable copy per head."""
     base_model: str = ""
     """Name of the backbone the heads were trained on (checked on load)."""
+    prefix_attention: bool = False
+    """Hydra++ prefix attention: the heads read one extra decoder layer's output over h_0 .. h_t instead of h_t."""
+    prefix_num_heads: int = 9
+    """Attention heads of the prefix layer (the backbone's count)."""
+    prefix_intermediate_size: int | None = None
+    """The prefix layer's SwiGLU width (None: 2 x hidden size)."""
+    rope_theta: float = 10000.0
+    """RoPE base of the prefix layer (the backbone's)."""
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
@@ -57,6 +70,10 @@ class HeadsConfig:
             raise ValueError(f"--num-heads must be >= 1, got {self.num_heads}")
         if self.num_layers < 1:
             raise ValueError(f"--num-layers must be >= 1, got {self.num_layers}")
+        if self.prefix_attention and (self.prefix_num_heads < 1 or self.hidden_size % self.prefix_num_heads):
+            raise ValueError(
+                f"prefix_num_heads must divide the hidden size {self.hidden_size}, got {self.prefix_num_heads}"
+            )
 
 
 class ResBlock(nn.Module):
@@ -105,10 +122,23 @@ class MedusaHeads(nn.Module):
                 self.init_lm_heads_from(base_lm_head)
         else:
             self.lm_heads = None
+        self.prefix = None
+        if config.prefix_attention:
+            width = config.prefix_intermediate_size or 2 * d
+            self.prefix = PrefixLayer(d, config.prefix_num_heads, width, config.rope_theta)
 
     @property
     def num_heads(self) -> int:
         return self.config.num_heads
+
+    @property
+    def supports_batching(self) -> bool:
+        """Batched decoding (``batch.py``) keeps no prefix-layer cache: heads with prefix attention decode alone."""
+        return self.prefix is None
+
+    def head_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The heads' input states over whole sequences (B, L, D) from position 0: h_t, or the prefix layer's output."""
+        return hidden if self.prefix is None else self.prefix(hidden)
 
     def init_lm_heads_from(self, base_lm_head: nn.Module) -> None:
         """Start every own LM head as a copy of the base LM head (so head k starts as the base prediction)."""
@@ -132,8 +162,9 @@ class MedusaHeads(nn.Module):
     def chain_states(self, hidden: torch.Tensor, path_emb: torch.Tensor | None = None) -> list[torch.Tensor]:
         """States of all K heads along one path per position (training and chain decoding).
 
-        hidden: (..., D) backbone states h_t. path_emb: (K, ..., D) for sequential heads, path_emb[k] being the
-        embedding of x_{t+k+1} (teacher forcing: the true next tokens). Returns K tensors (..., D).
+        hidden: (..., D) input states (h_t, or the prefix layer's output: ``head_inputs``). path_emb: (K, ..., D) for
+        sequential heads, path_emb[k] being the embedding of x_{t+k+1} (teacher forcing: the true next tokens).
+        Returns K tensors (..., D).
         """
         states, s = [], hidden
         for k in range(self.num_heads):

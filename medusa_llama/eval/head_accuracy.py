@@ -43,14 +43,15 @@ def head_rank_hits(hf_model, heads, ids: list[int], prompt_len: int, topk: int =
         return hits, n
     device = next(hf_model.parameters()).device
     seq = torch.tensor([ids], device=device)  # (1, L)
-    hidden = _decoder_body(hf_model)(input_ids=seq).last_hidden_state[0, first:last]  # (N, D), N = last - first
+    hidden = _decoder_body(hf_model)(input_ids=seq).last_hidden_state  # (1, L, D)
+    hidden = heads.head_inputs(hidden.to(next(heads.parameters()).dtype))[0, first:last]  # (N, D), N = last - first
     pos = torch.arange(first, last, device=device)  # (N,) position t of each state
     emb = hf_model.get_input_embeddings()
     lm_head = hf_model.get_output_embeddings()
     # path_emb[k, i] = e(x_{t+k+1}): the true token before head k+1's target (clamped past the end, masked below)
     path_idx = (pos[None, :] + torch.arange(1, k_heads + 1, device=device)[:, None]).clamp(max=length - 1)  # (K, N)
     path_emb = emb(seq[0][path_idx]).to(hidden.dtype)  # (K, N, D)
-    states = heads.chain_states(hidden.to(next(heads.parameters()).dtype), path_emb)  # K x (N, D)
+    states = heads.chain_states(hidden, path_emb)  # K x (N, D)
     for k, state in enumerate(states):
         target_idx = pos + k + 2  # (N,) head k+1 predicts x_{t+k+2} (0-based k)
         valid = target_idx < length

@@ -112,17 +112,30 @@ def build_model(config: TrainConfig, device: torch.device, process_index: int):
         kind=config.head_kind,
         lm_head=config.lm_head,
         base_model=model_name(config.model),
+        prefix_attention=config.prefix_attention,
+        prefix_num_heads=base.config.num_attention_heads,
+        rope_theta=float(getattr(base.config, "rope_theta", None) or HeadsConfig.rope_theta),
     )
     heads = MedusaHeads(heads_config, base_lm_head=base.get_output_embeddings()).to(device=device, dtype=torch.float32)
     if config.init_heads:
-        start = MedusaHeads.load(config.init_heads)
-        mine, theirs = asdict(heads_config), asdict(start.config)
-        changed = [k for k in mine if k != "base_model" and mine[k] != theirs[k]]
-        if changed:
-            raise MedusaError(f"--init-heads {config.init_heads} differ in {', '.join(changed)} from the head flags")
-        heads.load_state_dict(start.state_dict())
+        init_heads(heads, config.init_heads)
     heads.requires_grad_(True)
     return model, peft_model, heads
+
+
+PREFIX_FIELDS = ("prefix_attention", "prefix_num_heads", "prefix_intermediate_size", "rope_theta")
+
+
+def init_heads(heads: MedusaHeads, path: str) -> None:
+    """Copy the heads at ``path`` into ``heads``; their configs must match, except that heads without prefix attention
+    may start heads with it (the new prefix layer keeps its identity init, so they start proposing the same)."""
+    start = MedusaHeads.load(path)
+    mine, theirs = asdict(heads.config), asdict(start.config)
+    ignored = ("base_model",) + (() if start.config.prefix_attention else PREFIX_FIELDS)
+    changed = [k for k in mine if k not in ignored and mine[k] != theirs[k]]
+    if changed:
+        raise MedusaError(f"--init-heads {path} differ in {', '.join(changed)} from the head flags")
+    heads.load_state_dict(start.state_dict(), strict=start.config.prefix_attention)  # lenient only on prefix.*
 
 
 class Batches:

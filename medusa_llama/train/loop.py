@@ -48,7 +48,9 @@ from medusa_llama.train.prepare import TokenBlocks, load_meta
 log = logging.getLogger(__name__)
 
 STAGES = ("medusa1", "medusa2", "both")
-RESUME_KEYS = ("model", "data", "num_heads", "head_kind", "lm_head", "num_layers", "stage", "qlora", "lora_r")
+RESUME_KEYS = (
+    "model", "data", "num_heads", "head_kind", "lm_head", "num_layers", "prefix_attention", "stage", "qlora", "lora_r"
+)  # fmt: skip
 
 
 @dataclass
@@ -67,8 +69,12 @@ class TrainConfig:
     """``shared``: the backbone's frozen LM head; ``own``: a trainable copy per head."""
     num_layers: int = 1
     """Residual blocks per head."""
+    prefix_attention: bool = False
+    """Hydra++ prefix attention: the heads read one extra decoder layer (trained with them) over the backbone's
+    hidden states instead of the last one. Not exportable to vLLM / FasterDecoding; decodes one sequence at a time."""
     init_heads: str | None = None
-    """Start from these trained heads (e.g. the Medusa-1 heads before a Medusa-2 run); must match the head flags."""
+    """Start from these trained heads (e.g. the Medusa-1 heads before a Medusa-2 run); must match the head flags
+    (heads without prefix attention may start heads with it: the new prefix layer starts as the identity)."""
     stage: str = "medusa1"
     """``medusa1`` (frozen backbone), ``medusa2`` (joint LoRA), or ``both`` (medusa1 warm-up, then medusa2)."""
     medusa1_steps: int | None = None
@@ -302,7 +308,8 @@ class Trainer:
         if resume_from is None:
             raise MedusaError(f"--resume: no checkpoint in {save_dir / 'last'}")
         saved = json.loads((resume_from / CONFIG_NAME).read_text())
-        changed = [k for k in RESUME_KEYS if saved.get(k) != asdict(config).get(k)]
+        # A key missing from an older run's file held its default then (prefix_attention came later).
+        changed = [k for k in RESUME_KEYS if saved.get(k, getattr(TrainConfig, k, None)) != asdict(config).get(k)]
         if changed:
             raise MedusaError(f"--resume: {resume_from} was trained with other {', '.join(changed)}")
         return resume_from

@@ -6,6 +6,8 @@ Indexing (Cai et al. 2024, Sec. 2.2, with 0-based heads): for input x_0..x_{T-1}
     its loss is masked by the loss mask of x_{t+k+2} and weighted lambda^k
     soft target (self-distillation): the teacher's next-token distribution at position t+k+1
     sequential heads are teacher forced: head k reads e(x_{t+k+1}) (``MedusaHeads.chain_states``)
+    with prefix attention the heads read the prefix layer's output over the block instead of h_t (the soft
+    targets still come from the backbone's own states)
 
 Medusa-1 (``joint=False``): the backbone runs under ``no_grad`` and only the heads learn. Medusa-2
 (``joint=True``): LoRA adapters learn too; the LM head's loss is KL(teacher || student), the teacher being the
@@ -134,7 +136,7 @@ class MedusaObjective(nn.Module):
         B, T, D = hidden.shape
         dtype = next(self.heads.parameters()).dtype  # fp32 heads on a bf16 backbone (autocast or not)
         path_emb = self.path_embeddings(input_ids).to(dtype) if self.heads.config.kind == "sequential" else None
-        states = self.heads.chain_states(hidden.to(dtype), path_emb)  # K x (B, T, D)
+        states = self.heads.chain_states(self.heads.head_inputs(hidden.to(dtype)), path_emb)  # K x (B, T, D)
         lm_head = self.lm_head
         out = {"head_loss": [], "head_correct": [], "head_count": []}
         loss = hidden.new_zeros((), dtype=torch.float32)

@@ -1,0 +1,160 @@
+"""Prefix attention (Hydra++): a fresh layer is the identity; the cached decoding form equals the training form;
+decoding with prefix heads stays lossless and keeps the layer's cache in step with the backbone's; files round-trip;
+the export formats refuse it."""
+
+import json
+
+import pytest
+import torch
+from conftest import FakeTokenizer, random_heads, tiny_llama
+
+from medusa_llama.decode import proposal
+from medusa_llama.decode.backbone import make_backbone
+from medusa_llama.decode.decoder import PHASES, GenerationConfig, MedusaDecoder, VanillaDecoder
+from medusa_llama.decode.dynamic_tree import DynamicTree
+from medusa_llama.decode.formats import EXPORT_FORMATS
+from medusa_llama.decode.heads import CONFIG_NAME, HeadsConfig, MedusaHeads
+from medusa_llama.decode.heads_io import export_heads
+from medusa_llama.decode.prefix import PrefixCache
+from medusa_llama.decode.tree import builtin_tree
+from medusa_llama.errors import MedusaError
+
+PREFIX = dict(prefix_attention=True, prefix_num_heads=4)
+GREEDY = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
+TREES = {"tree64": lambda: builtin_tree("tree64"), "dynamic16": lambda: DynamicTree(16, 4, 4)}
+
+
+def prefix_heads(kind: str = "sequential", std: float = 0.3, seed: int = 0) -> MedusaHeads:
+    return random_heads(kind, seed=seed, std=std, **PREFIX)
+
+
+@pytest.fixture(scope="module", params=["fast", "hf"])
+def backbone(request):
+    return make_backbone(tiny_llama(), FakeTokenizer(), "tiny", 256, request.param)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "sequential"])
+def test_fresh_prefix_layer_is_the_identity(kind):
+    heads = MedusaHeads(HeadsConfig(hidden_size=64, vocab_size=96, kind=kind, **PREFIX))
+    x = torch.randn(2, 9, 64)
+    assert torch.equal(heads.head_inputs(x), x)
+    cache = PrefixCache(heads.prefix, 32, torch.device("cpu"), torch.float32)
+    assert torch.equal(cache.extend(x[0]), x[0])
+
+
+def test_extend_in_pieces_equals_the_training_form():
+    layer = prefix_heads().prefix
+    x = torch.randn(1, 20, 64)
+    with torch.no_grad():
+        full = layer(x)[0]  # (20, D)
+    cache = PrefixCache(layer, 64, torch.device("cpu"), torch.float32)
+    out, at = [], 0
+    for n, count in ((5, 5), (4, 1), (4, 3), (1, 1), (6, 4), (7, 6)):  # chunks of n rows, the first `count` real
+        rows = torch.cat([x[0, at : at + count], torch.randn(n - count, 64)])  # padding rows after the real ones
+        out.append(cache.extend(rows, torch.tensor(count))[:count])
+        at += count
+    assert at == 20 and int(cache.length) == 20
+    torch.testing.assert_close(torch.cat(out), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tree", TREES)
+@pytest.mark.parametrize("kind", ["medusa", "sequential"])
+def test_prefix_heads_greedy_equals_vanilla(backbone, kind, tree):
+    g = torch.Generator().manual_seed(3)
+    medusa = MedusaDecoder(backbone, prefix_heads(kind), TREES[tree]())
+    for n in (5, 23):
+        prompt = torch.randint(0, 96, (n,), generator=g).tolist()
+        assert medusa.generate(prompt, GREEDY).tokens == VanillaDecoder(backbone).generate(prompt, GREEDY).tokens
+
+
+def expected_head_input(backbone, heads, prompt, continuation):
+    """The training form's heads input at the last committed token: the prefix layer over h_0 .. h_{L-1}."""
+    committed = int(backbone.cache_len)
+    seq = torch.tensor([(prompt + continuation)[:committed]])  # (1, L): the tokens in the backbone's cache
+    with torch.no_grad():
+        hidden = backbone.hf_model.model(input_ids=seq).last_hidden_state  # (1, L, D)
+        return heads.head_inputs(hidden)[0, -1]
+
+
+class OracleChain(MedusaHeads):
+    """Prefix heads whose rank-0 chain always holds the vanilla continuation: every step accepts the whole depth."""
+
+    def __init__(self, backbone, prompt_len: int, answer: list[int]):
+        super().__init__(prefix_heads().config)
+        self.load_state_dict(prefix_heads().state_dict())
+        self.backbone, self.prompt_len, self.answer = backbone, prompt_len, answer
+
+    def propose(self, hidden, root, tree, embed, lm_head):
+        at = int(self.backbone.cache_len) - self.prompt_len + 1  # index in `answer` of the root's successor
+        tokens = torch.zeros(tree.size, dtype=torch.long)
+        tokens[0] = root
+        for i, path in enumerate(tree.paths, start=1):
+            right = all(r == 0 for r in path) and at + len(path) - 1 < len(self.answer)
+            tokens[i] = self.answer[at + len(path) - 1] if right else 95
+        return tokens
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_decoder_heads_input_equals_the_training_form(backbone, tree):
+    """The cache bookkeeping, pinned directly: a wrong row would only lower acceptance, never break losslessness."""
+    prompt = list(range(3, 14))
+    ref = VanillaDecoder(backbone).generate(prompt, GenerationConfig(max_new_tokens=60, stop_at_eos=False)).tokens
+    heads = prefix_heads(std=0.05)
+    dec = MedusaDecoder(backbone, heads, TREES[tree]())
+    out = dec.generate(prompt, GenerationConfig(max_new_tokens=30, stop_at_eos=False))
+    assert out.steps > 3 and int(dec.prefix_cache.length) == int(backbone.cache_len)
+    torch.testing.assert_close(dec.hidden, expected_head_input(backbone, dec.heads, prompt, ref), rtol=1e-4, atol=1e-4)
+
+
+def test_heads_input_after_fully_accepted_steps(backbone, monkeypatch):
+    monkeypatch.setattr(proposal, "propose", lambda heads, *args: heads.propose(*args))  # the oracle proposes
+    prompt = list(range(3, 14))
+    ref = VanillaDecoder(backbone).generate(prompt, GenerationConfig(max_new_tokens=60, stop_at_eos=False)).tokens
+    dec = MedusaDecoder(backbone, OracleChain(backbone, len(prompt), ref), builtin_tree("tree64"))
+    out = dec.generate(prompt, GenerationConfig(max_new_tokens=25, stop_at_eos=False))
+    assert out.tokens == ref[:25] and out.accepted_per_depth[2] == out.steps  # every step accepted 3 candidates
+    torch.testing.assert_close(dec.hidden, expected_head_input(backbone, dec.heads, prompt, ref), rtol=1e-4, atol=1e-4)
+
+
+def test_root_only_tree_keeps_no_prefix_cache(backbone):
+    dec = MedusaDecoder(backbone, prefix_heads(), [])
+    assert dec.prefix_cache is None
+    assert dec.generate([1, 2, 3], GREEDY).tokens == VanillaDecoder(backbone).generate([1, 2, 3], GREEDY).tokens
+
+
+def test_profile_reports_the_prefix_in_the_proposal_phase(backbone):
+    ms = MedusaDecoder(backbone, prefix_heads(), builtin_tree("tree16")).profile([1, 2, 3, 4], GREEDY, steps=3)
+    assert set(ms) == {*PHASES, "total"} and ms["proposal"] > 0
+
+
+def test_save_load_round_trip_gives_the_same_proposals(tmp_path, backbone):
+    heads = prefix_heads()
+    heads.save(tmp_path / "h")
+    assert json.loads((tmp_path / "h" / CONFIG_NAME).read_text())["prefix_attention"] is True
+    loaded = MedusaHeads.load(tmp_path / "h")
+    assert loaded.config == heads.config and loaded.state_dict().keys() == heads.state_dict().keys()
+    assert any(k.startswith("prefix.") for k in loaded.state_dict())
+    a = MedusaDecoder(backbone, heads, builtin_tree("tree64"))
+    b = MedusaDecoder(backbone, loaded, builtin_tree("tree64"))
+    for dec in (a, b):
+        dec.generate(list(range(10)), GenerationConfig(max_new_tokens=12, stop_at_eos=False))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.hidden, b.hidden)
+
+
+def test_old_config_without_the_key_loads_without_prefix(tmp_path):
+    heads = random_heads()
+    heads.save(tmp_path / "h")
+    raw = json.loads((tmp_path / "h" / CONFIG_NAME).read_text())
+    old = {k: v for k, v in raw.items() if not k.startswith("prefix") and k != "rope_theta"}
+    (tmp_path / "h" / CONFIG_NAME).write_text(json.dumps(old))
+    loaded = MedusaHeads.load(tmp_path / "h")
+    assert loaded.config.prefix_attention is False and loaded.prefix is None and loaded.supports_batching
+    assert not prefix_heads().supports_batching
+
+
+@pytest.mark.parametrize("fmt", EXPORT_FORMATS)
+def test_export_refuses_prefix_heads(tmp_path, fmt):
+    heads = random_heads("medusa", lm_head="own", **PREFIX)
+    with pytest.raises(MedusaError, match="prefix attention cannot be exported"):
+        export_heads(heads, tmp_path / "out", fmt)
+    assert not (tmp_path / "out").exists()
