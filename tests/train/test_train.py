@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -363,3 +364,35 @@ def test_save_dir_holding_user_files_named_like_checkpoints_is_refused(slot, tin
     with pytest.raises(MedusaError, match="not a checkpoint medusa-llama wrote"):
         train(config(tiny_dir, data_dir, tmp_path / "run"))
     assert (tmp_path / "run" / slot / "notes.txt").read_text() == "mine"
+
+
+def test_prefix_heads_train_save_and_start_from_plain_heads(tiny_dir, data_dir, tmp_path):
+    from medusa_llama.cli.train import add_train_args, train_config
+
+    parser = argparse.ArgumentParser()
+    add_train_args(parser)
+    assert train_config(parser.parse_args(["--prefix-attention"])).prefix_attention
+    cfg = config(
+        tiny_dir, data_dir, tmp_path / "run", max_steps=24, eval_every=12, save_every=24, lr=2e-3, prefix_attention=True
+    )
+    train(cfg)
+    events = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in events if e["event"] == "train"]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    trained = MedusaHeads.load(tmp_path / "run" / "best")
+    c = trained.config
+    assert c.prefix_attention and (c.prefix_num_heads, c.rope_theta) == (4, 10000.0)  # the backbone's
+    assert trained.prefix.o_proj.weight.abs().sum() > 0 and trained.prefix.down_proj.weight.abs().sum() > 0  # learnt
+    # plain heads start prefix heads: their weights copied, the new prefix layer the identity
+    start = make_heads("sequential")
+    start.save(tmp_path / "plain")
+    cfg = config(tiny_dir, data_dir, tmp_path / "run2", num_heads=3, max_steps=2, lr=1e-12, prefix_attention=True)
+    train(dataclasses.replace(cfg, init_heads=str(tmp_path / "plain")))
+    got = MedusaHeads.load(tmp_path / "run2" / "best")
+    assert all(torch.allclose(got.state_dict()[k], v, atol=1e-8) for k, v in start.state_dict().items())
+    assert got.prefix.o_proj.weight.abs().max() < 1e-8 and got.prefix.down_proj.weight.abs().max() < 1e-8
+    # but prefix heads do not start plain heads (their prefix layer would be dropped)
+    trained.save(tmp_path / "with_prefix")
+    wrong = config(tiny_dir, data_dir, tmp_path / "run3", init_heads=str(tmp_path / "with_prefix"))
+    with pytest.raises(MedusaError, match="--init-heads .* differ in prefix_attention"):
+        train(wrong)
