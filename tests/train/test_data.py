@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -130,37 +131,77 @@ def test_long_chat_truncated_and_raw_text_packed(tmp_path, smol_tokenizer):
     assert meta["splits"]["train"]["tokens"] == int(mask.sum())
 
 
-def test_self_distill_replaces_answers_with_model_output(tmp_path, smol_tokenizer):
+@pytest.fixture(scope="module")
+def tiny_smol(tmp_path_factory, smol_tokenizer):
+    """A tiny random Llama with the embedded tokenizer (its chat template), saved as a model directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model_dir = tmp_path / "tiny-smol"
+    model_dir = tmp_path_factory.mktemp("tiny-smol")
     config = LlamaConfig(
         vocab_size=len(smol_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(model_dir)
     smol_tokenizer.save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def _distill_config(tmp_path, model, out: str, **kw) -> PrepareConfig:
+    base = dict(block_size=64, val_fraction=0.0, max_new_tokens=6, distill_batch_size=2, device="cpu")
+    return PrepareConfig(model=model, out=str(tmp_path / out), **{**base, **kw})
+
+
+def _answers(out, tokenizer) -> str:
+    tokens, mask = TokenBlocks(out, "train")[np.arange(load_meta(out)["splits"]["train"]["blocks"])]
+    return tokenizer.decode(tokens[mask == 1].tolist())
+
+
+def test_self_distill_replaces_answers_with_model_output(tmp_path, smol_tokenizer, tiny_smol):
     path = tmp_path / "chats.jsonl"
     path.write_text("".join(json.dumps(_conv(i, "ORIGINAL ANSWER")) + "\n" for i in range(5)))
-    summary = prepare(
-        PrepareConfig(
-            dataset=str(path),
-            model=str(model_dir),
-            out=str(tmp_path / "out"),
-            block_size=64,
-            val_fraction=0.0,
-            self_distill=3,
-            max_new_tokens=6,
-            distill_batch_size=2,
-            device="cpu",
-        )  # fmt: skip
-    )
+    summary = prepare(_distill_config(tmp_path, tiny_smol, "out", dataset=str(path), self_distill=3))
     assert summary.self_distilled == 3 and summary.records == 5
-    tokens, mask = TokenBlocks(tmp_path / "out", "train")[
-        np.arange(load_meta(tmp_path / "out")["splits"]["train"]["blocks"])
-    ]
-    answers = smol_tokenizer.decode(tokens[mask == 1].tolist())
-    assert answers.count("ORIGINAL ANSWER") == 2
+    assert _answers(tmp_path / "out", smol_tokenizer).count("ORIGINAL ANSWER") == 2
+    meta = load_meta(tmp_path / "out")
+    assert meta["self_distill"]["generator"] == "fast" and meta["self_distill"]["prompts"] == 3
+    assert "tok/s" in summary.line()
+
+
+def test_self_distill_all_only_model_answers(tmp_path, smol_tokenizer, tiny_smol):
+    """-1 answers every chat; --self-distill-only drops what keeps a human answer (here: a prompt too long to
+    answer); a multi-turn chat becomes its first turn; the order of the source is kept; fast == hf, byte for byte."""
+    chats = [_conv(i, "ORIGINAL ANSWER") for i in range(7)]
+    chats[2]["conversations"] += [{"from": "human", "value": "LATER TURN"}, {"from": "gpt", "value": "LATER ANSWER"}]
+    chats[4]["conversations"][0]["value"] = "long " * 300  # more than block_size - max_new_tokens tokens
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    outs = {}
+    for backend in ("fast", "hf"):
+        config = _distill_config(
+            tmp_path, tiny_smol, backend, dataset=str(path), self_distill=-1, self_distill_only=True,
+            distill_backend=backend, block_size=256, max_new_tokens=8, distill_batch_size=3,
+        )  # fmt: skip
+        summary = prepare(config)
+        assert summary.self_distilled == 6 and summary.records == 6
+        assert summary.skipped_reasons == {"not self-distilled (--self-distill-only)": 1}
+        outs[backend] = tmp_path / backend
+    text = _answers(outs["fast"], smol_tokenizer)
+    assert "ORIGINAL" not in text and "LATER" not in text
+    tokens = TokenBlocks(outs["fast"], "train").tokens
+    prompt_order = [int(q) for q in re.findall(r"Question number (\d+)", smol_tokenizer.decode(tokens.ravel()))]
+    assert prompt_order == [0, 1, 2, 3, 5, 6]
+    for name in ("train.tokens.u32", "train.mask.u8"):
+        assert (outs["fast"] / name).read_bytes() == (outs["hf"] / name).read_bytes()
+    assert load_meta(outs["hf"])["self_distill"]["generator"] == "hf"
+
+
+def test_self_distill_flags_are_checked():
+    with pytest.raises(ValueError, match="--self-distill-only"):
+        PrepareConfig(self_distill_only=True)
+    with pytest.raises(ValueError, match="--self-distill "):
+        PrepareConfig(self_distill=-2)
+    with pytest.raises(ValueError, match="--distill-backend"):
+        PrepareConfig(self_distill=1, distill_backend="vllm")
 
 
 # -- --out: nothing of the user's is ever deleted ---------------------------------------------------------------------
