@@ -18,7 +18,6 @@ that many seconds. A candidate that fails is reported and skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ from medusa_llama.decode.decoder import GenerationConfig
 from medusa_llama.decode.tree import build_tree, load_choices
 from medusa_llama.eval.prompts import chat_ids, load_prompts
 from medusa_llama.pipeline import DecoderOptions, device_name, fit_tree, load_pipeline
+from medusa_llama.serve.bench import write_report
 from medusa_llama.serve.trees import prefix_tree, write_device_table
 
 
@@ -175,18 +175,15 @@ def main() -> None:
                 complete=b == sizes[-1],
                 measured=[{k: v for k, v in r.items() if k != "trees"} for r in rows],
             )
-    report = {
-        "device": dev_name,
-        "dtype": str(bb.dtype),
-        "tree_size": len(default) + 1,
-        "max_new_tokens": args.max_new_tokens,
-        "trees": trees,
-        "rows": rows,
-        "seconds": time.perf_counter() - t_start,
-    }
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report(
+        args.out,
+        bb,
+        time.perf_counter() - t_start,
+        tree_size=len(default) + 1,
+        max_new_tokens=args.max_new_tokens,
+        trees=trees,
+        rows=rows,
+    )
 
 
 def summarise(row: dict) -> None:

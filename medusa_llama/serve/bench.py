@@ -1,4 +1,5 @@
-"""What serving costs: streamed tokens/s through the server at one client against ``decoder.generate`` directly.
+"""What serving costs: streamed tokens/s through the server at one client against ``decoder.generate`` directly;
+and what a server delivers to many concurrent streaming clients (``load_test``).
 
 Both run the same decoder on the same prompts with the same settings, interleaved (generate, then the same prompt
 through the server), so that a machine busy with something else slows both alike. The server's figure counts from
@@ -69,3 +70,88 @@ def measure_serve_overhead(
     if direct_n != served_n:
         raise RuntimeError(f"the server produced {served_n} tokens where generate produced {direct_n}")
     return ServeOverhead(direct_n, direct_n / direct_s, served_n / served_s)
+
+
+# -- many clients at once ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    """What ``concurrency`` streaming clients got from a server, all requests together."""
+
+    concurrency: int
+    requests: int
+    tokens: int
+    """New tokens, from the final chunks' usage."""
+    steps: int
+    """Decode steps the requests took (the ``medusa`` field of the final chunks)."""
+    seconds: float
+    """From the first request sent to the last ``data: [DONE]`` read."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens per decode step over all requests (the prefill's token excluded)."""
+        return (self.tokens - self.requests) / self.steps if self.steps else 1.0
+
+
+async def _stream_async(client, url: str, prompt_ids: list[int], max_tokens: int) -> tuple[int, int]:
+    """Stream one completion; (new tokens, decode steps) from its final chunk."""
+    body = {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    final = None
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and '"usage"' in line:
+                final = json.loads(line[6:])
+    if final is None:
+        raise RuntimeError("the stream ended without usage")
+    return final["usage"]["completion_tokens"], final.get("medusa", {}).get("steps", 0)
+
+
+def load_test(url: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> LoadResult:
+    """``concurrency`` streaming clients, each sending the next waiting prompt as soon as its last answer ended,
+    until every prompt is answered (one event loop on this thread; the server runs on its own threads)."""
+    import asyncio
+
+    async def run() -> LoadResult:
+        waiting = list(reversed(prompts))
+        tokens = steps = 0
+        limits = httpx.Limits(max_connections=concurrency + 4)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+            async def worker() -> None:
+                nonlocal tokens, steps
+                while waiting:
+                    n, s = await _stream_async(client, url, waiting.pop(), max_tokens)
+                    tokens, steps = tokens + n, steps + s
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return LoadResult(concurrency, len(prompts), tokens, steps, time.perf_counter() - t0)
+
+    return asyncio.run(run())
+
+
+def measure_server_throughput(engine, prompts: list[list[int]], concurrency: int, max_tokens: int) -> LoadResult:
+    """Tokens/s of a server on ``engine`` under ``concurrency`` streaming clients, after a short warm-up (CUDA graph
+    capture, first connections). ``stream_interval`` is the server's default, as a user gets it."""
+    cfg = ServeConfig(max_waiting=max(64, concurrency * 2))
+    with background_server(create_app(engine, cfg)) as url:
+        load_test(url, prompts[:concurrency], concurrency, 8)
+        return load_test(url, prompts, concurrency, max_tokens)
+
+
+def write_report(path: str | None, backbone, seconds: float, **fields) -> dict:
+    """A benchmark's JSON report: the device and dtype first, then ``fields``, then the run's seconds; written to
+    ``path`` if given. Returns it."""
+    from medusa_llama.pipeline import device_name
+
+    report = {"device": device_name(backbone.device), "dtype": str(backbone.dtype), **fields, "seconds": seconds}
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
