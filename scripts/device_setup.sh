@@ -3,6 +3,7 @@
 set -e
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; fi
 if [ -d .whlsg ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whlsg/*.whl; fi
+if [ -d .whlserve ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whlserve/*.whl; fi
 if [ -d .whlbnb ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whlbnb/*.whl; fi
 export PYTHONPATH=/tmp/site:$PWD
 for d in .stage1 .stage2; do [ -d $d ] && cp $d/gguf.part.* /tmp/ ; done
