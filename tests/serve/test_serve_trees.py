@@ -75,9 +75,11 @@ def test_the_server_serves_the_table_entry_for_its_batch_size(table):
     assert engine.decoder.tree.size == 16
 
 
-def test_an_empty_entry_falls_back_to_vanilla(table):
-    engine = make_engine(tiny_pipeline(), ServeConfig(batch_size=16, tree_table=str(table)))
+def test_an_empty_entry_falls_back_to_vanilla(table, caplog):
+    with caplog.at_level("INFO", logger="medusa_llama.serve.trees"):
+        engine = make_engine(tiny_pipeline(), ServeConfig(batch_size=16, tree_table=str(table)))
     assert isinstance(engine, BatchedEngine) and engine.kind == "vanilla" and engine.decoder.tree.size == 1
+    assert "batch size 16: serving vanilla decoding (no tree)" in caplog.text  # the log says what was chosen
 
 
 def test_batch_size_one_takes_the_table_too(table, tmp_path):
