@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 from dataclasses import replace
 
 from medusa_llama.cli.generate import add_decoder_args
 from medusa_llama.cli.options import add_config_args, config_from_args
 from medusa_llama.errors import MedusaError
-from medusa_llama.pipeline import DecoderOptions, Pipeline, fit_tree, load_pipeline, resolve_heads_dir
+from medusa_llama.pipeline import DecoderOptions, Pipeline, load_pipeline, resolve_heads_dir
 from medusa_llama.serve.config import SERVE_ACCEPTANCE, ServeConfig
-from medusa_llama.serve.trees import choose_tree, table_path
-
-log = logging.getLogger(__name__)
+from medusa_llama.serve.trees import serve_tree, table_path
 
 SERVE_INSTALL = "pip install fastapi uvicorn"
 
@@ -74,38 +71,3 @@ def make_engine(pipe: Pipeline, cfg: ServeConfig):
         raise MedusaError("--batch-size > 1 needs the fast backbone (--backend fast)")
     decoder = BatchedDecoder(pipe.backbone, cfg.batch_size, heads, tree)
     return BatchedEngine(decoder, cfg.served_model_name)
-
-
-def serve_tree(pipe: Pipeline, cfg: ServeConfig):
-    """(heads, tree) to serve: the pipeline's, or, when no ``--tree`` was given and ``cfg.tree_table`` names a table
-    with an entry for this device type, that entry's tree (heads None where it is empty: vanilla decoding)."""
-    from medusa_llama.decode.tree import build_tree
-
-    explicit = pipe.options.tree not in (None, "default")
-    if pipe.heads is None or explicit or cfg.tree_table is None:
-        why = "no heads" if pipe.heads is None else ("--tree" if explicit else "no tree table")
-        log.info("batch size %d: serving the pipeline's tree (%s)", cfg.batch_size, why)
-        return pipe.heads, pipe.tree
-    choice = choose_tree(cfg.tree_table, pipe.backbone.device.type, cfg.batch_size)
-    if choice is None:
-        log.info(
-            "batch size %d: %s has no %s entry; serving the pipeline's tree",
-            cfg.batch_size,
-            cfg.tree_table,
-            pipe.backbone.device.type,
-        )
-        return pipe.heads, pipe.tree
-    log.info(
-        "batch size %d: serving %s from %s, entry for batch size %d",
-        cfg.batch_size,
-        "vanilla decoding (no tree)" if choice.vanilla else f"a {choice.size}-node tree",
-        choice.source,
-        choice.table_batch_size,
-    )
-    if choice.vanilla:
-        return None, None
-    k = pipe.heads.num_heads
-    try:
-        return pipe.heads, build_tree(fit_tree(choice.choices, k), k)
-    except MedusaError as exc:
-        raise MedusaError(f"--tree-table {cfg.tree_table}: {exc}") from None

@@ -22,8 +22,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from medusa_llama.decode.tree import validate_choices
+from medusa_llama.decode.dynamic_tree import StepTree
+from medusa_llama.decode.heads import MedusaHeads
+from medusa_llama.decode.tree import Tree, build_tree, validate_choices
 from medusa_llama.errors import MedusaError
+from medusa_llama.pipeline import Pipeline, fit_tree
+from medusa_llama.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -124,3 +128,36 @@ def prefix_tree(choices: list[list[int]], size: int) -> list[list[int]]:
             kept.append(list(p))
             taken.add(tuple(p))
     return kept
+
+
+def serve_tree(pipe: Pipeline, cfg: ServeConfig) -> tuple[MedusaHeads | None, Tree | StepTree | None]:
+    """(heads, tree) to serve: the pipeline's, or, when no ``--tree`` was given and ``cfg.tree_table`` names a table
+    with an entry for this device type, that entry's tree (heads None where it is empty: vanilla decoding)."""
+    explicit = pipe.options.tree not in (None, "default")
+    if pipe.heads is None or explicit or cfg.tree_table is None:
+        why = "no heads" if pipe.heads is None else ("--tree" if explicit else "no tree table")
+        log.info("batch size %d: serving the pipeline's tree (%s)", cfg.batch_size, why)
+        return pipe.heads, pipe.tree
+    choice = choose_tree(cfg.tree_table, pipe.backbone.device.type, cfg.batch_size)
+    if choice is None:
+        log.info(
+            "batch size %d: %s has no %s entry; serving the pipeline's tree",
+            cfg.batch_size,
+            cfg.tree_table,
+            pipe.backbone.device.type,
+        )
+        return pipe.heads, pipe.tree
+    log.info(
+        "batch size %d: serving %s from %s, entry for batch size %d",
+        cfg.batch_size,
+        "vanilla decoding (no tree)" if choice.vanilla else f"a {choice.size}-node tree",
+        choice.source,
+        choice.table_batch_size,
+    )
+    if choice.vanilla:
+        return None, None
+    k = pipe.heads.num_heads
+    try:
+        return pipe.heads, build_tree(fit_tree(choice.choices, k), k)
+    except MedusaError as exc:
+        raise MedusaError(f"--tree-table {cfg.tree_table}: {exc}") from None
