@@ -31,6 +31,7 @@ import hashlib
 import itertools
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -83,6 +84,9 @@ class PrepareConfig:
     """Longest self-distilled answer, in tokens."""
     distill_batch_size: int = 64
     """Prompts generated at once during self-distillation (rows of continuous batching, or one HF generate batch)."""
+    distill_seconds: float | None = None
+    """Time budget for self-distillation: after it no new prompt starts (those running finish), and the chats left
+    keep their original answers (None: no budget)."""
     distill_backend: str = "auto"
     """Self-distillation generator: fast (the project's batched decoder, CUDA graphs on a GPU), hf (HF generate on
     left-padded batches), or auto (fast where the fast backbone covers the model)."""
@@ -106,6 +110,8 @@ class PrepareConfig:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.distill_batch_size < 1:
             raise ValueError(f"--distill-batch-size must be >= 1, got {self.distill_batch_size}")
+        if self.distill_seconds is not None and self.distill_seconds <= 0:
+            raise ValueError(f"--distill-seconds must be > 0, got {self.distill_seconds}")
         if self.distill_backend not in DISTILL_BACKENDS:
             raise ValueError(f"--distill-backend must be one of {DISTILL_BACKENDS}, got {self.distill_backend!r}")
 
@@ -291,6 +297,7 @@ def self_distill_records(
         total = min(total or config.limit, config.limit)
     pending: deque[list] = deque()  # [record or None (dropped), resolved] in source order
     queued = 0
+    deadline = time.perf_counter() + (config.distill_seconds or float("inf"))
 
     def keep_original(record: Record) -> Record | None:
         if config.self_distill_only:
@@ -318,6 +325,13 @@ def self_distill_records(
                 entry[0] = keep_original(record)
             if queued >= quota:
                 return
+            if time.perf_counter() > deadline:
+                log.warning(
+                    "--distill-seconds %s reached after %d prompts: the rest are not self-distilled",
+                    config.distill_seconds,
+                    queued,
+                )
+                return
 
     def resolved() -> Iterator[Record]:
         while pending and pending[0][1]:
@@ -342,9 +356,8 @@ def self_distill_records(
         progress.close()
     yield from resolved()
     log.info("self-distilled %d answers (%s generator): %s", stats.answers, stats.generator, stats.rates())
-    for record in records:  # past the quota
-        if keep_original(record) is not None:
-            yield record
+    if not config.self_distill_only:  # past the quota every chat keeps its answer (or, with -only, is not read)
+        yield from records
 
 
 def _first_turn(record: Record) -> list[dict]:

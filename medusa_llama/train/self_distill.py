@@ -74,9 +74,9 @@ class Progress:
         self.stats.prompts += answers
         self.stats.new_tokens += tokens
         self.stats.seconds = time.perf_counter() - self.t0
+        self.bar.set_postfix(tok_s=f"{self.stats.new_tokens / max(self.stats.seconds, 1e-9):.0f}", refresh=False)
         if answers:
             self.bar.update(answers)
-            self.bar.set_postfix(tok_s=f"{self.stats.new_tokens / max(self.stats.seconds, 1e-9):.0f}", refresh=False)
 
     def close(self) -> None:
         self.bar.close()
@@ -104,14 +104,18 @@ class FastAnswerer:
                 if item is None:
                     exhausted = True
                     break
-                owner[dec.add(item[1], self.config)] = item[0]
+                row = dec.add(item[1], self.config)
+                owner[row] = item[0]
+                if progress:
+                    progress.update(0, 1)  # the prefill's token
             if not owner:
                 return
-            dec.step()
-            for row in [r for r in owner if dec.done(r)]:
+            new = dec.step()
+            finished = [r for r in owner if dec.done(r)]
+            if progress:
+                progress.update(len(finished), sum(map(len, new.values())))
+            for row in finished:
                 key, result = owner.pop(row), dec.release(row)
-                if progress:
-                    progress.update(1, len(result.tokens))
                 yield key, result.tokens
 
 

@@ -195,11 +195,23 @@ def test_self_distill_all_only_model_answers(tmp_path, smol_tokenizer, tiny_smol
     assert load_meta(outs["hf"])["self_distill"]["generator"] == "hf"
 
 
+def test_self_distill_time_budget_keeps_the_rest(tmp_path, smol_tokenizer, tiny_smol):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps(_conv(i, "ORIGINAL ANSWER")) + "\n" for i in range(5)))
+    summary = prepare(
+        _distill_config(tmp_path, tiny_smol, "out", dataset=str(path), self_distill=-1, distill_seconds=1e-9)
+    )
+    assert summary.self_distilled == 1 and summary.records == 5  # the first prompt starts, then the budget is spent
+    assert _answers(tmp_path / "out", smol_tokenizer).count("ORIGINAL ANSWER") == 4
+
+
 def test_self_distill_flags_are_checked():
     with pytest.raises(ValueError, match="--self-distill-only"):
         PrepareConfig(self_distill_only=True)
     with pytest.raises(ValueError, match="--self-distill "):
         PrepareConfig(self_distill=-2)
+    with pytest.raises(ValueError, match="--distill-seconds"):
+        PrepareConfig(self_distill=1, distill_seconds=0)
     with pytest.raises(ValueError, match="--distill-backend"):
         PrepareConfig(self_distill=1, distill_backend="vllm")
 
