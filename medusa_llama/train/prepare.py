@@ -86,7 +86,7 @@ class PrepareConfig:
     """Prompts generated at once during self-distillation (rows of continuous batching, or one HF generate batch)."""
     distill_seconds: float | None = None
     """Time budget for self-distillation: after it no new prompt starts (those running finish), and the chats left
-    keep their original answers (None: no budget)."""
+    keep their original answers, or with --self-distill-only are not read (None: no budget)."""
     distill_backend: str = "auto"
     """Self-distillation generator: fast (the project's batched decoder, CUDA graphs on a GPU), hf (HF generate on
     left-padded batches), or auto (fast where the fast backbone covers the model)."""
