@@ -26,6 +26,7 @@ from conftest import FakeTokenizer, random_heads, tiny_llama  # noqa: E402
 from medusa_llama.decode.attention import tree_attention, tree_attention_sdpa  # noqa: E402
 from medusa_llama.decode.backbone import make_backbone  # noqa: E402
 from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder  # noqa: E402
+from medusa_llama.decode.dynamic_tree import DynamicTree  # noqa: E402
 from medusa_llama.decode.tree import BUILTIN_TREE_NAMES, builtin_tree  # noqa: E402
 
 FAILURES: list[str] = []
@@ -85,7 +86,7 @@ def check_decoding() -> None:
     bb = make_backbone(tiny_llama().cuda(), FakeTokenizer(), "tiny", 512)
     check(bb.tree_kernel and bb.model.use_fused_kernels, "the GPU backbone defaults to the kernels")
     prompt = [1, 2, 3, 4, 5]
-    refs = {}
+    refs, accs = {}, {}
     for kernels in (True, False):
         bb.tree_kernel = bb.model.use_fused_kernels = kernels
         path = "kernel path" if kernels else "PyTorch path"
@@ -99,11 +100,21 @@ def check_decoding() -> None:
                     same = all(o.tokens == ref for o in outs)
                     acc = outs[-1].mean_accepted
                     check(same, f"{path}, graphs={graphs}, {kind} heads, {name}: Medusa == vanilla (acc {acc:.2f})")
+            for tname, tree in (("tree64", builtin_tree("tree64")), ("dynamic16", DynamicTree(16, 4, 4))):
+                # prefix heads (Hydra++): their layer's own KV cache must stay in step inside the graph
+                heads = random_heads("sequential", std=0.3, prefix_attention=True, prefix_num_heads=4)
+                dec = MedusaDecoder(bb, heads, tree, use_cuda_graphs=graphs)
+                outs = [dec.generate(prompt, cfg) for _ in range(2)]
+                accs[kernels, graphs, tname] = outs[-1].mean_accepted
+                same = all(o.tokens == ref for o in outs)
+                check(same, f"{path}, graphs={graphs}, prefix heads, {tname}: Medusa == vanilla")
             sampled = MedusaDecoder(bb, random_heads(), builtin_tree("tree64"), use_cuda_graphs=graphs).generate(
                 [1, 2, 3], GenerationConfig(max_new_tokens=32, temperature=0.8, seed=0, stop_at_eos=False)
             )
             check(len(sampled.tokens) == 32, f"{path}, graphs={graphs}: sampling runs")
         check(refs[kernels, True] == refs[kernels, False], f"{path}: CUDA-graph vanilla == eager vanilla")
+        for key in [k for k in accs if k[0] == kernels and k[1]]:  # the prefix cache kept in step under graphs
+            check(accs[key] == accs[kernels, False, key[2]], f"{path}, {key[2]}: prefix heads: graph accepts as eager")
     check(refs[True, True] == refs[False, True], "kernel path == PyTorch path (fp32 greedy tokens)")
     bb.tree_kernel = bb.model.use_fused_kernels = True
     out = VanillaDecoder(bb, compile=True).generate(prompt, cfg).tokens

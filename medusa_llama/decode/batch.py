@@ -136,6 +136,10 @@ class BatchedDecoder:
                 tree = build_tree(tree if tree is not None else [], heads.num_heads)
             if tree.max_depth > heads.num_heads:
                 raise MedusaError(f"the tree is {tree.max_depth} deep but the heads predict only {heads.num_heads}")
+            if tree.size > 1 and not heads.supports_batching:
+                raise MedusaError(
+                    "heads with prefix attention decode one sequence at a time: batched decoding cannot run them"
+                )
             heads = heads.to(device=dev, dtype=backbone.dtype).eval()
         self.heads = heads if tree.size > 1 else None  # a root-only tree runs no heads
         self.tree = tree.to(dev)

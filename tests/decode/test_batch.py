@@ -193,3 +193,11 @@ def test_batched_cuda_graph_steps_equal_single_on_gpu(prompts):
         dec = BatchedDecoder(bb, 3, heads, tree)
         assert [r.tokens for r in dec.generate_many(prompts, configs())] == refs
         assert all(step.graph is not None for step in dec._steps.values())
+
+
+def test_batched_decoding_refuses_prefix_heads_but_runs_them_as_vanilla(backbone, prompts):
+    heads = random_heads("sequential", prefix_attention=True, prefix_num_heads=4)
+    with pytest.raises(MedusaError, match="prefix attention"):
+        BatchedDecoder(backbone, 2, heads, builtin_tree("tree16"), use_cuda_graphs=False)
+    vanilla = BatchedDecoder(backbone, 2, heads, [], use_cuda_graphs=False)  # a root-only tree runs no heads
+    assert vanilla.heads is None
