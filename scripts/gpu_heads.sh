@@ -2,10 +2,13 @@
 # Issue 9's GPU runs: head recipes trained side by side on the GPUs of one host, then each measured on the same
 # held-out prompts. Run from the repo root on the GPU machine, after `scripts/gpu_recipes.sh data` built $DATA:
 #   bash scripts/gpu_heads.sh train|eval|ddp      (results under $OUT)
+#   bash scripts/gpu_heads.sh pack NAME...        (NAME's best heads, bf16 for transport only, one tgz each)
 # Each recipe changes one thing against the one before it (see RECIPES); a GPU runs its queue in order.
+# The device returns at most 8 files a call, so each stage writes into $W and ends with one $OUT/<stage>.tgz.
 set -o pipefail
 [ -n "$NO_DEVICE_SETUP" ] || source scripts/device_setup.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+W=${W:-/tmp/w_heads}; mkdir -p "$W"
 M="python3 -m medusa_llama"
 DATA=${DATA:-/tmp/data/sd-all}
 RUNS=${RUNS:-/tmp/runs}
@@ -26,18 +29,18 @@ train_one() {  # name flags...
   local name=$1; shift
   /usr/bin/time -f "train $name wall %e s" timeout "${TMAX:-540}" $M train --data "$DATA" --batch-size ${BS:-16} \
     --max-steps "$STEPS" --eval-every 500 --save-every 500 --save-dir "$RUNS/$name" "$@" 2>&1 | tr '\r' '\n' \
-    | grep -v "step/s\]$" | tail -5 > "$OUT/train_$name.txt"
-  cp "$RUNS/$name/log.jsonl" "$OUT/log_$name.jsonl" 2>/dev/null
-  cp "$RUNS/$name/train_config.json" "$OUT/train_config_$name.json" 2>/dev/null
+    | grep -v "step/s\]$" | tail -5 > "$W/train_$name.txt"
+  cp "$RUNS/$name/log.jsonl" "$W/log_$name.jsonl" 2>/dev/null
+  cp "$RUNS/$name/best/train_config.json" "$W/train_config_$name.json" 2>/dev/null
 }
 
 eval_one() {  # name heads-dir
   local name=$1 heads=$2
   timeout "${EMAX:-240}" $M heads-accuracy --heads "$heads" --prompts "$PROMPTS" --limit 20 --max-new-tokens ${ACC_NEW:-128} \
-    --out "$OUT/acc_$name.json" > /dev/null 2>&1
+    --out "$W/acc_$name.json" > /dev/null 2>&1
   for tree in ${TREES:-dynamic64 tree64}; do
     timeout "${EMAX:-240}" $M bench --heads "$heads" --tree "$tree" --prompts "$PROMPTS" --limit 20 \
-      --max-new-tokens ${NEW:-256} --out "$OUT/bench_${name}_$tree/report.json" 2>&1 | tail -4 > "$OUT/bench_${name}_$tree.txt"
+      --max-new-tokens ${NEW:-256} --out "$W/bench_${name}_$tree/report.json" 2>&1 | tail -4 > "$W/bench_${name}_$tree.txt"
   done
 }
 
@@ -55,11 +58,12 @@ split_lines() {  # lines, k, n: every n-th line from the k-th
 
 case "$1" in
   train)
-    nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/card.txt"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$W/card.txt"
     FN=train_one
     for g in $(seq 0 $((NGPU - 1))); do queue "$g" "$(split_lines "$RECIPES" $(( (g + 1) % NGPU )) "$NGPU")" & done
     wait
-    tar czf "$OUT/runs_heads.tgz" -C / $(cd / && ls -d ${RUNS#/}/*/best 2>/dev/null)
+    tail -n 2 "$W"/train_*.txt
+    tar czf "$OUT/train.tgz" -C "$W" .
     ;;
   eval)
     lines="shipped|medusa_llama/assets/heads/smollm2-135m-instruct"
@@ -68,27 +72,39 @@ $(basename "$(dirname "$d")")|$d"; done
     FN=eval_one
     for g in $(seq 0 $((NGPU - 1))); do queue "$g" "$(split_lines "$lines" $(( (g + 1) % NGPU )) "$NGPU")" & done
     wait
-    python3 - "$OUT" <<'EOF' | tee "$OUT/summary.md"
+    python3 - "$W" <<'EOF' | tee "$W/summary.md"
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-print("| heads | tree | tokens/step | speedup | Medusa tok/s | head-1 top-1 (decoder) |")
-print("|---|---|---|---|---|---|")
+print("| heads | tree | tokens/step | speedup | Medusa tok/s | vanilla tok/s | identical | head-1 top-1 (decoder) |")
+print("|---|---|---|---|---|---|---|---|")
 for rep in sorted(out.glob("bench_*/report.json")):
     name, tree = rep.parent.name[len("bench_"):].rsplit("_", 1)
     r = json.loads(rep.read_text())
     acc = out / f"acc_{name}.json"
     top1 = json.loads(acc.read_text())["accuracy"][0][0] if acc.exists() else float("nan")
     print(f"| {name} | {tree} | {r['mean_accepted_tokens']:.3f} | {r['speedup']:.2f}x "
-          f"| {r['medusa_tokens_per_s']:.0f} | {top1:.3f} |")
+          f"| {r['medusa_tokens_per_s']:.0f} | {r['baseline_tokens_per_s']:.0f} | {r['identical']} | {top1:.3f} |")
 EOF
+    tar czf "$OUT/eval.tgz" -C "$W" --exclude "train_*" --exclude "log_*" --exclude "*.png" .
     ;;
   ddp)  # the same short recipe on one GPU and on two through accelerate launch: tokens/s
     for n in 1 2; do
       /usr/bin/time -f "ddp$n wall %e s" timeout 240 accelerate launch --num_processes $n $([ $n -gt 1 ] && echo --multi_gpu) \
-        --mixed_precision no -m medusa_llama train --data "$DATA" --batch-size ${BS:-16} --max-steps "${DDP_STEPS:-300}" \
+        --mixed_precision no -m medusa_llama train --data "$DATA" --batch-size 16 --max-steps "${DDP_STEPS:-300}" \
         --eval-every 1000 --save-every 1000 --save-dir "$RUNS/ddp$n" 2>&1 | tr '\r' '\n' | grep -v "step/s\]$" \
-        | tail -5 > "$OUT/ddp$n.txt"
+        | tail -5 | tee "$OUT/ddp$n.txt"
       cp "$RUNS/ddp$n/log.jsonl" "$OUT/log_ddp$n.jsonl" 2>/dev/null
     done
+    ;;
+  pack)  # NAME...: a run's best heads in bf16 (transport only: the repo re-saves them with `medusa-llama export`)
+    shift
+    for name in "$@"; do
+      rm -rf "$W/pack_$name" && mkdir -p "$W/pack_$name"
+      python3 -c "import sys, torch; from medusa_llama.decode.heads import MedusaHeads
+MedusaHeads.load(sys.argv[1]).save(sys.argv[2], torch.bfloat16)" "$RUNS/$name/best" "$W/pack_$name" || continue
+      cp "$RUNS/$name/best/train_config.json" "$RUNS/$name/best/log.jsonl" "$RUNS/$name/best/curves.png" "$W/pack_$name/"
+      tar czf "$OUT/heads_$name.tgz" -C "$W" "pack_$name"
+    done
+    ls -la "$OUT"
     ;;
 esac

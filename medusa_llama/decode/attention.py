@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -272,7 +271,7 @@ def tree_attention_sdpa(
 
     Same arguments and result as ``tree_attention``; reads ``cache_len`` on the host (not graph-safe).
     """
-    from medusa_llama.decode.model import batched_tree_attention_mask, tree_attention_mask
+    from medusa_llama.decode.model import batched_tree_attention_mask, sdpa, tree_attention_mask
 
     b, t, nh, hd = q.shape
     span = int(cache_len.max()) + t
@@ -282,5 +281,5 @@ def tree_attention_sdpa(
         mask = tree_attention_mask(cache_len, tree_mask.bool(), span, q.dtype)  # (1, 1, T, span)
     k = k_cache[:, :span].transpose(1, 2)  # (B, n_kv, span, hd)
     v = v_cache[:, :span].transpose(1, 2)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=nh != k.shape[1])
+    y = sdpa(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=nh != k.shape[1])
     return y.transpose(1, 2)  # (B, T, nh, hd)

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # the GPU path's Triton kernels; the CPU path needs no Triton
     from medusa_llama.decode import attention, kernels
@@ -99,6 +100,17 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+"""Every SDPA backend but cuDNN's, which builds an execution plan for each new shape: on an H200 that cost about
+45 ms per new prompt length (``benchmarks/sdpa_first_call.py``), paid by every prefill, against under 0.4 ms."""
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` without the cuDNN backend (``SDPA_BACKENDS``)."""
+    with sdpa_kernel(SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -142,7 +154,7 @@ class Attention(nn.Module):
         s = mask.shape[-1]  # attend over the slots the mask covers: all S on a GPU, the filled ones on CPU
         k_all = k_cache[:, :s].transpose(1, 2)  # (B, n_kv, S', hd)
         v_all = v_cache[:, :s].transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
+        y = sdpa(q, k_all, v_all, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
         y = y.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim)  # (B, T, nh * hd)
         return self.wo(y)
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medusa_llama.decode.model import sdpa
+
 NORM_EPS = 1e-6
 
 
@@ -118,7 +120,7 @@ class PrefixCache:
         # slots (reading the length there costs no device sync), as the backbone does.
         span = self.k.shape[0] if dev.type == "cuda" else int(self.length) + n
         visible = torch.arange(span, device=dev)[None, :] <= slots[:, None]  # (n, span): causal over the cache
-        attn = F.scaled_dot_product_attention(
+        attn = sdpa(
             q.transpose(0, 1)[None],  # (1, nh, n, hd)
             self.k[:span].transpose(0, 1)[None],  # (1, nh, span, hd)
             self.v[:span].transpose(0, 1)[None],
