@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 from dataclasses import replace
 
 from medusa_llama.cli.generate import add_decoder_args
 from medusa_llama.cli.options import add_config_args, config_from_args
 from medusa_llama.errors import MedusaError
-from medusa_llama.pipeline import DecoderOptions, Pipeline, load_pipeline, resolve_heads_dir
+from medusa_llama.pipeline import DecoderOptions, Pipeline, heads_for_batching, load_pipeline, resolve_heads_dir
 from medusa_llama.serve.config import SERVE_ACCEPTANCE, ServeConfig
 from medusa_llama.serve.trees import serve_tree, table_path
 
 SERVE_INSTALL = "pip install fastapi uvicorn"
+log = logging.getLogger(__name__)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +43,8 @@ def run_serve(args) -> int:
     from medusa_llama.serve.app import create_app
     from medusa_llama.serve.server import run_server
 
-    pipe = load_pipeline(config_from_args(DecoderOptions, args))
+    options = config_from_args(DecoderOptions, args)
+    pipe = load_pipeline(heads_for_batching(options) if cfg.batch_size > 1 else options)
     if cfg.tree_table is None and pipe.heads is not None:  # default: the table saved beside the heads, if any
         found = table_path(resolve_heads_dir(pipe.options.heads, pipe.options.model))
         cfg = replace(cfg, tree_table=str(found) if found else None)
@@ -65,6 +68,13 @@ def make_engine(pipe: Pipeline, cfg: ServeConfig):
         else:
             decoder = pipe.vanilla() if heads is None else pipe.with_tree(tree).decoder
         return DecoderEngine(decoder, cfg.served_model_name)
+    if heads is not None and not heads.supports_batching:
+        log.warning(
+            "these heads have prefix attention, which batched decoding cannot run yet: the %d rows decode without "
+            "heads (vanilla); --batch-size 1 uses them",
+            cfg.batch_size,
+        )
+        heads, tree = None, None
     if tree is not None and not isinstance(tree, Tree):
         raise MedusaError("--batch-size > 1 takes a static tree (dynamic trees decode one sequence at a time)")
     if not isinstance(pipe.backbone, FastBackbone):

@@ -4,15 +4,25 @@ the single-sequence decoder would (fp32, greedy)."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
+from conftest import random_heads
 from tiny_serving import MODEL_ID, CharTokenizer, tiny_decoder
 
 from medusa_llama.cli.serve import make_engine
 from medusa_llama.decode.decoder import GenerationConfig
+from medusa_llama.decode.heads import MedusaHeads
 from medusa_llama.errors import MedusaError
-from medusa_llama.pipeline import DecoderOptions, Pipeline
+from medusa_llama.pipeline import (
+    SHIPPED_BATCH_HEADS,
+    SHIPPED_HEADS,
+    DecoderOptions,
+    Pipeline,
+    default_heads_dir,
+    heads_for_batching,
+)
 from medusa_llama.serve.app import create_app
 from medusa_llama.serve.config import ServeConfig
 from medusa_llama.serve.engine import BatchedEngine, DecoderEngine
@@ -28,6 +38,26 @@ def test_batch_size_picks_the_engine():
     assert isinstance(make_engine(tiny_pipeline(), ServeConfig()), DecoderEngine)
     engine = make_engine(tiny_pipeline(), ServeConfig(batch_size=3))
     assert isinstance(engine, BatchedEngine) and engine.capacity == 3
+
+
+def test_batched_serving_decodes_prefix_heads_without_them(caplog):
+    pipe = tiny_pipeline()
+    pipe.heads = random_heads("sequential", prefix_attention=True, prefix_num_heads=4)
+    with caplog.at_level("WARNING"):
+        engine = make_engine(pipe, ServeConfig(batch_size=2))
+    assert isinstance(engine, BatchedEngine) and engine.decoder.heads is None  # vanilla rows, not a crash
+    assert "prefix attention" in caplog.text
+
+
+def test_batched_serving_takes_the_shipped_heads_without_prefix_attention():
+    default = DecoderOptions()
+    if default_heads_dir(None) != SHIPPED_HEADS:
+        pytest.skip("the shipped heads are not installed")
+    assert MedusaHeads.load(SHIPPED_HEADS).config.prefix_attention  # the default heads have a prefix layer ...
+    batch = heads_for_batching(default)
+    assert Path(batch.heads) == SHIPPED_BATCH_HEADS and MedusaHeads.load(batch.heads).supports_batching  # ... these not
+    mine = DecoderOptions(heads="my/heads")
+    assert heads_for_batching(mine) is mine  # heads the user named are kept
 
 
 def test_batch_size_refuses_a_dynamic_tree():
