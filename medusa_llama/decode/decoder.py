@@ -16,6 +16,7 @@ cache, filled from the prompt's hidden states at prefill and from the accepted p
 
 from __future__ import annotations
 
+import gc
 import logging
 import statistics
 import time
@@ -114,8 +115,17 @@ class StepRunner:
                 self.fn()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.fn()
+        # No garbage collection while capturing: collecting another decoder's unreachable graph would reset it
+        # mid-capture, which CUDA refuses ("operation not permitted when stream is capturing"; seen on an H200
+        # when a benchmark built decoders one after another). torch.cuda.graph collects once before it starts.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.fn()
+        finally:
+            if enabled:
+                gc.enable()
 
     def __call__(self) -> None:
         self.graph.replay() if self.graph is not None else self.fn()
