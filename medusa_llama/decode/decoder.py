@@ -333,7 +333,13 @@ class MedusaDecoder(_Decoder):
         # The prefix layer's KV cache, for heads with prefix attention (a root-only tree runs no heads: none).
         self.prefix_cache = None
         if self.heads.prefix is not None and tree.size > 1:
-            self.prefix_cache = PrefixCache(self.heads.prefix, backbone.max_seq_len, backbone.device, backbone.dtype)
+            self.prefix_cache = PrefixCache(
+                self.heads.prefix,
+                backbone.max_seq_len,
+                backbone.device,
+                backbone.dtype,
+                getattr(backbone, "tree_kernel", False),
+            )
 
     def propose(self) -> None:
         """Fill ``self.tokens`` (the candidate tree) from ``self.hidden`` and ``self.root`` with the heads."""

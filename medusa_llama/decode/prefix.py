@@ -24,6 +24,8 @@ from torch import nn
 from medusa_llama.decode.model import sdpa
 
 NORM_EPS = 1e-6
+KERNEL_MAX_ROWS = 128
+"""Decode-step extends of at most this many rows go through the Triton kernel (its tuned range of tree sizes)."""
 
 
 class RMSNorm(nn.Module):
@@ -68,9 +70,12 @@ class PrefixLayer(nn.Module):
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (..., L, D) normalized, positions (..., L) -> q, k, v (..., L, nh, hd), q and k rotated."""
+        return self.project(x, *self.rope(positions, x.dtype))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``qkv`` with the rotary tables of the positions given: cos, sin (..., L, 1, hd)."""
         shape = (*x.shape[:-1], self.num_heads, self.head_dim)
         q, k, v = (proj(x).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))  # (..., L, nh, hd)
-        cos, sin = self.rope(positions, x.dtype)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -93,12 +98,19 @@ class PrefixCache:
     ``length`` (0-d long, on the device) counts the committed entries; entry i holds the token at position i.
     """
 
-    def __init__(self, layer: PrefixLayer, max_seq_len: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, layer: PrefixLayer, max_seq_len: int, device: torch.device, dtype: torch.dtype, kernel: bool = False
+    ):
         self.layer = layer
         shape = (max_seq_len, layer.num_heads, layer.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (S, nh, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (S, nh, hd)
         self.length = torch.zeros((), dtype=torch.long, device=device)
+        self.cos, self.sin = layer.rope(torch.arange(max_seq_len, device=device), dtype)  # (S, 1, hd): once
+        # Decode steps attend by the backbone's split-K Triton kernel over the filled slots only (the new rows are
+        # its "tree", under a causal mask); the eager prefill and CPU steps use SDPA.
+        self.kernel = kernel
+        self._causal: dict[int, torch.Tensor] = {}
 
     def reset(self) -> None:
         self.length.zero_()
@@ -113,9 +125,18 @@ class PrefixCache:
         """
         n, dev = hidden.shape[0], hidden.device
         slots = self.length + torch.arange(n, device=dev)  # (n,) positions, and cache slots, of the new rows
-        q, k, v = self.layer.qkv(self.layer.attn_norm(hidden), slots)  # (n, nh, hd)
+        cos, sin = self.cos.index_select(0, slots), self.sin.index_select(0, slots)  # (n, 1, hd)
+        q, k, v = self.layer.project(self.layer.attn_norm(hidden), cos, sin)  # (n, nh, hd)
         self.k.index_copy_(0, slots, k)
         self.v.index_copy_(0, slots, v)
+        if self.kernel and count is not None and n <= KERNEL_MAX_ROWS:
+            from medusa_llama.decode.attention import tree_attention
+
+            if n not in self._causal:
+                self._causal[n] = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+            attn = tree_attention(q[None], self.k[None], self.v[None], self.length, self._causal[n])[0]  # (n, nh, hd)
+            self.length += count
+            return self.layer.finish(hidden, attn)
         # On a GPU the shapes stay fixed (CUDA graphs): attention spans the whole cache. On the CPU only the filled
         # slots (reading the length there costs no device sync), as the backbone does.
         span = self.k.shape[0] if dev.type == "cuda" else int(self.length) + n

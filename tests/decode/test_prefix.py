@@ -158,3 +158,26 @@ def test_export_refuses_prefix_heads(tmp_path, fmt):
     with pytest.raises(MedusaError, match="prefix attention cannot be exported"):
         export_heads(heads, tmp_path / "out", fmt)
     assert not (tmp_path / "out").exists()
+
+
+def test_extend_by_the_triton_kernel_equals_sdpa():
+    """Decode-step extends attend by the split-K kernel on a GPU (interpreted here): same outputs as SDPA."""
+    pytest.importorskip("triton")
+    from medusa_llama.decode import attention
+
+    if not torch.cuda.is_available() and type(attention._split_kernel).__name__ != "InterpretedFunction":
+        pytest.skip("Triton was imported before conftest set TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    layer = prefix_heads().prefix.to(dev)
+    x = torch.randn(30, 64, device=dev)
+    caches = [PrefixCache(layer, 64, torch.device(dev), torch.float32, kernel=k) for k in (False, True)]
+    outs = []
+    for cache in caches:
+        cache.extend(x[:11])  # a prefill (SDPA in both)
+        rows = [
+            cache.extend(x[at : at + 5], torch.tensor(count, device=dev))[:count]
+            for at, count in ((11, 3), (14, 5), (19, 1))
+        ]
+        outs.append(torch.cat(rows))
+        assert int(cache.length) == 20
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
