@@ -65,6 +65,9 @@ class DecoderOptions:
     """Decode without heads (one token per step), to compare."""
     adapter: str | None = None
     """LoRA adapter directory merged into the model (default: the adapter/ folder beside the heads, if any)."""
+    draft_vocab: int | None = None
+    """Propose from the N most frequent tokens only (FR-Spec; verification keeps the full vocabulary: lossless):
+    default the heads' draft_vocab.safetensors when they have one; N: its first N tokens; 0: the full vocabulary."""
 
     def __post_init__(self):
         if self.device != "auto":
@@ -84,6 +87,8 @@ class DecoderOptions:
             raise ValueError(f"--max-seq-len must be >= 16, got {self.max_seq_len}")
         if self.tree == "":
             raise ValueError("--tree must name a built-in tree or a JSON file")
+        if self.draft_vocab is not None and self.draft_vocab < 0:
+            raise ValueError(f"--draft-vocab must be >= 0 (0: off), got {self.draft_vocab}")
 
     @property
     def torch_device(self) -> torch.device:
@@ -107,7 +112,9 @@ class Pipeline:
         """The same backbone and heads with another tree (e.g. one the optimizer chose on this device)."""
         if self.heads is None:
             raise MedusaError("a tree needs Medusa heads: pass --heads DIR")
-        decoder = MedusaDecoder(self.backbone, self.heads, tree, compile=self.options.compile)
+        decoder = MedusaDecoder(
+            self.backbone, self.heads, tree, compile=self.options.compile, draft_vocab=self.options.draft_vocab
+        )
         return replace(self, tree=tree, decoder=decoder, tree_spec=None)
 
     def vanilla(self) -> VanillaDecoder:
@@ -133,10 +140,13 @@ def load_pipeline(opts: DecoderOptions, need_heads: bool = False) -> Pipeline:
     )
     if heads is None:
         return Pipeline(backbone, None, None, VanillaDecoder(backbone, compile=opts.compile), opts)
-    decoder = MedusaDecoder(backbone, heads, tree, compile=opts.compile)  # checks the heads against the model
+    # checks the heads against the model
+    decoder = MedusaDecoder(backbone, heads, tree, compile=opts.compile, draft_vocab=opts.draft_vocab)
+    draft = decoder.draft.size if decoder.draft is not None else "off"
     log.debug(
-        "model %s, heads %s (%d), tree %s (%d tokens)", backbone.name, heads_dir, heads.num_heads, spec, tree.size
-    )
+        "model %s, heads %s (%d), tree %s (%d tokens), draft vocab %s",
+        backbone.name, heads_dir, heads.num_heads, spec, tree.size, draft,
+    )  # fmt: skip
     return Pipeline(backbone, decoder.heads, decoder.tree, decoder, opts, spec)
 
 

@@ -79,5 +79,5 @@ def make_engine(pipe: Pipeline, cfg: ServeConfig):
         raise MedusaError("--batch-size > 1 takes a static tree (dynamic trees decode one sequence at a time)")
     if not isinstance(pipe.backbone, FastBackbone):
         raise MedusaError("--batch-size > 1 needs the fast backbone (--backend fast)")
-    decoder = BatchedDecoder(pipe.backbone, cfg.batch_size, heads, tree)
+    decoder = BatchedDecoder(pipe.backbone, cfg.batch_size, heads, tree, draft_vocab=pipe.options.draft_vocab)
     return BatchedEngine(decoder, cfg.served_model_name)

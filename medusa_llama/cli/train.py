@@ -13,6 +13,7 @@ import os
 
 from medusa_llama.cli.options import add_config_args, add_field_arg, config_from_args
 from medusa_llama.decode.heads import HEAD_KINDS, LM_HEAD_MODES
+from medusa_llama.train.draft_vocab import DraftVocabConfig
 from medusa_llama.train.loop import STAGES, TrainConfig
 from medusa_llama.train.prepare import PrepareConfig
 
@@ -76,6 +77,16 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_draft_vocab(args: argparse.Namespace) -> int:
+    from medusa_llama.train.draft_vocab import DraftVocabConfig, make_draft_vocab
+
+    missing = [flag for flag in ("data", "heads") if not getattr(args, flag, None)]
+    if missing:
+        raise ValueError(f"draft-vocab needs --{missing[0]} DIR")
+    print(make_draft_vocab(config_from_args(DraftVocabConfig, args)).line())
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize a dataset into training memmaps (+ held-out prompts)")
     add_prepare_args(p)
@@ -83,3 +94,11 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train Medusa heads (Medusa-1) and optionally (Q)LoRA jointly (Medusa-2)")
     add_train_args(p)
     p.set_defaults(func=run_train)
+    p = sub.add_parser(
+        "draft-vocab", help="the heads' draft vocabulary (FR-Spec): the N most frequent tokens of a prepared dataset",
+        description="Count the tokens at loss positions of a prepared dataset's train split and write the N most "
+        "frequent into the heads directory (draft_vocab.safetensors): decoding then proposes from them only, "
+        "verification keeps the full vocabulary (lossless). Prints the coverage.",
+    )  # fmt: skip
+    add_config_args(p, DraftVocabConfig)
+    p.set_defaults(func=run_draft_vocab)

@@ -29,8 +29,8 @@ import torch
 from medusa_llama.decode import proposal
 from medusa_llama.decode.acceptance import AcceptanceConfig, accept, next_token
 from medusa_llama.decode.backbone import FastBackbone
-from medusa_llama.decode.decoder import GenerationConfig, GenerationResult, StepRunner
-from medusa_llama.decode.heads import MedusaHeads
+from medusa_llama.decode.decoder import GenerationConfig, GenerationResult, StepRunner, check_draft_fits
+from medusa_llama.decode.heads import DraftVocab, MedusaHeads, draft_tokens, draft_topk, project_draft
 from medusa_llama.decode.model import TreeMask, batched_tree_attention_mask, tree_attention_mask
 from medusa_llama.decode.tree import Tree, build_tree
 from medusa_llama.errors import MedusaError
@@ -112,6 +112,7 @@ class _Slot:
 class BatchedDecoder:
     """Batched decoding with Medusa heads and a tree, or vanilla decoding (``heads=None``: the tree is the root
     alone, one token per step, the honest baseline). Greedy output equals each sequence's batch-size-1 output.
+    ``draft_vocab`` as for ``MedusaDecoder``: None, the heads' stored draft vocabulary if any; N, its first N; 0, none.
 
     Use ``add`` / ``step`` / ``release`` for continuous batching, or ``generate_many`` for a list of prompts.
     """
@@ -123,6 +124,7 @@ class BatchedDecoder:
         heads: MedusaHeads | None = None,
         tree: Tree | list | None = None,
         use_cuda_graphs: bool = True,
+        draft_vocab: int | None = None,
     ):
         self.bb = BatchedBackbone(backbone, batch_size)
         self.backbone = backbone
@@ -142,6 +144,9 @@ class BatchedDecoder:
                 )
             heads = heads.to(device=dev, dtype=backbone.dtype).eval()
         self.heads = heads if tree.size > 1 else None  # a root-only tree runs no heads
+        self.draft = None if self.heads is None else self.heads.draft(backbone.lm_head, draft_vocab)  # as MedusaDecoder
+        if self.draft is not None:
+            check_draft_fits(self.draft, max(tree.level_topk))
         self.tree = tree.to(dev)
         b, t, d = batch_size, tree.size, tree.max_depth
         self.root = torch.zeros(b, dtype=torch.long, device=dev)  # (B,) last emitted token, not yet in the cache
@@ -301,12 +306,14 @@ class BatchedDecoder:
     def _propose_all(self) -> torch.Tensor:
         """(B, T): every row's tree from its hidden state and root, the heads run once for the whole batch."""
         bb = self.backbone
-        return propose_batch(self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head)
+        return propose_batch(self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head, self.draft)
 
     def _propose(self, row: int) -> None:
         """Fill ``tokens[row]`` from that row's hidden state and root (one single-sequence proposal per row)."""
         bb, heads = self.backbone, self.heads
-        self.tokens[row] = proposal.propose(heads, self.hidden[row], self.root[row], self.tree, bb.embed, bb.lm_head)
+        self.tokens[row] = proposal.propose(
+            heads, self.hidden[row], self.root[row], self.tree, bb.embed, bb.lm_head, self.draft
+        )
 
     def _vanilla_step(self, cfg: AcceptanceConfig) -> Callable[[], None]:
         """Forward each row's root alone, commit it, choose each row's next token."""
@@ -353,21 +360,21 @@ class BatchedDecoder:
 
 
 @torch.no_grad()
-def propose_batch(heads: MedusaHeads, hidden, root, tree: Tree, embed, lm_head) -> torch.Tensor:
+def propose_batch(heads: MedusaHeads, hidden, root, tree: Tree, embed, lm_head, draft: DraftVocab | None = None):
     """``proposal.propose`` for B rows: hidden (B, D), root (B,) -> tokens (B, T), column 0 = ``root``."""
     tokens = root.new_zeros(root.shape[0], tree.size)  # (B, T)
     tokens[:, 0] = root
     if heads.config.kind == "medusa":  # one top-k list per depth and row; node i takes entry rank[i] of its depth's
         states = heads.chain_states(hidden)  # K x (B, D), all read h_t
-        logits = torch.stack([heads.project(d, states[d], lm_head) for d in range(tree.max_depth)], 1)  # (B, K', V)
-        top = logits.topk(max(tree.level_topk), dim=-1).indices  # (B, K', k)
+        logits = torch.stack([project_draft(heads, d, states[d], lm_head, draft) for d in range(tree.max_depth)], 1)
+        top = draft_tokens(logits.topk(max(tree.level_topk), dim=-1).indices, draft)  # (B, K', k) from (B, K', V|N)
         tokens[:, 1:] = top[:, tree.depth[1:] - 1, tree.rank[1:]]  # (B, T-1) gather by (depth - 1, rank)
         return tokens
     prev = hidden[:, None]  # (B, 1, D): the state the root's children are predicted from
     for d, nodes in enumerate(tree.expanders):  # nodes: (n_d,) nodes at depth d that have children
         parent_rows = tree.child_slot[nodes] if d > 0 else torch.zeros_like(nodes)  # (n_d,) columns of `prev`
         state = heads.head_state(d, prev[:, parent_rows], embed(tokens[:, nodes]))  # (B, n_d, D)
-        top = heads.project(d, state, lm_head).topk(tree.level_topk[d], dim=-1).indices  # (B, n_d, k_d)
+        top = draft_topk(heads, d, state, lm_head, tree.level_topk[d], draft)  # (B, n_d, k_d) token ids
         lo, hi = tree.levels[d + 1]
         tokens[:, lo:hi] = top[:, tree.child_slot[lo:hi], tree.rank[lo:hi]]  # each child: its parent's, its rank
         prev = state

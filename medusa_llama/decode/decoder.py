@@ -29,7 +29,7 @@ from medusa_llama.decode import dynamic_tree, proposal
 from medusa_llama.decode.acceptance import AcceptanceConfig, accept, next_token, pick
 from medusa_llama.decode.backbone import Backbone
 from medusa_llama.decode.dynamic_tree import DynamicTree, StepTree
-from medusa_llama.decode.heads import MedusaHeads
+from medusa_llama.decode.heads import DraftVocab, MedusaHeads
 from medusa_llama.decode.prefix import PrefixCache
 from medusa_llama.decode.tree import Tree, build_tree
 from medusa_llama.errors import MedusaError
@@ -305,6 +305,9 @@ class MedusaDecoder(_Decoder):
     A tree of the root alone (``[]``) decodes exactly as ``VanillaDecoder``, at its cost: the heads are not run.
     A ``DynamicTree`` shapes each step's tree from the heads' confidences (``dynamic_tree.py``): ``self.tree`` is then
     a ``StepTree`` whose buffers each proposal overwrites.
+
+    ``draft_vocab``: propose from a draft vocabulary (FR-Spec, ``heads.DraftVocab``): None, the heads' stored one if
+    they have one; N, its first N tokens; 0, the full vocabulary. Its rows of the LM head are taken once, here.
     """
 
     def __init__(
@@ -314,6 +317,7 @@ class MedusaDecoder(_Decoder):
         tree: Tree | DynamicTree | list,
         use_cuda_graphs: bool = True,
         compile: bool = False,
+        draft_vocab: int | None = None,
     ):
         super().__init__(backbone, use_cuda_graphs, compile)
         heads.check_compatible(backbone.hidden_size, backbone.vocab_size, backbone.name)
@@ -325,6 +329,9 @@ class MedusaDecoder(_Decoder):
         if tree.max_depth > heads.num_heads:
             raise MedusaError(f"the tree is {tree.max_depth} deep but the heads predict only {heads.num_heads} tokens")
         self.heads = heads.to(device=backbone.device, dtype=backbone.dtype).eval()
+        self.draft = None if tree.size == 1 else self.heads.draft(backbone.lm_head, draft_vocab)
+        if self.draft is not None:
+            check_draft_fits(self.draft, self.dynamic.topk if self.dynamic is not None else max(tree.level_topk))
         self.tree = tree.to(backbone.device)
         self._depth = tree.max_depth
         self._tree_size = tree.size
@@ -345,11 +352,14 @@ class MedusaDecoder(_Decoder):
         """Fill ``self.tokens`` (the candidate tree) from ``self.hidden`` and ``self.root`` with the heads."""
         bb = self.backbone
         if self.dynamic is not None:
-            tokens, tree = dynamic_tree.propose(self.heads, self.hidden, self.root, self.dynamic, bb.embed, bb.lm_head)
+            tokens, tree = dynamic_tree.propose(
+                self.heads, self.hidden, self.root, self.dynamic, bb.embed, bb.lm_head, self.draft
+            )
             self.tokens.copy_(tokens)
             self.tree.copy_(tree)
             return
-        self.tokens.copy_(proposal.propose(self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head))
+        tokens = proposal.propose(self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head, self.draft)
+        self.tokens.copy_(tokens)
 
     def _after_prefill(self, states: torch.Tensor) -> None:
         if self.prefix_cache is not None:
@@ -391,6 +401,12 @@ class MedusaDecoder(_Decoder):
                 mark("proposal")
 
         return step
+
+
+def check_draft_fits(draft: DraftVocab, topk: int) -> None:
+    """A tree's widest top-k must fit in the draft vocabulary."""
+    if draft.size < topk:
+        raise MedusaError(f"--draft-vocab {draft.size} is smaller than the tree's top-{topk}")
 
 
 def _sync(device: torch.device) -> None:

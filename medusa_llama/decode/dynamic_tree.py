@@ -14,6 +14,11 @@ probabilities along its path from the root (EAGLE-2's estimate of its acceptance
 3. build the step's tree tensors from the selection (``tree_tensors``): parent, depth (position = cache_len +
    depth), the ancestor mask for verification, and one root-to-node path per node for acceptance.
 
+With a draft vocabulary (``heads.DraftVocab``, FR-Spec) ``next_logp`` gives log-probabilities over its N tokens
+only: a softmax over the subset, so values are path probabilities renormalised to the subset. That only reorders
+which candidates are kept (the subset holds nearly all of the heads' mass on frequent tokens); verification is
+unchanged, so decoding stays lossless.
+
 All of it is tensor ops of fixed shapes with no host sync, so a step with a dynamic tree stays one CUDA graph. The
 step's tree lives in the fixed buffers of a ``StepTree``, which ``MedusaDecoder`` overwrites after each proposal;
 the acceptance rules read it exactly like a static ``Tree``.
@@ -28,7 +33,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from medusa_llama.decode.heads import MedusaHeads
+from medusa_llama.decode.heads import DraftVocab, MedusaHeads, draft_tokens, project_draft
 
 DYNAMIC_SPEC = re.compile(r"dynamic(\d+)(?:k(\d+))?")
 """``--tree dynamic64``: 64 nodes per step, root included; ``dynamic64k10``: and k = 10."""
@@ -38,8 +43,8 @@ MIN_LOGP = -1e4
 
 NextLogp = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 """``next_logp(d, rows, tokens)``: (n, V) float32 log-probabilities of head d+1 (0-based ``d``) for the children of
-n nodes at depth d, given each node's token (n,) and ``rows`` (n,), the row of its parent in the previous call's
-output (all zeros for the root at d = 0)."""
+n nodes at depth d (or (n, N) over a draft vocabulary's columns), given each node's token (n,) and ``rows`` (n,),
+the row of its parent in the previous call's output (all zeros for the root at d = 0)."""
 
 
 @dataclass(frozen=True)
@@ -147,10 +152,12 @@ class Candidates:
     """float32 log path probability, strictly below the parent's."""
 
 
-def expand(next_logp: NextLogp, root: torch.Tensor, spec: DynamicTree) -> Candidates:
-    """Step 1 (see the module docstring): the fixed candidate set grown from ``next_logp``. root: 0-d long."""
+def expand(next_logp: NextLogp, root: torch.Tensor, spec: DynamicTree, draft: DraftVocab | None = None) -> Candidates:
+    """Step 1 (see the module docstring): the fixed candidate set grown from ``next_logp``. root: 0-d long.
+    draft: the draft vocabulary whose columns ``next_logp`` returns (None: columns are token ids)."""
     k, dev = spec.topk, root.device
-    lp, tok = next_logp(0, torch.zeros(1, dtype=torch.long, device=dev), root.view(1)).topk(k, dim=-1)  # (1, k)
+    lp, col = next_logp(0, torch.zeros(1, dtype=torch.long, device=dev), root.view(1)).topk(k, dim=-1)  # (1, k)
+    tok = draft_tokens(col, draft)  # (1, k) token ids
     zero = torch.zeros(1, device=dev)  # the root's value
     below = torch.nextafter(zero, torch.full_like(zero, -torch.inf))  # (1,) just under the root's value
     value = torch.minimum(lp[0].clamp_min(MIN_LOGP), below)  # (k,) depth-1 values
@@ -164,7 +171,8 @@ def expand(next_logp: NextLogp, root: torch.Tensor, spec: DynamicTree) -> Candid
     start = 1  # candidate index of the current depth's first node
     for d in range(1, spec.depth):
         f_value, f = value.topk(k)  # (k,) the frontier: the current depth's k best nodes
-        lp, tok = next_logp(d, rows[f], token[f]).topk(k, dim=-1)  # (k, k) each frontier node's children
+        lp, col = next_logp(d, rows[f], token[f]).topk(k, dim=-1)  # (k, k) each frontier node's children
+        tok = draft_tokens(col, draft)  # (k, k) token ids
         below = torch.nextafter(f_value, torch.full_like(f_value, -torch.inf))  # (k,) just under each parent
         value = torch.minimum(f_value[:, None] + lp.clamp_min(MIN_LOGP), below[:, None]).flatten()  # (k*k,)
         token = tok.flatten()  # (k*k,) row-major: frontier node j's children are j*k .. j*k+k-1
@@ -190,15 +198,20 @@ def select(c: Candidates, spec: DynamicTree) -> tuple[torch.Tensor, StepTree]:
 
 
 def head_logp(
-    heads: MedusaHeads, hidden: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor], lm_head: nn.Module
+    heads: MedusaHeads,
+    hidden: torch.Tensor,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    lm_head: nn.Module,
+    draft: DraftVocab | None = None,
 ) -> NextLogp:
-    """The heads as ``next_logp`` from the backbone state ``hidden`` (D,) at the last accepted token."""
+    """The heads as ``next_logp`` from the backbone state ``hidden`` (D,) at the last accepted token (over the draft
+    vocabulary's columns when one is given)."""
     if heads.config.kind == "medusa":
         states = heads.chain_states(hidden)  # K x (D,), all read h_t
 
         def parallel(d: int, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-            logp = torch.log_softmax(heads.project(d, states[d], lm_head).float(), dim=-1)  # (V,)
-            return logp.expand(tokens.shape[0], -1)  # (n, V): the same list for every node of a depth
+            logp = torch.log_softmax(project_draft(heads, d, states[d], lm_head, draft).float(), dim=-1)  # (V|N,)
+            return logp.expand(tokens.shape[0], -1)  # (n, V|N): the same list for every node of a depth
 
         return parallel
     prev = [hidden[None]]  # (1, D): the state the root's children are predicted from
@@ -206,7 +219,7 @@ def head_logp(
     def sequential(d: int, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         state = heads.head_state(d, prev[0][rows], embed(tokens))  # (n, D)
         prev[0] = state
-        return torch.log_softmax(heads.project(d, state, lm_head).float(), dim=-1)  # (n, V)
+        return torch.log_softmax(project_draft(heads, d, state, lm_head, draft).float(), dim=-1)  # (n, V|N)
 
     return sequential
 
@@ -219,6 +232,7 @@ def propose(
     spec: DynamicTree,
     embed: Callable[[torch.Tensor], torch.Tensor],
     lm_head: nn.Module,
+    draft: DraftVocab | None = None,
 ) -> tuple[torch.Tensor, StepTree]:
     """This step's tree and its tokens (T,), node 0 = ``root``. Arguments as ``proposal.propose``."""
-    return select(expand(head_logp(heads, hidden, embed, lm_head), root, spec), spec)
+    return select(expand(head_logp(heads, hidden, embed, lm_head, draft), root, spec, draft), spec)

@@ -16,6 +16,12 @@ decoder layer over h_0 .. h_t: training runs it over the block (``head_inputs``)
 The vocab projection is either the backbone's own LM head, shared and frozen (``lm_head="shared"``, small
 checkpoints), or a trainable copy per head (``lm_head="own"``, the Medusa-1 format).
 
+A draft vocabulary (FR-Spec: Zhao et al., 2025, "FR-Spec: Accelerating Large-Vocabulary Language Models via
+Frequency-Ranked Speculative Sampling", arXiv:2502.14856) restricts the heads' proposals to N frequent tokens:
+``DraftVocab`` holds the N rows of the vocab projection, taken once, so each depth's projection and top-k run over
+N columns instead of V. Verification still uses the full vocabulary, so decoding stays lossless; only a true next
+token outside the N cannot be proposed. ``project_draft`` / ``draft_topk`` are the one place proposals project.
+
 This file holds the modules only: proposal (filling a candidate tree) is ``proposal.py``, files ``heads_io.py``.
 """
 
@@ -29,11 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from medusa_llama.decode.prefix import PrefixLayer
+from medusa_llama.errors import MedusaError
 
 HEAD_KINDS = ("medusa", "sequential")
 LM_HEAD_MODES = ("shared", "own")
 WEIGHTS_NAME = "medusa_heads.safetensors"
 CONFIG_NAME = "config.json"
+DRAFT_VOCAB_NAME = "draft_vocab.safetensors"
+"""Optional, beside the weights: one (N,) integer tensor ``token_ids``, the draft vocabulary, most frequent first."""
 
 
 @dataclass
@@ -122,6 +131,7 @@ class MedusaHeads(nn.Module):
                 self.init_lm_heads_from(base_lm_head)
         else:
             self.lm_heads = None
+        self.draft_vocab: torch.Tensor | None = None  # (N,) long token ids, most frequent first (heads_io loads it)
         self.prefix = None
         if config.prefix_attention:
             width = config.prefix_intermediate_size or 2 * d
@@ -175,6 +185,20 @@ class MedusaHeads(nn.Module):
                 states.append(self.head_state(k, hidden))
         return states
 
+    def draft(self, lm_head: nn.Module, size: int | None = None) -> DraftVocab | None:
+        """The draft vocabulary to propose from: the stored one (``size`` None), its first ``size`` tokens, or none
+        (``size`` 0, or None without a stored one). Raises ``MedusaError`` for a size the heads cannot give."""
+        if size == 0 or (size is None and self.draft_vocab is None):
+            return None
+        if self.draft_vocab is None:
+            raise MedusaError(
+                f"--draft-vocab {size}: these heads have no {DRAFT_VOCAB_NAME} (`medusa-llama draft-vocab` makes one)"
+            )
+        stored = self.draft_vocab.numel()
+        if size is not None and not 0 < size <= stored:
+            raise MedusaError(f"--draft-vocab must be 0 (off) or 1 .. {stored} (the stored vocabulary), got {size}")
+        return DraftVocab.build(self, lm_head, self.draft_vocab[:size])
+
     # -- persistence: thin wrappers over heads_io (kept because many callers use them) ----------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
@@ -197,3 +221,61 @@ class MedusaHeads(nn.Module):
         from medusa_llama.decode.heads_io import check_compatible
 
         check_compatible(self.config, hidden_size, vocab_size, base_model)
+
+
+@dataclass(frozen=True)
+class DraftVocab:
+    """The heads' vocab projection restricted to N tokens (FR-Spec, see the module docstring). Frozen tensors."""
+
+    ids: torch.Tensor
+    """(N,) long: the token id of each column of the restricted logits."""
+    projections: tuple[nn.Module, ...]
+    """Linear maps D -> N: the shared LM head's rows ``W[ids]`` (one), or each own LM head's rows (K)."""
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, heads: MedusaHeads, lm_head: nn.Module, ids: torch.Tensor) -> DraftVocab:
+        """Take the rows once: ``W_sub = W[ids]`` (N, D) per projection, on the weights' device and dtype."""
+        sources = list(heads.lm_heads) if heads.lm_heads is not None else [lm_head]
+        ids = ids.to(device=sources[0].weight.device, dtype=torch.long)
+        return cls(ids, tuple(_rows_of(src, ids) for src in sources))
+
+    @property
+    def size(self) -> int:
+        return int(self.ids.numel())
+
+
+def _rows_of(linear: nn.Module, ids: torch.Tensor) -> nn.Module:
+    """A bias-free linear whose weight is ``linear.weight[ids]`` (N, D); prepacked for oneDNN like ``linear`` was."""
+    from medusa_llama.decode.cpu_linear import PackedLinear, pack_for_cpu
+
+    w = linear.weight
+    sub = nn.Linear(w.shape[1], ids.numel(), bias=False, device=w.device, dtype=w.dtype)
+    sub.weight.copy_(w[ids])  # (N, D)
+    sub.requires_grad_(False)
+    if getattr(linear, "bias", None) is not None:  # no Llama LM head has one; kept exact all the same
+        sub.bias = nn.Parameter(linear.bias.detach()[ids], requires_grad=False)
+    return pack_for_cpu(sub) if isinstance(linear, PackedLinear) else sub
+
+
+def project_draft(
+    heads: MedusaHeads, k: int, state: torch.Tensor, lm_head: nn.Module, draft: DraftVocab | None = None
+) -> torch.Tensor:
+    """Head ``k``'s proposal logits: (..., D) -> (..., V), or (..., N) over the draft vocabulary's columns."""
+    if draft is None:
+        return heads.project(k, state, lm_head)
+    proj = draft.projections[k if len(draft.projections) > 1 else 0]
+    return proj(state.to(proj.weight.dtype))
+
+
+def draft_tokens(columns: torch.Tensor, draft: DraftVocab | None = None) -> torch.Tensor:
+    """Token ids of columns of ``project_draft``'s logits (the identity without a draft vocabulary)."""
+    return columns if draft is None else draft.ids[columns]
+
+
+def draft_topk(
+    heads: MedusaHeads, k: int, state: torch.Tensor, lm_head: nn.Module, topk: int, draft: DraftVocab | None = None
+) -> torch.Tensor:
+    """(..., topk) long: head ``k``'s ``topk`` best token ids from its state (..., D), best first."""
+    columns = project_draft(heads, k, state, lm_head, draft).topk(topk, dim=-1).indices  # (..., topk)
+    return draft_tokens(columns, draft)

@@ -3,6 +3,7 @@
 Formats read by ``load_heads`` (``--heads DIR`` everywhere):
 - ours: ``config.json`` (``HeadsConfig`` + ``model_type: "medusa-llama-heads"``) + ``medusa_heads.safetensors``;
 - FasterDecoding/Medusa (``medusa_num_heads`` in the config) and vLLM (``model_type: "medusa"``): see ``formats.py``.
+Any of them may hold a draft vocabulary beside the weights (``draft_vocab.safetensors``, FR-Spec: ``heads.py``).
 
 Nothing here unpickles. Weights are safetensors, configs JSON; a ``.pt`` file is read only with
 ``torch.load(weights_only=True)``, which accepts plain tensors and containers and refuses any other object
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from medusa_llama.decode import formats
-from medusa_llama.decode.heads import CONFIG_NAME, WEIGHTS_NAME, HeadsConfig, MedusaHeads
+from medusa_llama.decode.heads import CONFIG_NAME, DRAFT_VOCAB_NAME, WEIGHTS_NAME, HeadsConfig, MedusaHeads
 from medusa_llama.errors import MedusaError
 
 OUR_MODEL_TYPE = "medusa-llama-heads"
@@ -71,10 +72,13 @@ def _read_vllm_weights(directory: Path, first: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_heads(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32):
+def load_heads(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32, draft: bool = True
+):
     """Load heads from a directory (or its weights file) in any of the three formats. Errors: one-line MedusaError.
 
-    dtype: the dtype to cast to; None keeps the stored one.
+    dtype: the dtype to cast to; None keeps the stored one. draft: also load the draft vocabulary beside them, if any
+    (``heads.draft_vocab``).
     """
     path = Path(path)
     directory = path.parent if path.is_file() else path
@@ -118,7 +122,48 @@ def load_heads(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             f"unexpected {list(unexpected)[:3]}"
         )
     stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    return heads.to(device=device, dtype=dtype or stored).eval()
+    heads = heads.to(device=device, dtype=dtype or stored).eval()
+    if draft and (directory / DRAFT_VOCAB_NAME).is_file():
+        heads.draft_vocab = load_draft_vocab(directory / DRAFT_VOCAB_NAME, config.vocab_size)
+    return heads
+
+
+def load_draft_vocab(path: str | Path, vocab_size: int) -> torch.Tensor:
+    """(N,) long token ids from a draft vocabulary file, checked: one 1-D integer tensor ``token_ids`` of unique
+    ids below ``vocab_size``. Errors: one-line MedusaError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise MedusaError(f"corrupt draft vocabulary {path}: {str(exc).splitlines()[0]}") from exc
+    ids = state.get("token_ids")
+    if ids is None:
+        raise MedusaError(f"draft vocabulary {path} holds no tensor 'token_ids' (found {sorted(state)[:3]})")
+    if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        got = f"{str(ids.dtype).removeprefix('torch.')} {tuple(ids.shape)}"
+        raise MedusaError(f"draft vocabulary {path}: 'token_ids' must be a non-empty 1-D integer tensor, got {got}")
+    ids = ids.long()
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise MedusaError(f"draft vocabulary {path}: token ids must lie in 0 .. {vocab_size - 1} (the heads' vocab)")
+    if ids.unique().numel() != ids.numel():
+        raise MedusaError(f"draft vocabulary {path}: token ids repeat")
+    return ids
+
+
+def save_draft_vocab(ids: torch.Tensor, directory: str | Path, overwrite: bool = False) -> Path:
+    """Write ``draft_vocab.safetensors`` (``token_ids``, int64) into a heads directory, atomically; nothing else
+    there is touched. An existing one is replaced only with ``overwrite``."""
+    from safetensors.torch import save_file
+
+    path = Path(directory) / DRAFT_VOCAB_NAME
+    if path.exists() and not overwrite:
+        raise MedusaError(f"{path} exists: pass --overwrite to replace it (nothing was written)")
+    tmp = path.with_name(DRAFT_VOCAB_NAME + ".tmp")
+    save_file({"token_ids": ids.detach().to("cpu", torch.long).contiguous()}, tmp, metadata={"format": "pt"})
+    tmp.replace(path)
+    return path
 
 
 def check_compatible(config: HeadsConfig, hidden_size: int, vocab_size: int, base_model: str | None = None) -> None:

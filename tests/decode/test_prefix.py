@@ -84,7 +84,7 @@ class OracleChain(MedusaHeads):
         self.load_state_dict(prefix_heads().state_dict())
         self.backbone, self.prompt_len, self.answer = backbone, prompt_len, answer
 
-    def propose(self, hidden, root, tree, embed, lm_head):
+    def propose(self, hidden, root, tree, embed, lm_head, draft=None):
         at = int(self.backbone.cache_len) - self.prompt_len + 1  # index in `answer` of the root's successor
         tokens = torch.zeros(tree.size, dtype=torch.long)
         tokens[0] = root
