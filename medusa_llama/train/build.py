@@ -114,13 +114,22 @@ def build_model(config: TrainConfig, device: torch.device, process_index: int):
         base_model=model_name(config.model),
         prefix_attention=config.prefix_attention,
         prefix_num_heads=base.config.num_attention_heads,
-        rope_theta=float(getattr(base.config, "rope_theta", None) or HeadsConfig.rope_theta),
+        rope_theta=backbone_rope_theta(base.config),
     )
     heads = MedusaHeads(heads_config, base_lm_head=base.get_output_embeddings()).to(device=device, dtype=torch.float32)
     if config.init_heads:
         init_heads(heads, config.init_heads)
     heads.requires_grad_(True)
     return model, peft_model, heads
+
+
+def backbone_rope_theta(config) -> float:
+    """The backbone's RoPE base, for the prefix layer: ``rope_theta`` (transformers < 5) or
+    ``rope_parameters["rope_theta"]`` (transformers 5); ``HeadsConfig``'s default where neither is set."""
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+    return float(theta or HeadsConfig.rope_theta)
 
 
 PREFIX_FIELDS = ("prefix_attention", "prefix_num_heads", "prefix_intermediate_size", "rope_theta")

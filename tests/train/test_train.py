@@ -396,3 +396,14 @@ def test_prefix_heads_train_save_and_start_from_plain_heads(tiny_dir, data_dir, 
     wrong = config(tiny_dir, data_dir, tmp_path / "run3", init_heads=str(tmp_path / "with_prefix"))
     with pytest.raises(MedusaError, match="--init-heads .* differ in prefix_attention"):
         train(wrong)
+
+
+def test_prefix_layer_takes_the_backbone_rope_base_from_either_config_spelling():
+    from types import SimpleNamespace
+
+    from medusa_llama.decode.heads import HeadsConfig
+    from medusa_llama.train.build import backbone_rope_theta
+
+    assert backbone_rope_theta(SimpleNamespace(rope_theta=5e5)) == 5e5  # transformers < 5
+    assert backbone_rope_theta(SimpleNamespace(rope_parameters={"rope_theta": 1e5, "rope_type": "default"})) == 1e5
+    assert backbone_rope_theta(SimpleNamespace()) == HeadsConfig.rope_theta
