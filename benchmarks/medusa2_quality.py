@@ -18,7 +18,7 @@ import torch
 from medusa_llama.decode.decoder import GenerationConfig, VanillaDecoder
 from medusa_llama.eval.prompts import chat_ids, load_prompts
 from medusa_llama.pipeline import load_pipeline_backbone
-from medusa_llama.train.prepare import TokenBlocks
+from medusa_llama.train.blocks import TokenBlocks
 
 
 @torch.no_grad()

@@ -17,8 +17,8 @@ import torch
 
 from medusa_llama.decode.heads import HeadsConfig, MedusaHeads
 from medusa_llama.errors import MedusaError
+from medusa_llama.train.blocks import TokenBlocks
 from medusa_llama.train.objective import causal_lm
-from medusa_llama.train.prepare import TokenBlocks
 
 if TYPE_CHECKING:
     from medusa_llama.train.loop import TrainConfig

@@ -20,7 +20,7 @@ import torch
 from medusa_llama.decode.heads import CONFIG_NAME, DRAFT_VOCAB_NAME
 from medusa_llama.decode.heads_io import load_heads, save_draft_vocab
 from medusa_llama.errors import MedusaError
-from medusa_llama.train.prepare import TokenBlocks, load_meta
+from medusa_llama.train.blocks import TokenBlocks, load_meta
 
 CHUNK_BLOCKS = 4096
 """Blocks counted at a time (4096 x 512 tokens: 8 MB of uint32), so any dataset is counted in bounded memory."""

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from medusa_llama.decode.heads import HEAD_KINDS, LM_HEAD_MODES
 from medusa_llama.errors import MedusaError
+from medusa_llama.train.blocks import TokenBlocks, load_meta
 from medusa_llama.train.build import Batches, build_model, build_optimizer, check_dataset, check_vocab
 from medusa_llama.train.checkpoint import (
     CONFIG_NAME,
@@ -43,7 +44,6 @@ from medusa_llama.train.checkpoint import (
 )
 from medusa_llama.train.objective import MedusaObjective
 from medusa_llama.train.outputs import check_output_dir
-from medusa_llama.train.prepare import TokenBlocks, load_meta
 
 log = logging.getLogger(__name__)
 

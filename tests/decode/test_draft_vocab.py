@@ -22,7 +22,7 @@ from medusa_llama.decode.heads import DRAFT_VOCAB_NAME, DraftVocab
 from medusa_llama.decode.heads_io import load_heads, save_draft_vocab
 from medusa_llama.decode.tree import build_tree, builtin_tree
 from medusa_llama.errors import MedusaError
-from medusa_llama.train.prepare import write_blocks
+from medusa_llama.train.blocks import write_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 V = TINY["vocab_size"]

@@ -19,9 +19,9 @@ from conftest import tiny_llama
 from medusa_llama.decode.heads import HeadsConfig, MedusaHeads
 from medusa_llama.errors import MedusaError
 from medusa_llama.loading import model_name
+from medusa_llama.train.blocks import write_blocks
 from medusa_llama.train.loop import TrainConfig, train
 from medusa_llama.train.objective import MedusaObjective, final_hidden, teacher_context
-from medusa_llama.train.prepare import write_blocks
 
 VOCAB, BLOCK = 96, 32
 REPO = Path(__file__).resolve().parents[2]
