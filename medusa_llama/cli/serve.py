@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 from dataclasses import replace
 
 from medusa_llama.cli.generate import add_decoder_args
@@ -15,7 +14,6 @@ from medusa_llama.serve.config import SERVE_ACCEPTANCE, ServeConfig
 from medusa_llama.serve.trees import serve_tree, table_path
 
 SERVE_INSTALL = "pip install fastapi uvicorn"
-log = logging.getLogger(__name__)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -68,13 +66,6 @@ def make_engine(pipe: Pipeline, cfg: ServeConfig):
         else:
             decoder = pipe.vanilla() if heads is None else pipe.with_tree(tree).decoder
         return DecoderEngine(decoder, cfg.served_model_name)
-    if heads is not None and not heads.supports_batching:
-        log.warning(
-            "these heads have prefix attention, which batched decoding cannot run yet: the %d rows decode without "
-            "heads (vanilla); --batch-size 1 uses them",
-            cfg.batch_size,
-        )
-        heads, tree = None, None
     if tree is not None and not isinstance(tree, Tree):
         raise MedusaError("--batch-size > 1 takes a static tree (dynamic trees decode one sequence at a time)")
     if not isinstance(pipe.backbone, FastBackbone):

@@ -12,10 +12,14 @@ free row (one sequence at a time, eagerly), ``step`` advances every row, ``relea
 runs through the step (fixed shapes) but its cache length never advances, so its work is wasted and harmless.
 
 The heads and the greedy rule run once for all rows (``propose_batch``, ``accept_batch``: the functions of
-``proposal.py`` and ``acceptance.py`` with a batch dimension, pinned equal to them by the tests).
+``proposal.py`` and ``acceptance.py`` with a batch dimension, pinned equal to them by the tests). Heads with prefix
+attention read the prefix layer's output: its KV cache has one row and one length per sequence too
+(``prefix.BatchedPrefixCache``), prefilled with the prompt by ``add`` and extended by each row's accepted path in
+the step, so it stays in step with the backbone's rows.
 
 Limits: one acceptance rule per batch (the step is built for it); sampling draws from the one global RNG, so a
-sequence's sampled output depends on its batch-mates (greedy output does not); the fast backbone only.
+sequence's sampled output depends on its batch-mates (greedy output does not); the fast backbone only; static
+trees only (a dynamic tree decodes one sequence at a time).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from medusa_llama.decode.backbone import FastBackbone
 from medusa_llama.decode.decoder import GenerationConfig, GenerationResult, StepRunner, check_draft_fits
 from medusa_llama.decode.heads import DraftVocab, MedusaHeads, draft_tokens, draft_topk, project_draft
 from medusa_llama.decode.model import TreeMask, batched_tree_attention_mask, tree_attention_mask
+from medusa_llama.decode.prefix import BatchedPrefixCache
 from medusa_llama.decode.tree import Tree, build_tree
 from medusa_llama.errors import MedusaError
 
@@ -138,10 +143,6 @@ class BatchedDecoder:
                 tree = build_tree(tree if tree is not None else [], heads.num_heads)
             if tree.max_depth > heads.num_heads:
                 raise MedusaError(f"the tree is {tree.max_depth} deep but the heads predict only {heads.num_heads}")
-            if tree.size > 1 and not heads.supports_batching:
-                raise MedusaError(
-                    "heads with prefix attention decode one sequence at a time: batched decoding cannot run them"
-                )
             heads = heads.to(device=dev, dtype=backbone.dtype).eval()
         self.heads = heads if tree.size > 1 else None  # a root-only tree runs no heads
         self.draft = None if self.heads is None else self.heads.draft(backbone.lm_head, draft_vocab)  # as MedusaDecoder
@@ -149,6 +150,12 @@ class BatchedDecoder:
             check_draft_fits(self.draft, max(tree.level_topk))
         self.tree = tree.to(dev)
         b, t, d = batch_size, tree.size, tree.max_depth
+        # The prefix layer's KV cache, one row per sequence, for heads with prefix attention (as MedusaDecoder's).
+        self.prefix_cache = None
+        if self.heads is not None and self.heads.prefix is not None:
+            self.prefix_cache = BatchedPrefixCache(
+                self.heads.prefix, b, self.bb.max_seq_len, dev, backbone.dtype, self.bb.tree_kernel
+            )
         self.root = torch.zeros(b, dtype=torch.long, device=dev)  # (B,) last emitted token, not yet in the cache
         self.hidden = torch.zeros(b, backbone.hidden_size, dtype=backbone.dtype, device=dev)  # (B, D) before root
         self.tokens = torch.zeros(b, t, dtype=torch.long, device=dev)  # (B, T) the candidate trees
@@ -197,8 +204,10 @@ class BatchedDecoder:
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         row, t0 = free[0], time.perf_counter()
-        hidden = self.bb.prefill(row, prompt)[-1]  # (D,)
-        self.hidden[row] = hidden
+        states = self.bb.prefill(row, prompt)  # (P, D)
+        hidden = states[-1]  # (D,)
+        # the heads read h_t, or the prefix layer's output over the prompt (positions 0 .. P-1 of this row)
+        self.hidden[row] = hidden if self.prefix_cache is None else self.prefix_cache.prefill(row, states)[-1]
         self.root[row] = next_token(self.backbone.logits(hidden), acfg)
         if self.heads is not None:
             self._propose(row)
@@ -345,8 +354,12 @@ class BatchedDecoder:
             self.out[:, 0] = n
             self.out[:, 1:] = emitted
             self.bb.commit(path, n, self.active)
-            last = path.gather(1, n[:, None])[:, 0]  # (B,) node of each row's last accepted token
-            self.hidden.copy_(hidden[rows, last])  # (B, D)
+            if self.prefix_cache is None:
+                last = path.gather(1, n[:, None])[:, 0]  # (B,) node of each row's last accepted token
+                self.hidden.copy_(hidden[rows, last])  # (B, D)
+            else:  # each row's accepted path (root + n nodes) joins its prefix-layer row; inactive rows stay put
+                kept = self.prefix_cache.extend(hidden[rows[:, None], path.clamp(min=0)], (n + 1) * self.active)
+                self.hidden.copy_(kept[rows, n])  # (B, D) the layer's output at each row's last accepted token
             self.root.copy_(bonus)
             self.tokens.copy_(self._propose_all())
 

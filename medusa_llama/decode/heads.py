@@ -141,11 +141,6 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return self.config.num_heads
 
-    @property
-    def supports_batching(self) -> bool:
-        """Batched decoding (``batch.py``) keeps no prefix-layer cache: heads with prefix attention decode alone."""
-        return self.prefix is None
-
     def head_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
         """The heads' input states over whole sequences (B, L, D) from position 0: h_t, or the prefix layer's output."""
         return hidden if self.prefix is None else self.prefix(hidden)

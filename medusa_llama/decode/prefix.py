@@ -12,7 +12,8 @@ fresh prefix heads propose exactly what heads without it would.
 Two forms compute the same function (``tests/decode/test_prefix.py``):
 - training: ``PrefixLayer.forward(hidden)`` over a whole block (B, L, D), positions 0 .. L-1;
 - decoding: ``PrefixCache.extend(hidden, count)`` appends rows to a static KV cache owned by the decoder, tensor-only
-  with the cache length in a device tensor, so a decode step that extends it stays one CUDA graph.
+  with the cache length in a device tensor, so a decode step that extends it stays one CUDA graph;
+  ``BatchedPrefixCache`` is the same cache with one row and one length per sequence, for batched decoding.
 """
 
 from __future__ import annotations
@@ -92,8 +93,85 @@ class PrefixLayer(nn.Module):
         return self.finish(hidden, attn.transpose(1, 2))  # attn: (B, nh, L, hd) -> (B, L, nh, hd)
 
 
-class PrefixCache:
-    """The prefix layer's static KV cache for one sequence (decoding form). Belongs to a decoder, like its backbone's.
+class BatchedPrefixCache:
+    """The prefix layer's static KV cache (decoding form) for B sequences, one row each (``batch.py``).
+
+    ``lengths`` ((B,) long, on the device) counts each row's committed entries; entry i of a row holds its token at
+    position i. ``prefill(row, hidden)`` runs a prompt into one row (eagerly); ``extend(hidden, count)`` appends rows
+    to every sequence at once, tensor-only and with fixed shapes, so a batched step that extends it stays one CUDA
+    graph.
+    """
+
+    def __init__(
+        self,
+        layer: PrefixLayer,
+        batch_size: int,
+        max_seq_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        kernel: bool = False,
+    ):
+        self.layer = layer
+        shape = (batch_size, max_seq_len, layer.num_heads, layer.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, S, nh, hd)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (B, S, nh, hd)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.cos, self.sin = layer.rope(torch.arange(max_seq_len, device=device), dtype)  # (S, 1, hd): once
+        self._rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1)
+        # Decode steps attend by the backbone's split-K Triton kernel over the filled slots only, one length per row
+        # (the new rows are its "tree", under a causal mask); the eager prefill and CPU steps use SDPA.
+        self.kernel = kernel
+        self._causal: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def prefill(self, row: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Restart row ``row`` with a prompt's hidden states (P, D) at positions 0 .. P-1; return the outputs (P, D)."""
+        self.lengths[row] = 0
+        return self._extend(slice(row, row + 1), hidden[None], None)[0]
+
+    @torch.no_grad()
+    def extend(self, hidden: torch.Tensor, count: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Append n rows to every sequence: hidden (B, n, D) at positions lengths[b] .. lengths[b]+n-1; return the
+        layer's outputs there (B, n, D).
+
+        Row i of sequence b attends to its entries 0 .. lengths[b]+i. Only the first ``count[b]`` rows of sequence b
+        ((B,) or 0-d device tensor, or int <= n; 0 for a sequence that must not advance; None: all n) are kept: its
+        length advances by that many, and the slots of the rows past them (padding, like the backbone's rejected
+        tree nodes) are overwritten by the next call. Tensor-only, no host sync on a GPU.
+        """
+        return self._extend(slice(None), hidden, count)
+
+    def _extend(self, rows: slice, hidden: torch.Tensor, count: torch.Tensor | int | None) -> torch.Tensor:
+        """``extend`` over the sequences ``rows`` of the cache (views of its rows: writes land in place)."""
+        k_cache, v_cache, length = self.k[rows], self.v[rows], self.lengths[rows]  # (b, S, nh, hd), (b,)
+        b, n, dev = hidden.shape[0], hidden.shape[1], hidden.device
+        slots = length[:, None] + torch.arange(n, device=dev)  # (b, n) positions, and cache slots, of the new rows
+        q, k, v = self.layer.project(self.layer.attn_norm(hidden), self.cos[slots], self.sin[slots])  # (b, n, nh, hd)
+        k_cache[self._rows[:b], slots] = k
+        v_cache[self._rows[:b], slots] = v
+        if self.kernel and count is not None and n <= KERNEL_MAX_ROWS:
+            from medusa_llama.decode.attention import tree_attention
+
+            if n not in self._causal:
+                self._causal[n] = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+            attn = tree_attention(q, k_cache, v_cache, length, self._causal[n])  # (b, n, nh, hd)
+        else:
+            # On a GPU the shapes stay fixed (CUDA graphs): attention spans the whole cache. On the CPU only the
+            # filled slots (reading the lengths there costs no device sync), as the backbone does.
+            span = k_cache.shape[1] if dev.type == "cuda" else int(length.max()) + n
+            visible = torch.arange(span, device=dev) <= slots[..., None]  # (b, n, span): causal over each row
+            attn = sdpa(
+                q.transpose(1, 2),  # (b, nh, n, hd)
+                k_cache[:, :span].transpose(1, 2),  # (b, nh, span, hd)
+                v_cache[:, :span].transpose(1, 2),
+                attn_mask=visible[:, None],
+            ).transpose(1, 2)  # (b, n, nh, hd)
+        length += n if count is None else count
+        return self.layer.finish(hidden, attn)
+
+
+class PrefixCache(BatchedPrefixCache):
+    """The prefix layer's static KV cache for one sequence (a batch of one). Belongs to a decoder, like its backbone's.
 
     ``length`` (0-d long, on the device) counts the committed entries; entry i holds the token at position i.
     """
@@ -101,51 +179,17 @@ class PrefixCache:
     def __init__(
         self, layer: PrefixLayer, max_seq_len: int, device: torch.device, dtype: torch.dtype, kernel: bool = False
     ):
-        self.layer = layer
-        shape = (max_seq_len, layer.num_heads, layer.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (S, nh, hd)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (S, nh, hd)
-        self.length = torch.zeros((), dtype=torch.long, device=device)
-        self.cos, self.sin = layer.rope(torch.arange(max_seq_len, device=device), dtype)  # (S, 1, hd): once
-        # Decode steps attend by the backbone's split-K Triton kernel over the filled slots only (the new rows are
-        # its "tree", under a causal mask); the eager prefill and CPU steps use SDPA.
-        self.kernel = kernel
-        self._causal: dict[int, torch.Tensor] = {}
+        super().__init__(layer, 1, max_seq_len, device, dtype, kernel)
+        self.length = self.lengths[0]  # a view: advances with ``lengths``
 
     def reset(self) -> None:
-        self.length.zero_()
+        self.lengths.zero_()
 
     @torch.no_grad()
     def extend(self, hidden: torch.Tensor, count: torch.Tensor | int | None = None) -> torch.Tensor:
         """Append rows (n, D) at positions length .. length+n-1; return the layer's outputs there (n, D).
 
-        Row i attends to cache entries 0 .. length+i. Only the first ``count`` rows (0-d device tensor or int <= n;
-        None: all n) are kept: the length advances by ``count``, and the slots of the rows past it (padding, like the
-        backbone's rejected tree nodes) are overwritten by the next call. Tensor-only, no host sync on a GPU.
+        Row i attends to cache entries 0 .. length+i; ``count`` (0-d device tensor or int <= n; None: all n) as for
+        ``BatchedPrefixCache.extend``. Tensor-only, no host sync on a GPU.
         """
-        n, dev = hidden.shape[0], hidden.device
-        slots = self.length + torch.arange(n, device=dev)  # (n,) positions, and cache slots, of the new rows
-        cos, sin = self.cos.index_select(0, slots), self.sin.index_select(0, slots)  # (n, 1, hd)
-        q, k, v = self.layer.project(self.layer.attn_norm(hidden), cos, sin)  # (n, nh, hd)
-        self.k.index_copy_(0, slots, k)
-        self.v.index_copy_(0, slots, v)
-        if self.kernel and count is not None and n <= KERNEL_MAX_ROWS:
-            from medusa_llama.decode.attention import tree_attention
-
-            if n not in self._causal:
-                self._causal[n] = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-            attn = tree_attention(q[None], self.k[None], self.v[None], self.length, self._causal[n])[0]  # (n, nh, hd)
-            self.length += count
-            return self.layer.finish(hidden, attn)
-        # On a GPU the shapes stay fixed (CUDA graphs): attention spans the whole cache. On the CPU only the filled
-        # slots (reading the length there costs no device sync), as the backbone does.
-        span = self.k.shape[0] if dev.type == "cuda" else int(self.length) + n
-        visible = torch.arange(span, device=dev)[None, :] <= slots[:, None]  # (n, span): causal over the cache
-        attn = sdpa(
-            q.transpose(0, 1)[None],  # (1, nh, n, hd)
-            self.k[:span].transpose(0, 1)[None],  # (1, nh, span, hd)
-            self.v[:span].transpose(0, 1)[None],
-            attn_mask=visible,
-        )[0].transpose(0, 1)  # (n, nh, hd)
-        self.length += n if count is None else count
-        return self.layer.finish(hidden, attn)
+        return self._extend(slice(None), hidden[None], count)[0]

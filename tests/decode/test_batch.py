@@ -1,5 +1,6 @@
 """Batched decoding reproduces batch-size-1 decoding token for token: prompts of different lengths, sequences that
-finish at different times, rows refilled mid-run (continuous batching), both head kinds, a couple of trees."""
+finish at different times, rows refilled mid-run (continuous batching), both head kinds, a couple of trees, heads
+with prefix attention."""
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from medusa_llama.decode.model import batched_tree_attention_mask, tree_attentio
 from medusa_llama.decode.tree import build_tree, builtin_tree
 from medusa_llama.errors import MedusaError
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel tests: compiled on a GPU, interpreted on a CPU
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+PREFIX = dict(prefix_attention=True, prefix_num_heads=4)  # the kernel tests: compiled on a GPU, interpreted on a CPU
 BUDGETS = (40, 12, 33, 25, 7)  # different budgets: sequences finish at different steps, rows are refilled
 
 
@@ -187,17 +189,61 @@ def test_batched_cuda_graph_steps_equal_single_on_gpu(prompts):
     """On a GPU: captured batched steps (one graph per tree), kernel attention with per-row lengths, fp32."""
     bb = make_backbone(tiny_llama().cuda(), FakeTokenizer(), "tiny", 256, "fast")
     assert bb.supports_cuda_graphs and bb.tree_kernel
-    for heads, tree in ((random_heads("sequential"), builtin_tree("tree16")), (None, None)):
+    tree16 = builtin_tree("tree16")
+    for heads, tree in ((random_heads("sequential"), tree16), (prefix_heads(), tree16), (None, None)):
         single = MedusaDecoder(bb, heads, tree) if heads is not None else VanillaDecoder(bb)
         refs = [single.generate(p, c).tokens for p, c in zip(prompts, configs(), strict=True)]
         dec = BatchedDecoder(bb, 3, heads, tree)
         assert [r.tokens for r in dec.generate_many(prompts, configs())] == refs
         assert all(step.graph is not None for step in dec._steps.values())
+        if dec.prefix_cache is not None:
+            assert torch.equal(dec.prefix_cache.lengths, dec.bb.cache_len)
 
 
-def test_batched_decoding_refuses_prefix_heads_but_runs_them_as_vanilla(backbone, prompts):
-    heads = random_heads("sequential", prefix_attention=True, prefix_num_heads=4)
-    with pytest.raises(MedusaError, match="prefix attention"):
-        BatchedDecoder(backbone, 2, heads, builtin_tree("tree16"), use_cuda_graphs=False)
-    vanilla = BatchedDecoder(backbone, 2, heads, [], use_cuda_graphs=False)  # a root-only tree runs no heads
-    assert vanilla.heads is None
+def prefix_heads(kind: str = "sequential"):
+    return random_heads(kind, std=0.3, **PREFIX)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "sequential"])
+def test_batched_prefix_heads_equal_single(one_thread, backbone, prompts, kind):
+    """Heads with prefix attention: the rows' outputs and acceptance equal batch-size-1 decoding; rows are refilled."""
+    heads, tree = prefix_heads(kind), builtin_tree("tree16")
+    single = MedusaDecoder(backbone, heads, tree)
+    refs = [single.generate(p, c) for p, c in zip(prompts, configs(), strict=True)]
+    dec = BatchedDecoder(backbone, 3, heads, tree)
+    results = dec.generate_many(prompts, configs())
+    assert [r.tokens for r in results] == [r.tokens for r in refs]
+    assert [r.accepted_per_depth for r in results] == [r.accepted_per_depth for r in refs]  # the same proposals
+    assert dec.prefix_cache is not None and torch.equal(dec.prefix_cache.lengths, dec.bb.cache_len)
+
+
+def test_batched_prefix_rows_equal_the_training_form(one_thread, backbone, prompts):
+    """Each running row's heads input is the prefix layer over its committed sequence (a row refilled mid-run too);
+    a finished row left in place while the others step does not advance; per-row lengths equal the backbone's."""
+    heads, tree = prefix_heads(), builtin_tree("tree16")
+    dec = BatchedDecoder(backbone, 3, heads, tree)
+    long, short = GenerationConfig(max_new_tokens=40, stop_at_eos=False), GenerationConfig(max_new_tokens=4)
+    held = {dec.add(prompts[0], long): prompts[0], dec.add(prompts[1], long): prompts[1]}
+    for _ in range(3):
+        dec.step()
+    dec.release(1)
+    del held[1]
+    held[dec.add(prompts[2], long)] = prompts[2]  # refills row 1
+    assert dec.add(prompts[3], short) == 2  # finishes within a few steps, then stays held while the others step
+    while not dec.done(2):
+        dec.step()
+    finished = int(dec.prefix_cache.lengths[2])
+    for _ in range(3):
+        dec.step()
+    assert not dec.done(0) and not dec.done(1) and int(dec.prefix_cache.lengths[2]) == finished
+    assert torch.equal(dec.prefix_cache.lengths, dec.bb.cache_len)
+    for row, prompt in held.items():
+        seq = torch.tensor([(prompt + dec.result(row).tokens)[: int(dec.bb.cache_len[row])]])  # the committed tokens
+        with torch.no_grad():
+            expected = dec.heads.head_inputs(backbone.hf_model.model(input_ids=seq).last_hidden_state)[0, -1]
+        torch.testing.assert_close(dec.hidden[row], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_root_only_tree_runs_no_prefix_heads(backbone):
+    vanilla = BatchedDecoder(backbone, 2, prefix_heads(), [], use_cuda_graphs=False)  # a root-only tree runs no heads
+    assert vanilla.heads is None and vanilla.prefix_cache is None

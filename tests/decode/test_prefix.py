@@ -15,7 +15,7 @@ from medusa_llama.decode.dynamic_tree import DynamicTree
 from medusa_llama.decode.formats import EXPORT_FORMATS
 from medusa_llama.decode.heads import CONFIG_NAME, HeadsConfig, MedusaHeads
 from medusa_llama.decode.heads_io import export_heads
-from medusa_llama.decode.prefix import PrefixCache
+from medusa_llama.decode.prefix import BatchedPrefixCache, PrefixCache
 from medusa_llama.decode.tree import builtin_tree
 from medusa_llama.errors import MedusaError
 
@@ -148,8 +148,7 @@ def test_old_config_without_the_key_loads_without_prefix(tmp_path):
     old = {k: v for k, v in raw.items() if not k.startswith("prefix") and k != "rope_theta"}
     (tmp_path / "h" / CONFIG_NAME).write_text(json.dumps(old))
     loaded = MedusaHeads.load(tmp_path / "h")
-    assert loaded.config.prefix_attention is False and loaded.prefix is None and loaded.supports_batching
-    assert not prefix_heads().supports_batching
+    assert loaded.config.prefix_attention is False and loaded.prefix is None
 
 
 @pytest.mark.parametrize("fmt", EXPORT_FORMATS)
@@ -181,3 +180,30 @@ def test_extend_by_the_triton_kernel_equals_sdpa():
         outs.append(torch.cat(rows))
         assert int(cache.length) == 20
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_batched_cache_rows_equal_single_caches(kernel):
+    """One row per sequence, each at its own length; a count of 0 keeps a row in place (an inactive batch row)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if kernel:
+        pytest.importorskip("triton")
+        from medusa_llama.decode import attention
+
+        if not torch.cuda.is_available() and type(attention._split_kernel).__name__ != "InterpretedFunction":
+            pytest.skip("Triton was imported before conftest set TRITON_INTERPRET=1")
+    layer = prefix_heads().prefix.to(dev)
+    x = torch.randn(3, 40, 64, generator=torch.Generator().manual_seed(0)).to(dev)
+    batched = BatchedPrefixCache(layer, 3, 64, torch.device(dev), torch.float32, kernel=kernel)
+    singles = [PrefixCache(layer, 64, torch.device(dev), torch.float32) for _ in range(3)]  # SDPA
+    at = [11, 4, 20]
+    for b, n in enumerate(at):
+        torch.testing.assert_close(batched.prefill(b, x[b, :n]), singles[b].extend(x[b, :n]), rtol=1e-5, atol=1e-5)
+    for counts in ([3, 5, 0], [1, 0, 4], [5, 2, 5]):
+        rows = torch.stack([x[b, n : n + 5] for b, n in enumerate(at)])  # (3, 5, D): the first counts[b] real
+        out = batched.extend(rows, torch.tensor(counts, device=dev))
+        for b, count in enumerate(counts):
+            ref = singles[b].extend(rows[b], count)
+            torch.testing.assert_close(out[b, :count], ref[:count], rtol=1e-4, atol=1e-4)
+            at[b] += count
+        assert batched.lengths.tolist() == at == [int(s.length) for s in singles]

@@ -40,13 +40,13 @@ def test_batch_size_picks_the_engine():
     assert isinstance(engine, BatchedEngine) and engine.capacity == 3
 
 
-def test_batched_serving_decodes_prefix_heads_without_them(caplog):
+def test_batched_serving_runs_prefix_heads(caplog):
     pipe = tiny_pipeline()
     pipe.heads = random_heads("sequential", prefix_attention=True, prefix_num_heads=4)
     with caplog.at_level("WARNING"):
         engine = make_engine(pipe, ServeConfig(batch_size=2))
-    assert isinstance(engine, BatchedEngine) and engine.decoder.heads is None  # vanilla rows, not a crash
-    assert "prefix attention" in caplog.text
+    assert isinstance(engine, BatchedEngine) and engine.decoder.heads is pipe.heads  # the heads, not vanilla rows
+    assert engine.decoder.prefix_cache is not None and "prefix attention" not in caplog.text
 
 
 def test_batched_serving_takes_the_shipped_heads_without_prefix_attention():
@@ -55,7 +55,8 @@ def test_batched_serving_takes_the_shipped_heads_without_prefix_attention():
         pytest.skip("the shipped heads are not installed")
     assert MedusaHeads.load(SHIPPED_HEADS).config.prefix_attention  # the default heads have a prefix layer ...
     batch = heads_for_batching(default)
-    assert Path(batch.heads) == SHIPPED_BATCH_HEADS and MedusaHeads.load(batch.heads).supports_batching  # ... these not
+    assert Path(batch.heads) == SHIPPED_BATCH_HEADS  # ... these not: the batched tree table was measured for them
+    assert not MedusaHeads.load(batch.heads).config.prefix_attention
     mine = DecoderOptions(heads="my/heads")
     assert heads_for_batching(mine) is mine  # heads the user named are kept
 
