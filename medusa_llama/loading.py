@@ -125,18 +125,25 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith("/") or spec.count("/") > 1
 
 
-def resolve_model(spec: str | None) -> str:
-    """Return something ``from_pretrained`` accepts: the cached embedded checkpoint, a directory or a hub id."""
+def check_model_spec(spec: str | None) -> None:
+    """Refuse a ``--model`` that names a missing or non-model local directory, before any other work."""
     if is_embedded(spec):
-        return str(converted_embedded())
+        return
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise MedusaError(f"--model {spec}: {path} is not a model directory (no config.json)")
-        return str(path)
-    if _looks_like_path(spec):
+    elif _looks_like_path(spec):
         raise MedusaError(f"--model {spec}: no such directory")
-    return spec
+
+
+def resolve_model(spec: str | None) -> str:
+    """Return something ``from_pretrained`` accepts: the cached embedded checkpoint, a directory or a hub id."""
+    check_model_spec(spec)
+    if is_embedded(spec):
+        return str(converted_embedded())
+    path = Path(spec).expanduser()
+    return str(path) if path.exists() else spec
 
 
 def model_name(spec: str | None) -> str:

@@ -24,7 +24,7 @@ from medusa_llama.decode.heads import WEIGHTS_NAME, MedusaHeads
 from medusa_llama.decode.heads_io import load_heads
 from medusa_llama.decode.tree import DEFAULT_TREE, Tree, build_tree, load_choices
 from medusa_llama.errors import MedusaError
-from medusa_llama.loading import is_embedded, load_model, load_tokenizer, model_name
+from medusa_llama.loading import check_model_spec, is_embedded, load_model, load_tokenizer, model_name
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ def load_pipeline(opts: DecoderOptions, need_heads: bool = False) -> Pipeline:
     Without heads (``opts.vanilla``, or none given and none installed) the decoder is a ``VanillaDecoder``, unless
     ``need_heads``, which makes missing heads an error.
     """
+    check_model_spec(opts.model)  # a missing model directory is the error, not the heads note it would cause
     heads_dir = None if opts.vanilla and not need_heads else resolve_heads_dir(opts.heads, opts.model, need_heads)
     heads = tree = spec = None
     if heads_dir is not None:

@@ -60,9 +60,10 @@ def test_bad_flags(argv, fragment, cli, no_model_load):
 
 
 @pytest.mark.parametrize("model", ["/nonexistent/model-dir", "./missing-model"])
-def test_a_missing_model_directory_is_named(model, cli):
+def test_a_missing_model_directory_is_named(model, cli, caplog):
     code, _, err = cli("generate", "hi", "--model", model)
     assert_one_error_line(code, err, f"--model {model}: no such directory")
+    assert "no trained Medusa heads" not in err + caplog.text  # the model is the problem: no misleading note first
 
 
 def test_invalid_utf8_prompt_in_argv(tmp_path):
