@@ -7,14 +7,16 @@ batched: the verify forward takes (B, T) tree tokens at positions ``cache_len[b]
 each row's path is compacted into its own cache row. The step is tensor-only (no host syncs), so a GPU can capture
 one CUDA graph per (B, tree) shape; the host reads back one (B, D+2) tensor per step.
 
-Sequences join and leave between steps (continuous batching at step granularity): ``add`` prefills a prompt into a
-free row (one sequence at a time, eagerly), ``step`` advances every row, ``release`` frees a row. A free row still
-runs through the step (fixed shapes) but its cache length never advances, so its work is wasted and harmless.
+Sequences join and leave between steps (continuous batching at step granularity): ``add_many`` prefills prompts into
+free rows with ONE eager forward (right-padded to the longest, causal within each row; ``add`` is its batch of one;
+groups of similar lengths when the padded batch would pass ``prefill_tokens``), ``step`` advances every row,
+``release`` frees a row. A free row still runs through the step (fixed shapes) but its cache length never advances,
+so its work is wasted and harmless.
 
 The heads and the greedy rule run once for all rows (``propose_batch``, ``accept_batch``: the functions of
 ``proposal.py`` and ``acceptance.py`` with a batch dimension, pinned equal to them by the tests). Heads with prefix
 attention read the prefix layer's output: its KV cache has one row and one length per sequence too
-(``prefix.BatchedPrefixCache``), prefilled with the prompt by ``add`` and extended by each row's accepted path in
+(``prefix.BatchedPrefixCache``), prefilled with the prompts by ``add_many`` and extended by each row's accepted path in
 the step, so it stays in step with the backbone's rows.
 
 Limits: one acceptance rule per batch (the step is built for it); sampling draws from the one global RNG, so a
@@ -30,21 +32,39 @@ from dataclasses import dataclass
 
 import torch
 
-from medusa_llama.decode import proposal
 from medusa_llama.decode.acceptance import AcceptanceConfig, accept, next_token
 from medusa_llama.decode.backbone import FastBackbone
 from medusa_llama.decode.decoder import GenerationConfig, GenerationResult, StepRunner, check_draft_fits
 from medusa_llama.decode.heads import DraftVocab, MedusaHeads, draft_tokens, draft_topk, project_draft
-from medusa_llama.decode.model import TreeMask, batched_tree_attention_mask, tree_attention_mask
+from medusa_llama.decode.model import TreeMask, batched_tree_attention_mask
 from medusa_llama.decode.prefix import BatchedPrefixCache
 from medusa_llama.decode.tree import Tree, build_tree
 from medusa_llama.errors import MedusaError
+
+PREFILL_TOKENS = 16384
+"""Default cap on one batched prefill forward: prompts x longest prompt, padding included. It bounds the forward's
+activations, its scratch KV cache and its (b, 1, P, P) mask; 64 chat prompts of up to 256 tokens fit in one."""
+
+
+def prefill_groups(lengths: list[int], budget: int) -> list[list[int]]:
+    """Split prompts (their lengths) into groups prefilled by one forward each: indices sorted by length, so that a
+    group's padding stays small, cut wherever the next prompt would take the group's padded size (count x longest)
+    past ``budget`` tokens. A prompt longer than the budget goes alone."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if group and (len(group) + 1) * lengths[i] > budget:
+            groups.append(group)
+            group = []
+        group.append(i)
+    return [*groups, group] if group else groups
 
 
 class BatchedBackbone:
     """B cache rows over one ``FastBackbone``'s weights (its own single-sequence cache is left alone).
 
-    The batched counterparts of the backbone's verbs: ``prefill(row, tokens)``, ``forward_tree(tokens (B, T), ...)``
+    The batched counterparts of the backbone's verbs: ``prefill_many(rows, prompts)`` (``prefill(row, tokens)`` is its
+    batch of one), ``forward_tree(tokens (B, T), ...)``
     and ``commit(path (B, D+1), n (B,), active (B,))``."""
 
     def __init__(self, backbone: FastBackbone, batch_size: int):
@@ -65,14 +85,35 @@ class BatchedBackbone:
     @torch.no_grad()
     def prefill(self, row: int, tokens: torch.Tensor) -> torch.Tensor:
         """Run the prompt (P,) into cache row ``row`` alone and commit it. Returns its hidden states (P, D)."""
-        t = tokens.shape[0]
-        zero = torch.zeros((), dtype=torch.long, device=self.device)
-        causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
-        mask = tree_attention_mask(zero, causal, t, self.dtype)  # (1, 1, P, P)
-        pos = torch.arange(t, device=self.device)
-        cache = (self.k_cache[:, row : row + 1], self.v_cache[:, row : row + 1])  # views: (L, 1, S, n_kv, hd)
-        hidden = self.model(tokens[None], pos[None], pos, mask, cache=cache)[0]  # (P, D)
-        self.cache_len[row] = t
+        return self.prefill_many([row], [tokens])[0]
+
+    @torch.no_grad()
+    def prefill_many(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Run b prompts (each (P_i,) long) into cache rows ``rows`` with ONE forward and commit them. Returns the
+        hidden states (b, P, D), P the longest prompt: row i's are real at positions 0 .. P_i-1, garbage after.
+
+        The prompts are right-padded into (b, P) at positions 0 .. P-1. The forward writes a scratch cache of b rows
+        and P slots (the free rows need not be contiguous, so no view of the decoder's cache covers them), which is
+        then copied into ``rows``; the padding's K/V land past each row's length, where later steps overwrite them
+        (as they do rejected tree nodes)."""
+        dev, b = self.device, len(rows)
+        lengths = torch.tensor([t.shape[0] for t in prompts], device=dev)  # (b,)
+        p = max(t.shape[0] for t in prompts)
+        tokens = torch.zeros(b, p, dtype=torch.long, device=dev)  # (b, P) right-padded with token 0
+        for i, t in enumerate(prompts):
+            tokens[i, : t.shape[0]] = t
+        pos = torch.arange(p, device=dev)  # (P,) positions, and slots, the same in every row
+        causal = pos[None, :] <= pos[:, None]  # (P, P) query i sees keys 0 .. i
+        allowed = causal[None] & (pos < lengths[:, None])[:, None, :]  # (b, P, P): ... and no padding key
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill(
+            ~allowed, torch.finfo(self.dtype).min
+        )
+        scratch = self.model.new_cache(p, b)  # (L, b, P, n_kv, hd) each
+        hidden = self.model(tokens, pos.expand(b, p), pos, mask[:, None], cache=scratch)  # (b, P, D)
+        index = torch.tensor(rows, device=dev)  # (b,)
+        for cache, new in zip((self.k_cache, self.v_cache), scratch, strict=True):
+            cache[:, index, :p] = new  # (L, b, P, n_kv, hd) into the rows' first P slots
+        self.cache_len[index] = lengths
         return hidden
 
     @torch.no_grad()
@@ -118,6 +159,7 @@ class BatchedDecoder:
     """Batched decoding with Medusa heads and a tree, or vanilla decoding (``heads=None``: the tree is the root
     alone, one token per step, the honest baseline). Greedy output equals each sequence's batch-size-1 output.
     ``draft_vocab`` as for ``MedusaDecoder``: None, the heads' stored draft vocabulary if any; N, its first N; 0, none.
+    ``prefill_tokens``: the most padded prompt tokens one prefill forward of ``add_many`` takes (``prefill_groups``).
 
     Use ``add`` / ``step`` / ``release`` for continuous batching, or ``generate_many`` for a list of prompts.
     """
@@ -130,7 +172,11 @@ class BatchedDecoder:
         tree: Tree | list | None = None,
         use_cuda_graphs: bool = True,
         draft_vocab: int | None = None,
+        prefill_tokens: int = PREFILL_TOKENS,
     ):
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
+        self.prefill_tokens = prefill_tokens
         self.bb = BatchedBackbone(backbone, batch_size)
         self.backbone = backbone
         self.capacity = batch_size
@@ -182,47 +228,94 @@ class BatchedDecoder:
         return self.bb.max_seq_len - prompt_len - 2 * (self.tree.max_depth + 1) - self.tree.size
 
     # -- joining and leaving --------------------------------------------------------------------------------------
-    @torch.no_grad()
     def add(self, prompt_ids, config: GenerationConfig | None = None) -> int:
-        """Prefill a prompt into a free row and choose its first token. Returns the row. The sequence may already be
-        done (EOS first, or a budget of one token): check ``done(row)``."""
-        cfg = config or GenerationConfig()
-        acfg = cfg.acceptance_config()
-        if self._acfg is not None and acfg != self._acfg and any(s is not None for s in self._slots):
-            raise MedusaError(f"this batch runs {self._acfg}; a sequence asks for {acfg}")
+        """Prefill a prompt into a free row and choose its first token: ``add_many`` of one. Returns the row."""
+        return self.add_many([prompt_ids], [config or GenerationConfig()])[0]
+
+    @torch.no_grad()
+    def add_many(self, prompts: list, configs: GenerationConfig | list[GenerationConfig] | None = None) -> list[int]:
+        """Prefill prompts into free rows, one backbone forward per group of ``prefill_groups``, and choose each
+        one's first token. Returns their rows, in prompt order. A sequence may already be done (EOS first, or a
+        budget of one token): check ``done(row)``. A refused prompt (MedusaError) refuses the call before any row
+        changes."""
+        if not prompts:
+            return []
+        if not isinstance(configs, list):
+            configs = [configs or GenerationConfig()] * len(prompts)
+        if len(configs) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(configs)} configs")
+        acfgs = [cfg.acceptance_config() for cfg in configs]
+        acfg = self._acfg if any(s is not None for s in self._slots) else acfgs[0]
+        for other in acfgs:
+            if other != acfg:
+                raise MedusaError(f"this batch runs {acfg}; a sequence asks for {other}")
         free = self.free_rows()
         if not free:
             raise MedusaError(f"all {self.capacity} rows are busy: release one first")
-        prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.bb.device).flatten()
-        if prompt.numel() == 0:
-            raise MedusaError("the prompt is empty")
-        self.backbone.check_room(prompt.numel(), cfg.max_new_tokens + 2 * (self.tree.max_depth + 1) + self.tree.size)
+        if len(prompts) > len(free):
+            raise MedusaError(f"{len(prompts)} prompts but only {len(free)} free rows (the others are busy)")
+        slack = 2 * (self.tree.max_depth + 1) + self.tree.size
+        tensors = []
+        for prompt_ids, cfg in zip(prompts, configs, strict=True):
+            prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.bb.device).flatten()
+            if prompt.numel() == 0:
+                raise MedusaError("the prompt is empty")
+            self.backbone.check_room(prompt.numel(), cfg.max_new_tokens + slack)
+            tensors.append(prompt)
         self._acfg = acfg
         step = self._step_for(acfg)
         if step.use_graph and step.graph is None:  # capture while no row holds a sequence: its runs are harmless
             step.capture()
-        if cfg.seed is not None:
-            torch.manual_seed(cfg.seed)
-        row, t0 = free[0], time.perf_counter()
-        states = self.bb.prefill(row, prompt)  # (P, D)
-        hidden = states[-1]  # (D,)
-        # the heads read h_t, or the prefix layer's output over the prompt (positions 0 .. P-1 of this row)
-        self.hidden[row] = hidden if self.prefix_cache is None else self.prefix_cache.prefill(row, states)[-1]
-        self.root[row] = next_token(self.backbone.logits(hidden), acfg)
+        rows, t0 = free[: len(prompts)], time.perf_counter()
+        index = torch.tensor(rows, device=self.bb.device)  # (b,)
+        last = self._prefill(rows, tensors)  # (b, D)
+        self.root[index] = self._first_tokens(self.backbone.logits(last), configs, acfg)  # (b,)
         if self.heads is not None:
-            self._propose(row)
-        first = int(self.root[row])
-        result = GenerationResult(accepted_per_depth=[0] * self.tree.max_depth)
-        result.prefill_s = time.perf_counter() - t0
-        result.tokens.append(first)
-        result.token_times.append(result.prefill_s)
-        eos = frozenset(self.backbone.eos_token_ids) if cfg.stop_at_eos else frozenset()
-        slot = _Slot(cfg, result, eos, t0, done=first in eos or cfg.max_new_tokens == 1)
-        self._slots[row] = slot
-        self.active[row] = not slot.done
-        if slot.done:
-            result.total_s = result.prefill_s
-        return row
+            self.tokens[index] = self._propose(index)
+        firsts = self.root[index].tolist()  # one host sync for all the new rows
+        prefill_s = time.perf_counter() - t0
+        for row, cfg, first in zip(rows, configs, firsts, strict=True):
+            result = GenerationResult(accepted_per_depth=[0] * self.tree.max_depth)
+            result.prefill_s = prefill_s
+            result.tokens.append(first)
+            result.token_times.append(prefill_s)
+            eos = frozenset(self.backbone.eos_token_ids) if cfg.stop_at_eos else frozenset()
+            slot = _Slot(cfg, result, eos, t0, done=first in eos or cfg.max_new_tokens == 1)
+            self._slots[row] = slot
+            self.active[row] = not slot.done
+            if slot.done:
+                result.total_s = prefill_s
+        return rows
+
+    def _prefill(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Run the prompts into ``rows`` group by group; set each row's heads input ``hidden``: h at its last prompt
+        token, or the prefix layer's output there (the layer run over the row's prompt states). Returns h at each
+        prompt's last token (b, D), in prompt order: the first tokens' logits."""
+        dev = self.bb.device
+        last = self.hidden.new_empty(len(rows), self.hidden.shape[1])  # (b, D)
+        for group in prefill_groups([t.shape[0] for t in prompts], self.prefill_tokens):
+            g_rows = [rows[i] for i in group]
+            lengths = torch.tensor([prompts[i].shape[0] for i in group], device=dev)  # (g,)
+            states = self.bb.prefill_many(g_rows, [prompts[i] for i in group])  # (g, P, D)
+            at = (torch.arange(len(group), device=dev), lengths - 1)  # each prompt's last token
+            last[torch.tensor(group, device=dev)] = states[at]  # (g, D)
+            if self.prefix_cache is not None:
+                states = self.prefix_cache.prefill_many(g_rows, states, lengths)  # (g, P, D)
+            self.hidden[torch.tensor(g_rows, device=dev)] = states[at]  # (g, D)
+        return last
+
+    @staticmethod
+    def _first_tokens(logits: torch.Tensor, configs: list[GenerationConfig], acfg: AcceptanceConfig) -> torch.Tensor:
+        """(b, V) -> (b,) each new sequence's first token; a sequence with a seed seeds the global RNG just before
+        its own draw (as a batch-size-1 decoder seeds before its prefill, which draws nothing)."""
+        if all(cfg.seed is None for cfg in configs):
+            return next_token(logits, acfg)
+        draws = []
+        for row_logits, cfg in zip(logits, configs, strict=True):
+            if cfg.seed is not None:
+                torch.manual_seed(cfg.seed)
+            draws.append(next_token(row_logits, acfg))
+        return torch.stack(draws)
 
     def done(self, row: int) -> bool:
         slot = self._slots[row]
@@ -292,9 +385,9 @@ class BatchedDecoder:
         owner: dict[int, int] = {}  # row -> prompt index
         waiting = list(range(len(prompts)))
         while waiting or owner:
-            while waiting and self.free_rows():
-                i = waiting.pop(0)
-                row = self.add(prompts[i], configs[i])
+            taken, waiting = waiting[: len(self.free_rows())], waiting[len(self.free_rows()) :]
+            rows = self.add_many([prompts[i] for i in taken], [configs[i] for i in taken])
+            for i, row in zip(taken, rows, strict=True):
                 owner[row] = i
                 if on_tokens:
                     on_tokens(i, list(self._slots[row].result.tokens))
@@ -317,11 +410,11 @@ class BatchedDecoder:
         bb = self.backbone
         return propose_batch(self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head, self.draft)
 
-    def _propose(self, row: int) -> None:
-        """Fill ``tokens[row]`` from that row's hidden state and root (one single-sequence proposal per row)."""
-        bb, heads = self.backbone, self.heads
-        self.tokens[row] = proposal.propose(
-            heads, self.hidden[row], self.root[row], self.tree, bb.embed, bb.lm_head, self.draft
+    def _propose(self, index: torch.Tensor) -> torch.Tensor:
+        """(b, T): the trees of rows ``index`` ((b,) long) from their hidden states and roots, the heads run once."""
+        bb = self.backbone
+        return propose_batch(
+            self.heads, self.hidden[index], self.root[index], self.tree, bb.embed, bb.lm_head, self.draft
         )
 
     def _vanilla_step(self, cfg: AcceptanceConfig) -> Callable[[], None]:

@@ -97,9 +97,9 @@ class BatchedPrefixCache:
     """The prefix layer's static KV cache (decoding form) for B sequences, one row each (``batch.py``).
 
     ``lengths`` ((B,) long, on the device) counts each row's committed entries; entry i of a row holds its token at
-    position i. ``prefill(row, hidden)`` runs a prompt into one row (eagerly); ``extend(hidden, count)`` appends rows
-    to every sequence at once, tensor-only and with fixed shapes, so a batched step that extends it stays one CUDA
-    graph.
+    position i. ``prefill_many(rows, hidden, lengths)`` runs right-padded prompts into their rows at once (eagerly;
+    ``prefill(row, hidden)`` is its batch of one); ``extend(hidden, count)`` appends rows to every sequence at once,
+    tensor-only and with fixed shapes, so a batched step that extends it stays one CUDA graph.
     """
 
     def __init__(
@@ -126,8 +126,25 @@ class BatchedPrefixCache:
     @torch.no_grad()
     def prefill(self, row: int, hidden: torch.Tensor) -> torch.Tensor:
         """Restart row ``row`` with a prompt's hidden states (P, D) at positions 0 .. P-1; return the outputs (P, D)."""
-        self.lengths[row] = 0
-        return self._extend(slice(row, row + 1), hidden[None], None)[0]
+        length = torch.full((1,), hidden.shape[0], dtype=torch.long, device=hidden.device)
+        return self.prefill_many([row], hidden[None], length)[0]
+
+    @torch.no_grad()
+    def prefill_many(self, rows: list[int], hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Restart rows ``rows`` with b prompts' hidden states at once: hidden (b, P, D) right-padded, row i real at
+        positions 0 .. lengths[i]-1 ((b,) long, on the device). Returns the outputs (b, P, D), garbage past each
+        row's length.
+
+        The training form's causal attention over the block: a real entry sees only entries before it, all real
+        (the padding lies after them). The padding's K/V land in slots past the row's length, overwritten later."""
+        p = hidden.shape[1]
+        index = torch.as_tensor(rows, dtype=torch.long, device=hidden.device)  # (b,)
+        q, k, v = self.layer.project(self.layer.attn_norm(hidden), self.cos[:p], self.sin[:p])  # (b, P, nh, hd)
+        self.k[index, :p] = k
+        self.v[index, :p] = v
+        attn = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)  # (b, nh, P, hd)
+        self.lengths[index] = lengths
+        return self.layer.finish(hidden, attn.transpose(1, 2))  # attn: (b, P, nh, hd)
 
     @torch.no_grad()
     def extend(self, hidden: torch.Tensor, count: torch.Tensor | int | None = None) -> torch.Tensor:

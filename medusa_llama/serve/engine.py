@@ -187,7 +187,8 @@ class DecoderEngine(Engine):
 
 class BatchedEngine(Engine):
     """Up to ``capacity`` sequences per verify step on a ``BatchedDecoder``: each ``step`` prefills the sequences it
-    sees for the first time into free rows, runs ONE batched decode step and frees the rows of those that end.
+    sees for the first time into free rows (one ``add_many``), runs ONE batched decode step and frees the rows of
+    those that end.
 
     All sequences of a batch share one acceptance rule (greedy, or one sampling setting): a sequence asking for
     another while others run fails with status 400."""
@@ -208,20 +209,27 @@ class BatchedEngine(Engine):
     def step(self, batch: list[Sequence]) -> None:
         for seq in [s for s in self._rows if s.done or s not in batch]:  # ended or dropped since the last step
             self._release(seq)
-        for seq in batch:
-            if seq in self._rows or seq.done:
-                continue
-            try:
-                row = self.decoder.add(seq.prompt_ids, seq.config)
-            except MedusaError as exc:
-                seq.fail(str(exc), status=400)
-                continue
-            self._rows[seq] = row
-            self._push(seq, list(self.decoder.result(row).tokens))
+        waiting = [s for s in batch if s not in self._rows and not s.done]
+        try:  # all of them in one prefill forward
+            rows: list[int | None] = self.decoder.add_many([s.prompt_ids for s in waiting], [s.config for s in waiting])
+        except MedusaError:  # one is refused (add_many then changes nothing): admit them one by one, failing it alone
+            rows = [self._add(seq) for seq in waiting]
+        for seq, row in zip(waiting, rows, strict=True):
+            if row is not None:
+                self._rows[seq] = row
+                self._push(seq, list(self.decoder.result(row).tokens))
         new = self.decoder.step()
         for seq, row in list(self._rows.items()):
             if row in new:
                 self._push(seq, new[row])
+
+    def _add(self, seq: Sequence) -> int | None:
+        """Prefill one sequence into a free row; a refused one fails (status 400) and gets None."""
+        try:
+            return self.decoder.add(seq.prompt_ids, seq.config)
+        except MedusaError as exc:
+            seq.fail(str(exc), status=400)
+            return None
 
     def _push(self, seq: Sequence, tokens: list[int]) -> None:
         """Hand a row's new tokens to its sequence; finish and free the row where the sequence or the row ended."""

@@ -5,7 +5,8 @@ Two generators with one interface, ``answers(prompts) -> Iterator[(key, tokens)]
 prompt order), its tokens up to and including the first EOS, at most ``max_new_tokens``.
 
 - ``FastAnswerer``: the project's ``BatchedDecoder`` without heads (vanilla, one token per step) on the fast
-  backbone: continuous batching (a finished row takes the next prompt at once), a CUDA graph per step on a GPU.
+  backbone: continuous batching (finished rows take the next prompts at once, all prefilled by one ``add_many``),
+  a CUDA graph per step on a GPU.
 - ``HFAnswerer``: HF ``generate`` on left-padded batches, for models the fast backbone does not cover (the
   backbone falls back to the HF forward for any architecture it cannot reproduce exactly).
 
@@ -16,6 +17,7 @@ token (fp32, tests/train/test_self_distill.py).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -99,15 +101,13 @@ class FastAnswerer:
         owner: dict[int, object] = {}  # row -> key
         exhausted = False
         while True:
-            while not exhausted and dec.free_rows():
-                item = next(waiting, None)  # pulled lazily: the caller reads its source as rows free up
-                if item is None:
-                    exhausted = True
-                    break
-                row = dec.add(item[1], self.config)
-                owner[row] = item[0]
-                if progress:
-                    progress.update(0, 1)  # the prefill's token
+            free = 0 if exhausted else len(dec.free_rows())
+            items = list(itertools.islice(waiting, free))  # pulled lazily: the source is read as rows free up
+            exhausted = exhausted or len(items) < free
+            rows = dec.add_many([ids for _, ids in items], self.config)  # every free row in one prefill forward
+            owner.update((row, key) for row, (key, _) in zip(rows, items, strict=True))
+            if progress and rows:
+                progress.update(0, len(rows))  # the prefills' tokens
             if not owner:
                 return
             new = dec.step()

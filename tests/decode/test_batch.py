@@ -9,7 +9,7 @@ from conftest import FakeTokenizer, random_heads, tiny_llama
 from medusa_llama.decode import proposal
 from medusa_llama.decode.acceptance import AcceptanceConfig, accept
 from medusa_llama.decode.backbone import make_backbone
-from medusa_llama.decode.batch import BatchedDecoder, accept_batch, propose_batch
+from medusa_llama.decode.batch import PREFILL_TOKENS, BatchedDecoder, accept_batch, prefill_groups, propose_batch
 from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
 from medusa_llama.decode.model import batched_tree_attention_mask, tree_attention_mask
 from medusa_llama.decode.tree import build_tree, builtin_tree
@@ -247,3 +247,98 @@ def test_batched_prefix_rows_equal_the_training_form(one_thread, backbone, promp
 def test_root_only_tree_runs_no_prefix_heads(backbone):
     vanilla = BatchedDecoder(backbone, 2, prefix_heads(), [], use_cuda_graphs=False)  # a root-only tree runs no heads
     assert vanilla.heads is None and vanilla.prefix_cache is None
+
+
+# -- batched prefill: add_many ----------------------------------------------------------------------------------------
+
+
+def decode_all(dec: BatchedDecoder, prompts, cfgs, together: bool) -> tuple[list[list[int]], int]:
+    """Decode every prompt, refilling rows between steps once two are free (or the last prompts wait): by one
+    ``add_many`` (``together``) or by ``add`` one at a time. Checks each new row's cache lengths. Returns the tokens
+    and the most prompts one refill took after the first."""
+    results, owner, waiting, most = {}, {}, list(range(len(prompts))), 0
+    while waiting or owner:
+        free = dec.free_rows()
+        if waiting and len(free) >= min(2, len(waiting)):
+            take, waiting = waiting[: len(free)], waiting[len(free) :]
+            if together:
+                rows = dec.add_many([prompts[i] for i in take], [cfgs[i] for i in take])
+            else:
+                rows = [dec.add(prompts[i], cfgs[i]) for i in take]
+            most = max(most, len(take)) if owner else most
+            for i, row in zip(take, rows, strict=True):
+                assert int(dec.bb.cache_len[row]) == len(prompts[i])
+                if dec.prefix_cache is not None:
+                    assert int(dec.prefix_cache.lengths[row]) == len(prompts[i])
+                owner[row] = i
+        dec.step()
+        for row in [r for r in owner if dec.done(r)]:
+            results[owner.pop(row)] = dec.release(row).tokens
+    return [results[i] for i in range(len(prompts))], most
+
+
+@pytest.mark.parametrize("budget", [PREFILL_TOKENS, 40])  # 40 padded tokens: several prefill groups per add_many
+@pytest.mark.parametrize("heads", ["vanilla", "tree", "prefix"])
+def test_add_many_equals_adding_one_by_one_and_single(one_thread, backbone, prompts, heads, budget):
+    """Prompts of different lengths prefilled together, rows refilled mid-run two at a time: the same tokens as adding
+    them one by one and as batch-size-1 decoding; each row's cache lengths are its prompt's."""
+    if heads == "vanilla":
+        made, tree, single = None, None, VanillaDecoder(backbone)
+    else:
+        made, tree = (random_heads("sequential") if heads == "tree" else prefix_heads()), builtin_tree("tree16")
+        single = MedusaDecoder(backbone, made, tree)
+    cfgs = [GenerationConfig(max_new_tokens=m, stop_at_eos=False) for m in (30, 6, 8, 20, 12)]
+    refs = [single.generate(p, c).tokens for p, c in zip(prompts, cfgs, strict=True)]
+    one_by_one, _ = decode_all(BatchedDecoder(backbone, 3, made, tree), prompts, cfgs, together=False)
+    dec = BatchedDecoder(backbone, 3, made, tree, prefill_tokens=budget)
+    together, most = decode_all(dec, prompts, cfgs, together=True)
+    assert together == one_by_one == refs
+    assert most == 2  # a mid-run refill prefilled two prompts in one add_many
+
+
+def test_add_many_rows_equal_one_row_prefills(one_thread, backbone, prompts):
+    """The batched prefill's states, cache entries and heads inputs equal one-row prefills, row by row."""
+    heads, tree = prefix_heads(), builtin_tree("tree16")
+    together = BatchedDecoder(backbone, 4, heads, tree)
+    cfg = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    together.add(prompts[4], cfg)  # row 0 busy: the new prompts go to rows 1 .. 3
+    assert together.add_many(prompts[:3], cfg) == [1, 2, 3]
+    for row, prompt in zip((1, 2, 3), prompts[:3], strict=True):
+        ref = BatchedDecoder(backbone, 1, heads, tree)
+        ref.add(prompt, cfg)
+        n = len(prompt)
+        assert int(together.bb.cache_len[row]) == int(together.prefix_cache.lengths[row]) == n
+        for mine, theirs in ((together.bb.k_cache, ref.bb.k_cache), (together.bb.v_cache, ref.bb.v_cache)):
+            torch.testing.assert_close(mine[:, row, :n], theirs[:, 0, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together.prefix_cache.k[row, :n], ref.prefix_cache.k[0, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together.hidden[row], ref.hidden[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(together.tokens[row], ref.tokens[0]) and together.root[row] == ref.root[0]
+
+
+def test_prefill_groups_keep_the_token_budget():
+    lengths = [20, 200, 35, 180, 90, 21, 150, 60]
+    for budget in (10_000, 400, 150):
+        groups = prefill_groups(lengths, budget)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))  # every prompt once
+        for g in groups:
+            assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= budget  # a long prompt alone may pass it
+    assert prefill_groups(lengths, 10_000) == [sorted(range(8), key=lengths.__getitem__)]  # one forward
+    assert prefill_groups([], 100) == []
+
+
+def test_add_many_refuses_before_changing_anything(backbone, prompts):
+    dec = BatchedDecoder(backbone, 3, random_heads(), builtin_tree("chain"))
+    row = dec.add(prompts[0], GenerationConfig(max_new_tokens=5))
+    lengths = dec.bb.cache_len.clone()
+    for bad, match in (
+        ([prompts[1], []], "empty"),
+        ([prompts[1], prompts[2], prompts[3]], "busy"),
+        ([prompts[1], list(range(90)) * 3], "exceeds the context"),
+    ):
+        with pytest.raises(MedusaError, match=match):
+            dec.add_many(bad, GenerationConfig(max_new_tokens=10))
+        assert dec.free_rows() == [1, 2] and torch.equal(dec.bb.cache_len, lengths)
+    sampled = GenerationConfig(max_new_tokens=5, temperature=0.7)
+    with pytest.raises(MedusaError, match="this batch runs"):
+        dec.add_many([prompts[1], prompts[2]], [GenerationConfig(max_new_tokens=5), sampled])
+    assert dec.add_many([], None) == [] and dec.running() == [row]
