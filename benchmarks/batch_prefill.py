@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from medusa_llama.decode.batch import PREFILL_TOKENS, BatchedDecoder
+from medusa_llama.decode.batch import BatchedDecoder
 from medusa_llama.decode.decoder import GenerationConfig
 from medusa_llama.pipeline import load_pipeline_backbone
 
@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=64)
     p.add_argument("--min-len", type=int, default=20)
     p.add_argument("--max-len", type=int, default=200)
-    p.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS)
+    p.add_argument("--prefill-tokens", type=int, default=None, help="default: the decoder's for the device")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -67,7 +67,8 @@ def main() -> None:
             release_all()
     print(
         f"{args.prompts} prompts ({min(lengths)}-{max(lengths)} tokens, {sum(lengths)} in all), {backbone.name}, "
-        f"{backbone.device} {backbone.dtype}, {torch.get_num_threads()} threads, best of {args.repeats}"
+        f"{backbone.device} {backbone.dtype}, {torch.get_num_threads()} threads, prefill_tokens {dec.prefill_tokens}, "
+        f"best of {args.repeats}"
     )
     print(f"one by one (add): {best['add']:.2f} s; add_many: {best['add_many']:.2f} s")
     same = firsts["add"] == firsts["add_many"]

@@ -9,9 +9,9 @@ one CUDA graph per (B, tree) shape; the host reads back one (B, D+2) tensor per 
 
 Sequences join and leave between steps (continuous batching at step granularity): ``add_many`` prefills prompts into
 free rows with ONE eager forward (right-padded to the longest, causal within each row; ``add`` is its batch of one;
-groups of similar lengths when the padded batch would pass ``prefill_tokens``), ``step`` advances every row,
-``release`` frees a row. A free row still runs through the step (fixed shapes) but its cache length never advances,
-so its work is wasted and harmless.
+in groups of similar lengths where the padded batch would pass ``prefill_tokens`` or pad more than a quarter of its
+real tokens: ``prefill_groups``), ``step`` advances every row, ``release`` frees a row. A free row still runs through
+the step (fixed shapes) but its cache length never advances, so its work is wasted and harmless.
 
 The heads and the greedy rule run once for all rows (``propose_batch``, ``accept_batch``: the functions of
 ``proposal.py`` and ``acceptance.py`` with a batch dimension, pinned equal to them by the tests). Heads with prefix
@@ -42,21 +42,35 @@ from medusa_llama.decode.tree import Tree, build_tree
 from medusa_llama.errors import MedusaError
 
 PREFILL_TOKENS = 16384
-"""Default cap on one batched prefill forward: prompts x longest prompt, padding included. It bounds the forward's
-activations, its scratch KV cache and its (b, 1, P, P) mask; 64 chat prompts of up to 256 tokens fit in one."""
+"""Default cap on one batched prefill forward on a GPU: prompts x longest prompt, padding included. It bounds the
+forward's activations, its scratch KV cache and its (b, 1, P, P) mask; 64 chat prompts of up to 256 tokens fit in
+one. (Its gain on a GPU is not measured yet.)"""
+
+CPU_PREFILL_TOKENS = 512
+"""The default cap on a CPU, where a forward is compute- and cache-bound and big ones gain nothing: 64 prompts of
+20-200 tokens (``benchmarks/batch_prefill.py``, 2 cores, the embedded model) took 1.3x the one-by-one time under a
+cap of 16384, 1.1x under 2048, 0.84x under 512."""
+
+PREFILL_PADDING = 0.25
+"""The most padding a prefill group carries, as a fraction of its real tokens: padding is paid in full where the
+forward is compute-bound (those 64 prompts in one forward took 2x the one-by-one time on the CPU), while a few
+groups instead of one cost a GPU little."""
 
 
-def prefill_groups(lengths: list[int], budget: int) -> list[list[int]]:
-    """Split prompts (their lengths) into groups prefilled by one forward each: indices sorted by length, so that a
-    group's padding stays small, cut wherever the next prompt would take the group's padded size (count x longest)
-    past ``budget`` tokens. A prompt longer than the budget goes alone."""
+def prefill_groups(lengths: list[int], budget: int, max_padding: float = PREFILL_PADDING) -> list[list[int]]:
+    """Split prompts (their lengths) into groups prefilled by one forward each: indices sorted by length, cut
+    wherever the next prompt would take the group's padded size (count x longest) past ``budget`` tokens or its
+    padding past ``max_padding`` of its real tokens. A prompt longer than the budget goes alone."""
     groups: list[list[int]] = []
     group: list[int] = []
+    real = 0  # the group's real tokens
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if group and (len(group) + 1) * lengths[i] > budget:
+        padded = (len(group) + 1) * lengths[i]  # the longest so far is this one: sorted
+        if group and (padded > budget or padded > (1 + max_padding) * (real + lengths[i])):
             groups.append(group)
-            group = []
+            group, real = [], 0
         group.append(i)
+        real += lengths[i]
     return [*groups, group] if group else groups
 
 
@@ -159,7 +173,8 @@ class BatchedDecoder:
     """Batched decoding with Medusa heads and a tree, or vanilla decoding (``heads=None``: the tree is the root
     alone, one token per step, the honest baseline). Greedy output equals each sequence's batch-size-1 output.
     ``draft_vocab`` as for ``MedusaDecoder``: None, the heads' stored draft vocabulary if any; N, its first N; 0, none.
-    ``prefill_tokens``: the most padded prompt tokens one prefill forward of ``add_many`` takes (``prefill_groups``).
+    ``prefill_tokens``: the most padded prompt tokens one prefill forward of ``add_many`` takes (``prefill_groups``;
+    None: ``PREFILL_TOKENS`` on a GPU, ``CPU_PREFILL_TOKENS`` on a CPU).
 
     Use ``add`` / ``step`` / ``release`` for continuous batching, or ``generate_many`` for a list of prompts.
     """
@@ -172,11 +187,13 @@ class BatchedDecoder:
         tree: Tree | list | None = None,
         use_cuda_graphs: bool = True,
         draft_vocab: int | None = None,
-        prefill_tokens: int = PREFILL_TOKENS,
+        prefill_tokens: int | None = None,
     ):
-        if prefill_tokens < 1:
+        if prefill_tokens is not None and prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
-        self.prefill_tokens = prefill_tokens
+        on_gpu = backbone.device.type == "cuda"
+        self.prefill_tokens = prefill_tokens or (PREFILL_TOKENS if on_gpu else CPU_PREFILL_TOKENS)
+        self.prefill_padding = PREFILL_PADDING
         self.bb = BatchedBackbone(backbone, batch_size)
         self.backbone = backbone
         self.capacity = batch_size
@@ -293,7 +310,7 @@ class BatchedDecoder:
         prompt's last token (b, D), in prompt order: the first tokens' logits."""
         dev = self.bb.device
         last = self.hidden.new_empty(len(rows), self.hidden.shape[1])  # (b, D)
-        for group in prefill_groups([t.shape[0] for t in prompts], self.prefill_tokens):
+        for group in prefill_groups([t.shape[0] for t in prompts], self.prefill_tokens, self.prefill_padding):
             g_rows = [rows[i] for i in group]
             lengths = torch.tensor([prompts[i].shape[0] for i in group], device=dev)  # (g,)
             states = self.bb.prefill_many(g_rows, [prompts[i] for i in group])  # (g, P, D)
