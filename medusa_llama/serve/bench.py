@@ -35,18 +35,30 @@ class ServeOverhead:
         return self.server_tokens_per_s / self.generate_tokens_per_s
 
 
+def _greedy_stream_body(prompt_ids: list[int], max_tokens: int) -> dict:
+    """The request both kinds of client send: a greedy streamed completion of ``prompt_ids``."""
+    return {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+
+
+def _usage_chunk(line: str) -> dict | None:
+    """The final chunk (the one with ``usage``) if ``line`` is it, else None."""
+    return json.loads(line[6:]) if line.startswith("data: {") and '"usage"' in line else None
+
+
+def _check_final(final: dict | None) -> dict:
+    if final is None:
+        raise RuntimeError("the stream ended without usage")
+    return final
+
+
 def stream_once(client: httpx.Client, url: str, prompt_ids: list[int], max_tokens: int) -> int:
     """Stream one completion of ``prompt_ids``; the number of new tokens (from the final chunk's usage)."""
-    body = {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    tokens = None
+    final, body = None, _greedy_stream_body(prompt_ids, max_tokens)
     with client.stream("POST", f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
-            if line.startswith("data: {") and '"usage"' in line:
-                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-    if tokens is None:
-        raise RuntimeError("the stream ended without usage")
-    return tokens
+            final = _usage_chunk(line) or final
+    return _check_final(final)["usage"]["completion_tokens"]
 
 
 def measure_serve_overhead(
@@ -100,15 +112,14 @@ class LoadResult:
 
 async def _stream_async(client, url: str, prompt_ids: list[int], max_tokens: int) -> tuple[int, int]:
     """Stream one completion; (new tokens, decode steps) from its final chunk."""
-    body = {"prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     final = None
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+    async with client.stream(
+        "POST", f"{url}/v1/completions", json=_greedy_stream_body(prompt_ids, max_tokens)
+    ) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if line.startswith("data: {") and '"usage"' in line:
-                final = json.loads(line[6:])
-    if final is None:
-        raise RuntimeError("the stream ended without usage")
+            final = _usage_chunk(line) or final
+    final = _check_final(final)
     return final["usage"]["completion_tokens"], final.get("medusa", {}).get("steps", 0)
 
 
