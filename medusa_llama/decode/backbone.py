@@ -16,9 +16,10 @@ import inspect
 import logging
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
 from medusa_llama.decode.cpu_linear import pack_linears
-from medusa_llama.decode.model import FastLlama, TreeMask, kernels_available, tree_attention_mask
+from medusa_llama.decode.model import SDPA_BACKENDS, FastLlama, TreeMask, kernels_available, tree_attention_mask
 from medusa_llama.errors import MedusaError
 
 log = logging.getLogger(__name__)
@@ -135,13 +136,14 @@ class HFBackbone(Backbone):
         t = tokens.shape[0]
         mask = torch.zeros(t, cached + t, dtype=self.dtype, device=self.device)
         mask[:, cached:].masked_fill_(~tree_mask, torch.finfo(self.dtype).min)  # (T, L + T)
-        out = self.hf_model.model(
-            input_ids=tokens[None],
-            position_ids=positions[None],
-            attention_mask=mask[None, None],
-            use_cache=True,
-            **{self._cache_kw: self.cache},
-        )
+        with sdpa_kernel(SDPA_BACKENDS):  # no cuDNN: it would plan anew for every cache length, i.e. every step
+            out = self.hf_model.model(
+                input_ids=tokens[None],
+                position_ids=positions[None],
+                attention_mask=mask[None, None],
+                use_cache=True,
+                **{self._cache_kw: self.cache},
+            )
         return out.last_hidden_state[0]  # (T, D)
 
     @torch.no_grad()
