@@ -6,7 +6,7 @@
 # Each recipe changes one thing against the one before it (see RECIPES); a GPU runs its queue in order.
 # The device returns at most 8 files a call, so each stage writes into $W and ends with one $OUT/<stage>.tgz.
 set -o pipefail
-[ -n "$NO_DEVICE_SETUP" ] || source scripts/device_setup.sh
+[ "${SETUP:-1}" = 0 ] || source scripts/device_setup.sh  # SETUP=0: a CPU dry run, as in gpu_recipes.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=${W:-/tmp/w_heads}; mkdir -p "$W"
 M="python3 -m medusa_llama"
