@@ -1,0 +1,137 @@
+"""Where a decode call's time goes on the GPU: the prefill (time to first token) and the Medusa step, by phase.
+
+Random weights of SmolLM2-135M's shape (timing does not depend on the values) with the shipped heads and tree, bf16.
+Prints, for prompts of new lengths:
+1. the prefill's wall time (host) against the sum of its kernels' device time: a prefill whose wall time is far above
+   its kernel time is paying per-op host overhead (eager dispatch), not GPU work;
+2. the first token of each decoder (``generate`` with one new token), as ``bench`` measures it;
+3. one graph replay of the vanilla and the Medusa step, and the Medusa step's kernels grouped by phase (eager, with
+   ``torch.profiler``): how many kernels each phase launches and their device time.
+
+Usage (GPU): python benchmarks/step_profile.py [--tree PATH] [--heads DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from medusa_llama.decode.backbone import make_backbone
+from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
+from medusa_llama.decode.heads import MedusaHeads
+from medusa_llama.decode.tree import load_choices
+
+HEADS = Path(__file__).resolve().parents[1] / "medusa_llama/assets/heads/smollm2-135m-instruct"
+NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def smollm2_shaped() -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+
+
+class Tok:
+    eos_token_id = None
+
+
+def kernel_ms(fn) -> tuple[float, float, int]:
+    """(wall ms, summed kernel device ms, kernel count) of one call of ``fn``."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = 1e3 * (time.perf_counter() - t0)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    return wall, sum(e.device_time for e in kernels) / 1e3, len(kernels)
+
+
+def timed(fn, reps: int = 1) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / reps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--heads", default=str(HEADS))
+    ap.add_argument("--tree", default=str(HEADS / "tree_cuda.json"))
+    args = ap.parse_args()
+    print(torch.__version__, torch.cuda.get_device_name())
+    bb = make_backbone(smollm2_shaped(), Tok(), NAME, 2048)
+    heads = MedusaHeads.load(args.heads, device="cuda", dtype=torch.bfloat16)
+    van = VanillaDecoder(bb)
+    med = MedusaDecoder(bb, heads, load_choices(args.tree))
+    gen = torch.Generator().manual_seed(0)
+
+    def prompt(n):
+        return torch.randint(0, 49152, (n,), generator=gen).tolist()
+
+    one = GenerationConfig(max_new_tokens=1, stop_at_eos=False)
+    van.generate(prompt(40), one), med.generate(prompt(41), one)  # capture both steps, warm everything
+    print("\n## 1. prefill: wall vs kernel time (new lengths)")
+    for n in (57, 96, 133, 250, 511):
+        p = torch.tensor(prompt(n), device="cuda")
+        wall, dev, count = kernel_ms(lambda p=p: bb.prefill(p))
+        again = timed(lambda p=p: bb.prefill(p))
+        print(f"P={n:4d}: first {wall:7.2f} ms wall, {dev:6.3f} ms in {count} kernels; again {again:.2f} ms")
+    print("\n## 2. first token as bench measures it (generate, 1 new token), new lengths")
+    for n in (58, 97, 134, 251):
+        rv = van.generate(prompt(n), one)
+        rm = med.generate(prompt(n + 1), one)
+        print(f"P={n:4d}: vanilla {1e3 * rv.prefill_s:6.2f} ms, medusa {1e3 * rm.prefill_s:6.2f} ms")
+    print("\n## 3. steps (graph replays, 300 tokens cached)")
+    cfg = GenerationConfig().acceptance_config()
+    for name, dec in (("vanilla", van), ("medusa", med)):
+        dec.generate(prompt(300), one)
+        step = dec._step_for(cfg)
+        for _ in range(3):  # steps advance the cache; a few hundred replays stay within 2048
+            step()
+        ms = timed(step, 200)
+        print(f"{name}: {ms:.3f} ms per step replay")
+    print("\n## 4. the Medusa step eager, by phase (torch.profiler over 10 steps; each phase a record_function)")
+    med.generate(prompt(300), one)
+    order = ["verify_forward", "lm_head", "acceptance", "commit", "proposal"]  # the step's mark() order
+    state = {}
+
+    def mark(phase: str) -> None:
+        state["rf"].__exit__(None, None, None)
+        if phase != order[-1]:
+            state["rf"] = record_function(order[order.index(phase) + 1])
+            state["rf"].__enter__()
+
+    fn = med._make_step(cfg, mark)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            state["rf"] = record_function(order[0])
+            state["rf"].__enter__()
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    print(f"{'phase':16s} {'device ms/step':>15s} {'host ms/step':>13s}")
+    for e in events:
+        if e.key in order:
+            print(f"{e.key:16s} {e.device_time_total / 1e4:15.3f} {e.cpu_time_total / 1e4:13.3f}")
+    kernels = sorted((e for e in events if e.device_type.name == "CUDA"), key=lambda e: -e.device_time_total)
+    total = sum(e.count for e in kernels) / 10
+    busy = sum(e.device_time_total for e in kernels) / 1e4
+    print(f"\n{total:.0f} kernels per step, {busy:.3f} ms of kernel time per step; top kernels (ms/step, count/step):")
+    for e in kernels[:40]:
+        print(f"{e.device_time_total / 1e4:8.4f} {e.count / 10:5.1f}  {e.key[:110]}")
+
+
+if __name__ == "__main__":
+    main()
