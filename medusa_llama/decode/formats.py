@@ -3,7 +3,7 @@
 Both hold the paper's heads (Cai et al., 2024, Sec. 2.1.1): head k is ``L`` residual blocks ``x + SiLU(W x + b)``
 on h_t, then its own vocab projection. Our ``medusa`` ``ResBlock`` computes exactly that, so the mapping is a
 renaming of tensors. Neither format can hold ``sequential`` heads (they also read the previous path token) nor
-heads with prefix attention (those engines have no prefix layer).
+heads with prefix attention, with or without its token input (those engines have no prefix layer).
 
 FasterDecoding/Medusa (the reference code; TensorRT-LLM's ``convert_checkpoint.py --medusa_model_dir`` and
 ``load_medusa_hf`` read it), checked against ``medusa/model/medusa_model.py`` and ``medusa/train/train_legacy.py``:
@@ -130,6 +130,11 @@ def check_exportable(config: HeadsConfig, fmt: str) -> None:
         raise MedusaError(
             f"{config.kind} heads cannot be exported to the {fmt} format: its heads read only the hidden state, "
             "while sequential heads also read the embedding of the previous token on the path (ours only)"
+        )
+    if config.prefix_token_input:
+        raise MedusaError(
+            f"heads with the prefix token input (EAGLE-style) cannot be exported to the {fmt} format: it has no prefix "
+            "layer (ours only)"
         )
     if config.prefix_attention:
         raise MedusaError(

@@ -12,6 +12,10 @@ Two kinds share one interface:
 
 With ``prefix_attention`` (Hydra++, ``prefix.py``) either kind reads, instead of h_t, the output at t of one extra
 decoder layer over h_0 .. h_t: training runs it over the block (``head_inputs``), decoding keeps its KV cache.
+``prefix_token_input`` adds EAGLE's draft input to that layer (Li et al., 2024, "EAGLE: Speculative Sampling Requires
+Rethinking Feature Uncertainty", arXiv:2401.15077): at position i it reads h_i + W_tok e(x_{i+1}), the embedding of
+the token actually chosen after i through a zero-initialised projection, so the layer knows the sampled token, not
+only the feature that led to it.
 
 The vocab projection is either the backbone's own LM head, shared and frozen (``lm_head="shared"``, small
 checkpoints), or a trainable copy per head (``lm_head="own"``, the Medusa-1 format).
@@ -69,6 +73,9 @@ class HeadsConfig:
     """The prefix layer's SwiGLU width (None: 2 x hidden size)."""
     rope_theta: float = 10000.0
     """RoPE base of the prefix layer (the backbone's)."""
+    prefix_token_input: bool = False
+    """EAGLE-style token input of the prefix layer: at position i it reads h_i + W_tok e(x_{i+1}) (needs
+    ``prefix_attention``; configs written before the option load as False)."""
 
     def __post_init__(self):
         if self.kind not in HEAD_KINDS:
@@ -83,6 +90,8 @@ class HeadsConfig:
             raise ValueError(
                 f"prefix_num_heads must divide the hidden size {self.hidden_size}, got {self.prefix_num_heads}"
             )
+        if self.prefix_token_input and not self.prefix_attention:
+            raise ValueError("--prefix-token-input needs --prefix-attention (it is an input of the prefix layer)")
 
 
 class ResBlock(nn.Module):
@@ -135,15 +144,21 @@ class MedusaHeads(nn.Module):
         self.prefix = None
         if config.prefix_attention:
             width = config.prefix_intermediate_size or 2 * d
-            self.prefix = PrefixLayer(d, config.prefix_num_heads, width, config.rope_theta)
+            self.prefix = PrefixLayer(
+                d, config.prefix_num_heads, width, config.rope_theta, token_input=config.prefix_token_input
+            )
 
     @property
     def num_heads(self) -> int:
         return self.config.num_heads
 
-    def head_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The heads' input states over whole sequences (B, L, D) from position 0: h_t, or the prefix layer's output."""
-        return hidden if self.prefix is None else self.prefix(hidden)
+    def head_inputs(self, hidden: torch.Tensor, next_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """The heads' input states over whole sequences (B, L, D) from position 0: h_t, or the prefix layer's output.
+
+        next_emb: (B, L, D), e(x_{t+1}) at each position t, read only by a prefix layer with the token input
+        (``config.prefix_token_input``), which requires it; where x_{t+1} is unknown (past the end) any token's
+        embedding does for positions whose outputs are not used (causal: no other position reads it)."""
+        return hidden if self.prefix is None else self.prefix(hidden, next_emb)
 
     def init_lm_heads_from(self, base_lm_head: nn.Module) -> None:
         """Start every own LM head as a copy of the base LM head (so head k starts as the base prediction)."""

@@ -9,10 +9,20 @@ The layer: ``x + Attn(RMSNorm(x))`` (causal, RoPE at absolute token positions, a
 ``x + SwiGLU(RMSNorm(x))``. ``o_proj`` and ``down_proj`` start at zero, so a fresh layer is exactly the identity and
 fresh prefix heads propose exactly what heads without it would.
 
+Token input (``HeadsConfig.prefix_token_input``, after EAGLE: Li et al., 2024, "EAGLE: Speculative Sampling Requires
+Rethinking Feature Uncertainty", arXiv:2401.15077): EAGLE's draft layer reads, at position i, the feature h_i and the
+embedding of the token actually chosen after it, e(x_{i+1}). With the option the layer's input is
+``x_i = h_i + W_tok e(x_{i+1})`` (``PrefixLayer.inputs``; e the backbone's frozen input embedding, ``W_tok`` the
+bias-free ``token`` projection, zero at start: a fresh layer is still the identity, and prefix heads trained without
+it start heads with it). Every position the layer runs at has its next token known: in training the block's next
+token; in decoding the next committed one (the prompt's tokens 1 .. P-1 then the root at prefill; after a step, the
+accepted tokens then the bonus token). Verification is untouched, so decoding stays lossless. Every form below then
+takes ``next_emb`` (..., L, D), the embeddings of those next tokens (required with the option, ignored without).
+
 Two forms compute the same function (``tests/decode/test_prefix.py``):
-- training: ``PrefixLayer.forward(hidden)`` over a whole block (B, L, D), positions 0 .. L-1;
-- decoding: ``PrefixCache.extend(hidden, count)`` appends rows to a static KV cache owned by the decoder, tensor-only
-  with the cache length in a device tensor, so a decode step that extends it stays one CUDA graph;
+- training: ``PrefixLayer.forward(hidden, next_emb)`` over a whole block (B, L, D), positions 0 .. L-1;
+- decoding: ``PrefixCache.extend(hidden, count, next_emb)`` appends rows to a static KV cache owned by the decoder,
+  tensor-only with the cache length in a device tensor, so a decode step that extends it stays one CUDA graph;
   ``BatchedPrefixCache`` is the same cache with one row and one length per sequence, for batched decoding.
 """
 
@@ -46,9 +56,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class PrefixLayer(nn.Module):
-    """A Llama decoder layer (MHA, no GQA) over hidden states; the identity when fresh. See the module docstring."""
+    """A Llama decoder layer (MHA, no GQA) over hidden states; the identity when fresh. See the module docstring.
 
-    def __init__(self, dim: int, num_heads: int, intermediate_size: int, rope_theta: float):
+    ``token_input``: the layer also reads the next token's embedding through ``token`` (EAGLE-style, zero at start).
+    """
+
+    def __init__(self, dim: int, num_heads: int, intermediate_size: int, rope_theta: float, token_input: bool = False):
         super().__init__()
         self.num_heads, self.head_dim, self.rope_theta = num_heads, dim // num_heads, rope_theta
         self.attn_norm = RMSNorm(dim)
@@ -57,8 +70,20 @@ class PrefixLayer(nn.Module):
         self.gate_proj = nn.Linear(dim, intermediate_size, bias=False)
         self.up_proj = nn.Linear(dim, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, dim, bias=False)
-        for lin in (self.o_proj, self.down_proj):
-            nn.init.zeros_(lin.weight)  # both residual branches add zero: a fresh layer is the identity
+        self.token = nn.Linear(dim, dim, bias=False) if token_input else None  # W_tok: e(x_{i+1}) -> the input
+        for lin in (self.o_proj, self.down_proj, self.token):
+            if lin is not None:
+                nn.init.zeros_(lin.weight)  # both residual branches (and the token input) add zero: the identity
+
+    def inputs(self, hidden: torch.Tensor, next_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's input (..., L, D): ``hidden``, plus ``token(next_emb)`` with the token input. ``next_emb``
+        (..., L, D): the embeddings of the tokens after each position (required with the token input, else ignored).
+        """
+        if self.token is None:
+            return hidden
+        if next_emb is None:
+            raise ValueError("this prefix layer reads the next tokens' embeddings (prefix_token_input): pass next_emb")
+        return hidden + self.token(next_emb.to(hidden.dtype))
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (..., L, 1, hd) for positions (..., L); computed in fp32 (theta^(-2i/hd) in bf16 is too coarse)."""
@@ -85,12 +110,14 @@ class PrefixLayer(nn.Module):
         h = self.mlp_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Training form: (B, L, D) -> (B, L, D), causal over the block, positions 0 .. L-1."""
-        positions = torch.arange(hidden.shape[-2], device=hidden.device)  # (L,)
-        q, k, v = self.qkv(self.attn_norm(hidden), positions)  # (B, L, nh, hd)
+    def forward(self, hidden: torch.Tensor, next_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Training form: (B, L, D) -> (B, L, D), causal over the block, positions 0 .. L-1. ``next_emb`` (B, L, D):
+        e(x_{i+1}) at each position i, for the token input (see ``inputs``)."""
+        x = self.inputs(hidden, next_emb)  # (B, L, D)
+        positions = torch.arange(x.shape[-2], device=x.device)  # (L,)
+        q, k, v = self.qkv(self.attn_norm(x), positions)  # (B, L, nh, hd)
         attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.finish(hidden, attn.transpose(1, 2))  # attn: (B, nh, L, hd) -> (B, L, nh, hd)
+        return self.finish(x, attn.transpose(1, 2))  # attn: (B, nh, L, hd) -> (B, L, nh, hd)
 
 
 class BatchedPrefixCache:
@@ -99,7 +126,8 @@ class BatchedPrefixCache:
     ``lengths`` ((B,) long, on the device) counts each row's committed entries; entry i of a row holds its token at
     position i. ``prefill_many(rows, hidden, lengths)`` runs right-padded prompts into their rows at once (eagerly;
     ``prefill(row, hidden)`` is its batch of one); ``extend(hidden, count)`` appends rows to every sequence at once,
-    tensor-only and with fixed shapes, so a batched step that extends it stays one CUDA graph.
+    tensor-only and with fixed shapes, so a batched step that extends it stays one CUDA graph. Each takes
+    ``next_emb`` shaped like ``hidden``: the next tokens' embeddings, for a layer with the token input.
     """
 
     def __init__(
@@ -124,46 +152,57 @@ class BatchedPrefixCache:
         self._causal: dict[int, torch.Tensor] = {}
 
     @torch.no_grad()
-    def prefill(self, row: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Restart row ``row`` with a prompt's hidden states (P, D) at positions 0 .. P-1; return the outputs (P, D)."""
+    def prefill(self, row: int, hidden: torch.Tensor, next_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """Restart row ``row`` with a prompt's hidden states (P, D) at positions 0 .. P-1; return the outputs (P, D).
+        ``next_emb`` (P, D): the embeddings of the prompt's tokens 1 .. P-1 and of the first new token."""
         length = torch.full((1,), hidden.shape[0], dtype=torch.long, device=hidden.device)
-        return self.prefill_many([row], hidden[None], length)[0]
+        return self.prefill_many([row], hidden[None], length, None if next_emb is None else next_emb[None])[0]
 
     @torch.no_grad()
-    def prefill_many(self, rows: list[int], hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def prefill_many(
+        self, rows: list[int], hidden: torch.Tensor, lengths: torch.Tensor, next_emb: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Restart rows ``rows`` with b prompts' hidden states at once: hidden (b, P, D) right-padded, row i real at
         positions 0 .. lengths[i]-1 ((b,) long, on the device). Returns the outputs (b, P, D), garbage past each
-        row's length.
+        row's length. ``next_emb`` (b, P, D): the next token's embedding at each real position (see ``prefill``),
+        anything at the padding.
 
         The training form's causal attention over the block: a real entry sees only entries before it, all real
         (the padding lies after them). The padding's K/V land in slots past the row's length, overwritten later."""
         p = hidden.shape[1]
         index = torch.as_tensor(rows, dtype=torch.long, device=hidden.device)  # (b,)
-        q, k, v = self.layer.project(self.layer.attn_norm(hidden), self.cos[:p], self.sin[:p])  # (b, P, nh, hd)
+        x = self.layer.inputs(hidden, next_emb)  # (b, P, D)
+        q, k, v = self.layer.project(self.layer.attn_norm(x), self.cos[:p], self.sin[:p])  # (b, P, nh, hd)
         self.k[index, :p] = k
         self.v[index, :p] = v
         attn = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)  # (b, nh, P, hd)
         self.lengths[index] = lengths
-        return self.layer.finish(hidden, attn.transpose(1, 2))  # attn: (b, P, nh, hd)
+        return self.layer.finish(x, attn.transpose(1, 2))  # attn: (b, P, nh, hd)
 
     @torch.no_grad()
-    def extend(self, hidden: torch.Tensor, count: torch.Tensor | int | None = None) -> torch.Tensor:
+    def extend(
+        self, hidden: torch.Tensor, count: torch.Tensor | int | None = None, next_emb: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Append n rows to every sequence: hidden (B, n, D) at positions lengths[b] .. lengths[b]+n-1; return the
-        layer's outputs there (B, n, D).
+        layer's outputs there (B, n, D). ``next_emb`` (B, n, D): the embedding of the token after each row's (the
+        token input; anything for the padding rows).
 
         Row i of sequence b attends to its entries 0 .. lengths[b]+i. Only the first ``count[b]`` rows of sequence b
         ((B,) or 0-d device tensor, or int <= n; 0 for a sequence that must not advance; None: all n) are kept: its
         length advances by that many, and the slots of the rows past them (padding, like the backbone's rejected
         tree nodes) are overwritten by the next call. Tensor-only, no host sync on a GPU.
         """
-        return self._extend(slice(None), hidden, count)
+        return self._extend(slice(None), hidden, count, next_emb)
 
-    def _extend(self, rows: slice, hidden: torch.Tensor, count: torch.Tensor | int | None) -> torch.Tensor:
+    def _extend(
+        self, rows: slice, hidden: torch.Tensor, count: torch.Tensor | int | None, next_emb: torch.Tensor | None
+    ) -> torch.Tensor:
         """``extend`` over the sequences ``rows`` of the cache (views of its rows: writes land in place)."""
         k_cache, v_cache, length = self.k[rows], self.v[rows], self.lengths[rows]  # (b, S, nh, hd), (b,)
-        b, n, dev = hidden.shape[0], hidden.shape[1], hidden.device
+        x = self.layer.inputs(hidden, next_emb)  # (b, n, D)
+        b, n, dev = x.shape[0], x.shape[1], x.device
         slots = length[:, None] + torch.arange(n, device=dev)  # (b, n) positions, and cache slots, of the new rows
-        q, k, v = self.layer.project(self.layer.attn_norm(hidden), self.cos[slots], self.sin[slots])  # (b, n, nh, hd)
+        q, k, v = self.layer.project(self.layer.attn_norm(x), self.cos[slots], self.sin[slots])  # (b, n, nh, hd)
         k_cache[self._rows[:b], slots] = k
         v_cache[self._rows[:b], slots] = v
         if self.kernel and count is not None and n <= KERNEL_MAX_ROWS:
@@ -184,7 +223,7 @@ class BatchedPrefixCache:
                 attn_mask=visible[:, None],
             ).transpose(1, 2)  # (b, n, nh, hd)
         length += n if count is None else count
-        return self.layer.finish(hidden, attn)
+        return self.layer.finish(x, attn)
 
 
 class PrefixCache(BatchedPrefixCache):
@@ -203,10 +242,12 @@ class PrefixCache(BatchedPrefixCache):
         self.lengths.zero_()
 
     @torch.no_grad()
-    def extend(self, hidden: torch.Tensor, count: torch.Tensor | int | None = None) -> torch.Tensor:
+    def extend(
+        self, hidden: torch.Tensor, count: torch.Tensor | int | None = None, next_emb: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Append rows (n, D) at positions length .. length+n-1; return the layer's outputs there (n, D).
 
-        Row i attends to cache entries 0 .. length+i; ``count`` (0-d device tensor or int <= n; None: all n) as for
-        ``BatchedPrefixCache.extend``. Tensor-only, no host sync on a GPU.
+        Row i attends to cache entries 0 .. length+i; ``count`` (0-d device tensor or int <= n; None: all n) and
+        ``next_emb`` (n, D) as for ``BatchedPrefixCache.extend``. Tensor-only, no host sync on a GPU.
         """
-        return self._extend(slice(None), hidden[None], count)[0]
+        return self._extend(slice(None), hidden[None], count, None if next_emb is None else next_emb[None])[0]

@@ -44,9 +44,12 @@ def head_rank_hits(hf_model, heads, ids: list[int], prompt_len: int, topk: int =
     device = next(hf_model.parameters()).device
     seq = torch.tensor([ids], device=device)  # (1, L)
     hidden = _decoder_body(hf_model)(input_ids=seq).last_hidden_state  # (1, L, D)
-    hidden = heads.head_inputs(hidden.to(next(heads.parameters()).dtype))[0, first:last]  # (N, D), N = last - first
-    pos = torch.arange(first, last, device=device)  # (N,) position t of each state
     emb = hf_model.get_input_embeddings()
+    dtype = next(heads.parameters()).dtype
+    # The prefix layer's token input (if any) reads e(x_{t+1}); the last position repeats its own token (unscored).
+    next_emb = emb(torch.cat([seq[:, 1:], seq[:, -1:]], dim=1)).to(dtype) if heads.config.prefix_token_input else None
+    hidden = heads.head_inputs(hidden.to(dtype), next_emb)[0, first:last]  # (N, D), N = last - first
+    pos = torch.arange(first, last, device=device)  # (N,) position t of each state
     lm_head = hf_model.get_output_embeddings()
     # path_emb[k, i] = e(x_{t+k+1}): the true token before head k+1's target (clamped past the end, masked below)
     path_idx = (pos[None, :] + torch.arange(1, k_heads + 1, device=device)[:, None]).clamp(max=length - 1)  # (K, N)

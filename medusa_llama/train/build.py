@@ -114,6 +114,7 @@ def build_model(config: TrainConfig, device: torch.device, process_index: int):
         base_model=model_name(config.model),
         prefix_attention=config.prefix_attention,
         prefix_num_heads=base.config.num_attention_heads,
+        prefix_token_input=config.prefix_token_input,
         rope_theta=backbone_rope_theta(base.config),
     )
     heads = MedusaHeads(heads_config, base_lm_head=base.get_output_embeddings()).to(device=device, dtype=torch.float32)
@@ -132,19 +133,29 @@ def backbone_rope_theta(config) -> float:
     return float(theta or HeadsConfig.rope_theta)
 
 
-PREFIX_FIELDS = ("prefix_attention", "prefix_num_heads", "prefix_intermediate_size", "rope_theta")
+PREFIX_FIELDS = ("prefix_attention", "prefix_num_heads", "prefix_intermediate_size", "rope_theta", "prefix_token_input")
+TOKEN_INPUT_WEIGHT = "prefix.token.weight"
+"""The prefix layer's token input (``--prefix-token-input``): the one tensor heads may start without."""
 
 
 def init_heads(heads: MedusaHeads, path: str) -> None:
     """Copy the heads at ``path`` into ``heads``; their configs must match, except that heads without prefix attention
-    may start heads with it (the new prefix layer keeps its identity init, so they start proposing the same)."""
+    may start heads with it (the new prefix layer keeps its identity init, so they start proposing the same), and
+    prefix heads without the token input heads with it (the new ``prefix.token`` stays zero: the same again)."""
     start = MedusaHeads.load(path)
     mine, theirs = asdict(heads.config), asdict(start.config)
-    ignored = ("base_model",) + (() if start.config.prefix_attention else PREFIX_FIELDS)
-    changed = [k for k in mine if k not in ignored and mine[k] != theirs[k]]
+    if not start.config.prefix_attention:
+        ignored, new = PREFIX_FIELDS, [k for k in heads.state_dict() if k.startswith("prefix.")]
+    elif heads.config.prefix_token_input and not start.config.prefix_token_input:
+        ignored, new = ("prefix_token_input",), [TOKEN_INPUT_WEIGHT]
+    else:
+        ignored, new = (), []
+    changed = [k for k in mine if k not in ("base_model", *ignored) and mine[k] != theirs[k]]
     if changed:
         raise MedusaError(f"--init-heads {path} differ in {', '.join(changed)} from the head flags")
-    heads.load_state_dict(start.state_dict(), strict=start.config.prefix_attention)  # lenient only on prefix.*
+    missing, unexpected = heads.load_state_dict(start.state_dict(), strict=False)
+    if unexpected or set(missing) != set(new):  # the configs match: exactly the new tensors keep their init
+        raise MedusaError(f"--init-heads {path}: tensors missing {sorted(set(missing) - set(new))}, extra {unexpected}")
 
 
 class Batches:

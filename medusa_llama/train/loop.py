@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 STAGES = ("medusa1", "medusa2", "both")
 RESUME_KEYS = (
-    "model", "data", "num_heads", "head_kind", "lm_head", "num_layers", "prefix_attention", "stage", "qlora", "lora_r"
+    "model", "data", "num_heads", "head_kind", "lm_head", "num_layers", "prefix_attention", "prefix_token_input",
+    "stage", "qlora", "lora_r",
 )  # fmt: skip
 
 
@@ -72,9 +73,14 @@ class TrainConfig:
     prefix_attention: bool = False
     """Hydra++ prefix attention: the heads read one extra decoder layer (trained with them) over the backbone's
     hidden states instead of the last one. Not exportable to vLLM / FasterDecoding; decodes one sequence at a time."""
+    prefix_token_input: bool = False
+    """EAGLE-style token input for the prefix layer (needs --prefix-attention): at each position it also reads the
+    embedding of the token that follows (h_t + W e(x_{t+1}), W zero at start). In decoding that token is the committed
+    one, known before the heads run, so decoding stays lossless. Not exportable either."""
     init_heads: str | None = None
     """Start from these trained heads (e.g. the Medusa-1 heads before a Medusa-2 run); must match the head flags
-    (heads without prefix attention may start heads with it: the new prefix layer starts as the identity)."""
+    (heads without prefix attention may start heads with it, and prefix heads without the token input heads with
+    it: the new prefix layer, or its new token input, starts as the identity)."""
     stage: str = "medusa1"
     """``medusa1`` (frozen backbone), ``medusa2`` (joint LoRA), or ``both`` (medusa1 warm-up, then medusa2)."""
     medusa1_steps: int | None = None
@@ -165,6 +171,8 @@ class TrainConfig:
             raise ValueError(f"--head-kind must be one of {HEAD_KINDS}, got {self.head_kind!r}")
         if self.lm_head not in LM_HEAD_MODES:
             raise ValueError(f"--lm-head must be one of {LM_HEAD_MODES}, got {self.lm_head!r}")
+        if self.prefix_token_input and not self.prefix_attention:
+            raise ValueError("--prefix-token-input needs --prefix-attention (it is an input of the prefix layer)")
         if self.qlora and self.stage == "medusa1":
             raise ValueError("--qlora needs --stage medusa2 or both (medusa1 trains no adapter)")
 
@@ -308,7 +316,7 @@ class Trainer:
         if resume_from is None:
             raise MedusaError(f"--resume: no checkpoint in {save_dir / 'last'}")
         saved = json.loads((resume_from / CONFIG_NAME).read_text())
-        # A key missing from an older run's file held its default then (prefix_attention came later).
+        # A key missing from an older run's file held its default then (the prefix options came later).
         changed = [k for k in RESUME_KEYS if saved.get(k, getattr(TrainConfig, k, None)) != asdict(config).get(k)]
         if changed:
             raise MedusaError(f"--resume: {resume_from} was trained with other {', '.join(changed)}")

@@ -7,7 +7,8 @@ Indexing (Cai et al. 2024, Sec. 2.2, with 0-based heads): for input x_0..x_{T-1}
     soft target (self-distillation): the teacher's next-token distribution at position t+k+1
     sequential heads are teacher forced: head k reads e(x_{t+k+1}) (``MedusaHeads.chain_states``)
     with prefix attention the heads read the prefix layer's output over the block instead of h_t (the soft
-    targets still come from the backbone's own states)
+    targets still come from the backbone's own states); with its token input (EAGLE-style) the layer reads
+    h_t + W_tok e(x_{t+1}), the block's next token (``next_embeddings``)
 
 Medusa-1 (``joint=False``): the backbone runs under ``no_grad`` and only the heads learn. Medusa-2
 (``joint=True``): LoRA adapters learn too; the LM head's loss is KL(teacher || student), the teacher being the
@@ -110,13 +111,25 @@ class MedusaObjective(nn.Module):
     def lm_head(self) -> nn.Module:
         return causal_lm(self.model).get_output_embeddings()
 
-    def path_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(K, B, T, D): entry k at t is e(x_{t+k+1}), zeros past the end (those positions carry no loss)."""
+    def embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, D): the backbone's (frozen) input embeddings of the block."""
         with torch.no_grad():
-            emb = causal_lm(self.model).get_input_embeddings()(input_ids)  # (B, T, D)
+            return causal_lm(self.model).get_input_embeddings()(input_ids)
+
+    def path_embeddings(self, emb: torch.Tensor) -> torch.Tensor:
+        """(K, B, T, D) from the block's embeddings (B, T, D): entry k at t is e(x_{t+k+1}), zeros past the end (those
+        positions carry no loss)."""
         K, (B, T, D) = self.heads.num_heads, emb.shape
         padded = torch.cat([emb, emb.new_zeros(B, K, D)], dim=1)  # (B, T+K, D)
         return torch.stack([padded[:, k + 1 : k + 1 + T] for k in range(K)])  # (K, B, T, D)
+
+    @staticmethod
+    def next_embeddings(emb: torch.Tensor) -> torch.Tensor:
+        """(B, T, D): e(x_{t+1}) at each position t, the prefix layer's token input. The block's last position has no
+        next token in the block: it reads its own token's embedding (any token would do). Its output reaches no
+        loss: head k's targets x_{t+k+2} stop at the block's end (``forward`` scores positions t < T-k-2 only), and
+        the layer is causal, so no other position reads it."""
+        return torch.cat([emb[:, 1:], emb[:, -1:]], dim=1)  # (B, T, D)
 
     def forward(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, joint: bool = False, metrics: bool = False):
         """input_ids (B, T) int64, loss_mask (B, T) float (1 = learn token). Returns a dict of tensors:
@@ -135,8 +148,11 @@ class MedusaObjective(nn.Module):
             teacher_hidden = hidden
         B, T, D = hidden.shape
         dtype = next(self.heads.parameters()).dtype  # fp32 heads on a bf16 backbone (autocast or not)
-        path_emb = self.path_embeddings(input_ids).to(dtype) if self.heads.config.kind == "sequential" else None
-        states = self.heads.chain_states(self.heads.head_inputs(hidden.to(dtype)), path_emb)  # K x (B, T, D)
+        c = self.heads.config
+        emb = self.embeddings(input_ids).to(dtype) if c.kind == "sequential" or c.prefix_token_input else None
+        path_emb = self.path_embeddings(emb) if c.kind == "sequential" else None
+        next_emb = self.next_embeddings(emb) if c.prefix_token_input else None
+        states = self.heads.chain_states(self.heads.head_inputs(hidden.to(dtype), next_emb), path_emb)  # K x (B,T,D)
         lm_head = self.lm_head
         out = {"head_loss": [], "head_correct": [], "head_count": []}
         loss = hidden.new_zeros((), dtype=torch.float32)

@@ -24,8 +24,8 @@ GREEDY = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
 TREES = {"tree64": lambda: builtin_tree("tree64"), "dynamic16": lambda: DynamicTree(16, 4, 4)}
 
 
-def prefix_heads(kind: str = "sequential", std: float = 0.3, seed: int = 0) -> MedusaHeads:
-    return random_heads(kind, seed=seed, std=std, **PREFIX)
+def prefix_heads(kind: str = "sequential", std: float = 0.3, seed: int = 0, prefix_token_input=False) -> MedusaHeads:
+    return random_heads(kind, seed=seed, std=std, prefix_token_input=prefix_token_input, **PREFIX)
 
 
 @pytest.fixture(scope="module", params=["fast", "hf"])
@@ -42,16 +42,37 @@ def test_fresh_prefix_layer_is_the_identity(kind):
     assert torch.equal(cache.extend(x[0]), x[0])
 
 
-def test_extend_in_pieces_equals_the_training_form():
-    layer = prefix_heads().prefix
-    x = torch.randn(1, 20, 64)
+@pytest.mark.parametrize("kind", ["medusa", "sequential"])
+def test_fresh_token_input_is_the_identity(kind):
+    """A fresh token projection adds zero: the same outputs as the layer without the option, in both forms."""
+    plain = random_heads(kind, **PREFIX)
+    heads = MedusaHeads(HeadsConfig(**{**vars(plain.config), "prefix_token_input": True}))
+    missing, unexpected = heads.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["prefix.token.weight"] and not unexpected and not heads.prefix.token.weight.any()
+    x, e = torch.randn(2, 9, 64), torch.randn(2, 9, 64)
     with torch.no_grad():
-        full = layer(x)[0]  # (20, D)
+        assert torch.equal(heads.head_inputs(x, e), plain.head_inputs(x))
+    cache = PrefixCache(heads.prefix, 32, torch.device("cpu"), torch.float32)
+    assert torch.equal(
+        cache.extend(x[0], next_emb=e[0]), PrefixCache(plain.prefix, 32, cache.k.device, x.dtype).extend(x[0])
+    )
+    with pytest.raises(ValueError, match="next_emb"):
+        cache.extend(x[0])
+
+
+@pytest.mark.parametrize("token_input", [False, True])
+def test_extend_in_pieces_equals_the_training_form(token_input):
+    layer = prefix_heads(prefix_token_input=token_input).prefix
+    x, e = torch.randn(1, 20, 64), torch.randn(1, 20, 64)  # e: the next tokens' embeddings (read with the option)
+    with torch.no_grad():
+        full = layer(x, e)[0]  # (20, D)
+        assert token_input == (not torch.allclose(full, layer(x, torch.zeros_like(e))[0]))  # it reads them
     cache = PrefixCache(layer, 64, torch.device("cpu"), torch.float32)
     out, at = [], 0
     for n, count in ((5, 5), (4, 1), (4, 3), (1, 1), (6, 4), (7, 6)):  # chunks of n rows, the first `count` real
         rows = torch.cat([x[0, at : at + count], torch.randn(n - count, 64)])  # padding rows after the real ones
-        out.append(cache.extend(rows, torch.tensor(count))[:count])
+        next_emb = torch.cat([e[0, at : at + count], torch.randn(n - count, 64)])
+        out.append(cache.extend(rows, torch.tensor(count), next_emb)[:count])
         at += count
     assert at == 20 and int(cache.length) == 20
     torch.testing.assert_close(torch.cat(out), full, rtol=1e-5, atol=1e-5)

@@ -78,9 +78,9 @@ def config(tiny_dir, data_dir, save_dir, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def make_heads(kind: str, lm_head: str = "shared", seed: int = 0) -> MedusaHeads:
+def make_heads(kind: str, lm_head: str = "shared", seed: int = 0, **cfg) -> MedusaHeads:
     torch.manual_seed(seed)
-    heads = MedusaHeads(HeadsConfig(num_heads=3, hidden_size=64, vocab_size=VOCAB, kind=kind, lm_head=lm_head))
+    heads = MedusaHeads(HeadsConfig(num_heads=3, hidden_size=64, vocab_size=VOCAB, kind=kind, lm_head=lm_head, **cfg))
     for p in heads.parameters():
         torch.nn.init.normal_(p, std=0.2)
     return heads
@@ -395,6 +395,72 @@ def test_prefix_heads_train_save_and_start_from_plain_heads(tiny_dir, data_dir, 
     trained.save(tmp_path / "with_prefix")
     wrong = config(tiny_dir, data_dir, tmp_path / "run3", init_heads=str(tmp_path / "with_prefix"))
     with pytest.raises(MedusaError, match="--init-heads .* differ in prefix_attention"):
+        train(wrong)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "sequential"])
+def test_prefix_token_input_reads_the_next_token_and_learns(kind):
+    """The objective feeds the prefix layer e(x_{t+1}); the block's last position, whose next token is unknown, reaches
+    no loss (here it reads zeros instead of the objective's filler: the same losses); W_tok gets gradients."""
+    model = tiny_llama(seed=1)
+    heads = make_heads(kind, prefix_attention=True, prefix_num_heads=4, prefix_token_input=True)  # W_tok random too
+    objective = MedusaObjective(model, heads, lambda_decay=0.5, chunk_tokens=7)
+    x = torch.randint(0, VOCAB, (2, 12))
+    mask = (torch.rand(2, 12) > 0.3).float()
+    out = objective(x, mask)
+    out["loss"].backward()
+    assert heads.prefix.token.weight.grad is not None and heads.prefix.token.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        h = final_hidden(model, x)  # (B, T, D)
+        emb = model.get_input_embeddings()(x)  # (B, T, D)
+        next_emb = F.pad(emb[:, 1:], (0, 0, 0, 1))  # e(x_{t+1}), zeros at the last position
+        path = torch.stack([F.pad(emb[:, j + 1 :], (0, 0, 0, j + 1)) for j in range(3)])
+        states = heads.chain_states(heads.head_inputs(h, next_emb), path if kind == "sequential" else None)
+        for k in range(3):
+            n = 12 - k - 2
+            logits = heads.project(k, states[k][:, :n], model.lm_head)  # (B, n, V)
+            per = F.cross_entropy(logits.transpose(1, 2), x[:, k + 2 :], reduction="none")
+            w = mask[:, k + 2 :]
+            torch.testing.assert_close(out["head_loss"][k], (per * w).sum() / w.sum())
+        with pytest.raises(ValueError, match="next_emb"):
+            heads.head_inputs(h)  # the token input is not optional
+
+
+def test_prefix_token_input_flag_trains_and_starts_from_prefix_heads(tiny_dir, data_dir, tmp_path):
+    from medusa_llama.cli.train import add_train_args, train_config
+
+    parser = argparse.ArgumentParser()
+    add_train_args(parser)
+    args = parser.parse_args(["--prefix-attention", "--prefix-token-input"])
+    assert train_config(args).prefix_token_input
+    assert "EAGLE" in parser.format_help() and "lossless" in parser.format_help()
+    with pytest.raises(ValueError, match="--prefix-token-input needs --prefix-attention"):
+        train_config(parser.parse_args(["--prefix-token-input"]))
+    # one run with the flag: the token projection (zero at start) learns and is saved, with the option in the config
+    cfg = config(tiny_dir, data_dir, tmp_path / "run", max_steps=2, lr=2e-3, prefix_attention=True)
+    train(dataclasses.replace(cfg, prefix_token_input=True))
+    trained = MedusaHeads.load(tmp_path / "run" / "best")
+    assert trained.config.prefix_token_input and trained.prefix.token.weight.abs().sum() > 0
+    # prefix heads without the token input start heads with it: their weights copied, the new W_tok stays zero
+    start = MedusaHeads(dataclasses.replace(trained.config, prefix_token_input=False))
+    for p in start.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    start.save(tmp_path / "no_token")
+    cfg = config(tiny_dir, data_dir, tmp_path / "run2", max_steps=2, lr=1e-12, prefix_attention=True)
+    train(dataclasses.replace(cfg, prefix_token_input=True, init_heads=str(tmp_path / "no_token")))
+    got = MedusaHeads.load(tmp_path / "run2" / "best")
+    assert got.config.prefix_token_input
+    assert all(torch.allclose(got.state_dict()[k], v, atol=1e-8) for k, v in start.state_dict().items())
+    assert got.prefix.token.weight.abs().max() < 1e-8
+    # plain heads start them too (the whole prefix layer is new); token heads do not start heads without it
+    make_heads("sequential").save(tmp_path / "plain")
+    cfg = config(tiny_dir, data_dir, tmp_path / "run3", num_heads=3, max_steps=2, lr=1e-12, prefix_attention=True)
+    train(dataclasses.replace(cfg, prefix_token_input=True, init_heads=str(tmp_path / "plain")))
+    assert MedusaHeads.load(tmp_path / "run3" / "best").prefix.token.weight.abs().max() < 1e-8
+    wrong = config(
+        tiny_dir, data_dir, tmp_path / "run4", prefix_attention=True, init_heads=str(tmp_path / "run" / "best")
+    )
+    with pytest.raises(MedusaError, match="--init-heads .* differ in prefix_token_input"):
         train(wrong)
 
 
