@@ -3,7 +3,8 @@
 Both implementations hold a KV cache of ``cache_len`` committed tokens (a 0-d long tensor on the device, so that
 CUDA graphs can capture steps that read it) and offer the same four operations:
 
-- ``prefill(tokens)``: run the prompt, commit it, return its hidden states;
+- ``prefill(tokens)``: run the prompt, commit it, return its hidden states (the fast backbone also takes a device
+  ``length`` for prompts padded to a fixed size: the decoders' CUDA-graph prefill);
 - ``forward_tree(tokens, tree_mask, depth)``: run T new tokens at slots cache_len .. cache_len+T-1 with positions
   cache_len + depth and the tree mask, WITHOUT committing them;
 - ``commit(path, n)``: keep tree nodes ``path[:n+1]`` (root first) as the next n+1 cache entries;
@@ -94,12 +95,20 @@ class FastBackbone(Backbone):
         return self.model(tokens[None], positions[None], slots, mask)[0]  # (T, D)
 
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, length: torch.Tensor | None = None) -> torch.Tensor:
+        """Restart the cache with ``tokens`` (T,) at positions 0 .. T-1; return their hidden states (T, D).
+
+        ``length`` (0-d long, on the device): only the first ``length`` tokens are the prompt, the rest padding (a
+        CUDA-graph prefill pads to a fixed size). Padding lies after the prompt, so under the causal mask it changes
+        no prompt row; its KV entries land past the new cache length and are overwritten later."""
         self.reset()
         t = tokens.shape[0]
         causal = torch.ones(t, t, dtype=torch.bool, device=self.device).tril()
         hidden = self._run(tokens, torch.arange(t, device=self.device), causal, prefill=True)
-        self.cache_len.fill_(t)
+        if length is None:
+            self.cache_len.fill_(t)
+        else:
+            self.cache_len.copy_(length)
         return hidden
 
     @torch.no_grad()

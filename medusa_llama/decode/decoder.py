@@ -99,10 +99,13 @@ class GenerationResult:
 
 
 class StepRunner:
-    """Runs a tensor-only step function eagerly, or as a CUDA graph replay once captured."""
+    """Runs a tensor-only step function eagerly, or as a CUDA graph replay once captured.
 
-    def __init__(self, fn: Callable[[], None], use_graph: bool):
-        self.fn, self.use_graph, self.graph = fn, use_graph, None
+    ``pool``: a memory pool (``torch.cuda.graph_pool_handle()``) to share with other runners whose graphs never run
+    at the same time and keep nothing in their pool between replays (the prefill graphs of one decoder)."""
+
+    def __init__(self, fn: Callable[[], None], use_graph: bool, pool=None):
+        self.fn, self.use_graph, self.graph, self.pool = fn, use_graph, None, pool
 
     def capture(self) -> None:
         """Warm up and capture. Runs ``fn`` for real: call it before prefill, while the cache holds nothing."""
@@ -121,7 +124,7 @@ class StepRunner:
         enabled = gc.isenabled()
         gc.disable()
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, pool=self.pool):
                 self.fn()
         finally:
             if enabled:
@@ -144,10 +147,19 @@ class _Decoder:
         self._one = torch.ones(1, 1, dtype=torch.bool, device=dev)  # the one-token step's tree: mask (1, 1) ...
         self._zero = torch.zeros(1, dtype=torch.long, device=dev)  # ... depth (1,), and its path to commit
         self._steps: dict[str, StepRunner] = {}
+        # The CUDA-graph prefill: prompts padded to a bucket (prefill_bucket) in a fixed buffer, the real length on
+        # the device; one graph per (bucket, acceptance config), all in one memory pool. ``padded_prefill`` is on
+        # with graphs; tests turn it on without them (the same padded function, run eagerly).
+        self.padded_prefill = self.use_graphs
+        self._prompt = torch.zeros(backbone.max_seq_len, dtype=torch.long, device=dev)
+        self._prompt_len = torch.zeros((), dtype=torch.long, device=dev)
+        self._prefills: dict[tuple[int, str], StepRunner] = {}
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     # Subclasses set _depth (max tree depth), _tree_size and self.out ([n, emitted tokens...]) and implement
     # _make_step(cfg, mark) (a tensor-only step writing self.out; ``mark`` is for profiling) and
-    # _after_prefill(states), given the prompt's hidden states (P, D).
+    # _after_prefill(states, length), given the prompt's hidden states (P, D), of which the first ``length`` (None:
+    # all; else a 0-d device tensor) are the prompt's and the rest padding. Both run inside CUDA graphs on a GPU.
     def _step_for(self, cfg: AcceptanceConfig) -> StepRunner:
         key = repr(cfg)
         if key not in self._steps:
@@ -173,6 +185,8 @@ class _Decoder:
         if step.use_graph and step.graph is None:
             bb.reset()
             step.capture()
+        if self.padded_prefill:  # capture this prompt's prefill graph before the clock starts, as the step's above
+            self._prefill_for(prompt, acfg)
         if cfg.seed is not None:  # after the capture, whose warm-up draws random numbers
             torch.manual_seed(cfg.seed)
         result = GenerationResult(accepted_per_depth=[0] * self._depth)
@@ -217,12 +231,46 @@ class _Decoder:
         return prompt
 
     def _prefill(self, prompt: torch.Tensor, cfg: AcceptanceConfig) -> None:
-        """Run the prompt (P,), choose the first new token (the root) and make the first proposal."""
+        """Run the prompt (P,), choose the first new token (the root) and make the first proposal.
+
+        On a GPU this is a CUDA-graph replay: eagerly, the prefill's ~800 small kernels cost ~60 us of host time
+        each on an H200's host (50-80 ms for 4-10 ms of GPU work, ``benchmarks/step_profile.py``)."""
+        if self.padded_prefill:
+            self._prefill_for(prompt, cfg)()
+            return
         bb = self.backbone
         states = bb.prefill(prompt)  # (P, D)
         self.hidden.copy_(states[-1])
         self.root.copy_(next_token(bb.logits(states[-1]), cfg))
-        self._after_prefill(states)
+        self._after_prefill(states, None)
+
+    def _prefill_for(self, prompt: torch.Tensor, cfg: AcceptanceConfig) -> StepRunner:
+        """The prefill graph for ``prompt``'s bucket, with ``prompt`` loaded into its input buffer (captured the
+        first time: that runs the prefill for real, so call it before the clock starts)."""
+        p = prompt.numel()
+        size = prefill_bucket(p, self.backbone.max_seq_len)
+        self._prompt[:p].copy_(prompt)
+        self._prompt[p:size].zero_()  # padding: any token does; zeros keep replays reproducible
+        self._prompt_len.fill_(p)
+        key = (size, repr(cfg))
+        if key not in self._prefills:
+            runner = StepRunner(self._make_prefill(size, cfg), self.use_graphs, self._prefill_pool)
+            runner.capture()
+            self._prefills[key] = runner
+        return self._prefills[key]
+
+    def _make_prefill(self, size: int, cfg: AcceptanceConfig) -> Callable[[], None]:
+        """The tensor-only prefill of the first ``self._prompt_len`` tokens of ``self._prompt[:size]``."""
+        bb, tokens, length = self.backbone, self._prompt[:size], self._prompt_len
+
+        def prefill() -> None:
+            states = bb.prefill(tokens, length)  # (size, D), rows past length padding
+            last = pick(states, length - 1)  # (D,)
+            self.hidden.copy_(last)
+            self.root.copy_(next_token(bb.logits(last), cfg))
+            self._after_prefill(states, length)
+
+        return prefill
 
     @torch.no_grad()
     def profile(self, prompt_ids, config: GenerationConfig | None = None, steps: int = 8) -> dict[str, float]:
@@ -292,7 +340,7 @@ class VanillaDecoder(_Decoder):
         super().__init__(backbone, use_cuda_graphs, compile)
         self.out = torch.zeros(2, dtype=torch.long, device=backbone.device)  # [n = 0, next token]
 
-    def _after_prefill(self, states: torch.Tensor) -> None:
+    def _after_prefill(self, states: torch.Tensor, length: torch.Tensor | None) -> None:
         pass
 
     def _make_step(self, cfg: AcceptanceConfig, mark: Mark | None = None):
@@ -361,10 +409,11 @@ class MedusaDecoder(_Decoder):
         tokens = proposal.propose(self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head, self.draft)
         self.tokens.copy_(tokens)
 
-    def _after_prefill(self, states: torch.Tensor) -> None:
+    def _after_prefill(self, states: torch.Tensor, length: torch.Tensor | None) -> None:
         if self.prefix_cache is not None:
             self.prefix_cache.reset()
-            self.hidden.copy_(self.prefix_cache.extend(states)[-1])  # the layer over the prompt, positions 0..P-1
+            rows = self.prefix_cache.extend(states, length)  # the layer over the prompt, positions 0..P-1
+            self.hidden.copy_(rows[-1] if length is None else pick(rows, length - 1))
         if self.tree.size > 1:
             self.propose()
 
@@ -407,6 +456,19 @@ def check_draft_fits(draft: DraftVocab, topk: int) -> None:
     """A tree's widest top-k must fit in the draft vocabulary."""
     if draft.size < topk:
         raise MedusaError(f"--draft-vocab {draft.size} is smaller than the tree's top-{topk}")
+
+
+PREFILL_MIN_BUCKET = 64
+"""The smallest padded prompt size of the CUDA-graph prefill; buckets double from here up to the context."""
+
+
+def prefill_bucket(length: int, max_seq_len: int) -> int:
+    """The padded size a prompt of ``length`` tokens is prefilled at: the next power of two >= PREFILL_MIN_BUCKET
+    (at most log2(context / 64) + 1 graphs per decoder), capped at the context ``max_seq_len``."""
+    size = PREFILL_MIN_BUCKET
+    while size < length:
+        size *= 2
+    return min(size, max_seq_len)
 
 
 def _sync(device: torch.device) -> None:
