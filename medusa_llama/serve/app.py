@@ -242,12 +242,9 @@ async def _stream(seq: Sequence, channel: Channel, reply: Reply, include_usage: 
         while True:
             wait = sent + interval - loop.time()
             if wait > 0:
-                try:
-                    await asyncio.wait_for(channel.ended.wait(), wait)
-                except asyncio.TimeoutError:
-                    pass
+                await channel.wait_end(wait)
             text, end = _split(await channel.get())
-            out = sse(reply.chunk(text)) if text else ""
+            out = reply.text_sse(text) if text else ""
             if isinstance(end, Finished):
                 use, medusa = _stats(end, engine)
                 out += sse({**reply.chunk(finish_reason=end.reason), "usage": use, "medusa": medusa})

@@ -88,13 +88,13 @@ class Sequence:
             return False
         self.calls += 1
         self.generated += len(tokens)
-        for tok in tokens:
-            self.completion_tokens += 1
-            self.last_token = tok
-            self.text.add(tok)
-            if self.text.stopped:
-                self.finish("stop")
-                return False
+        taken = self.text.extend(tokens)  # the whole step's tokens at once: through a stop string's last token
+        if taken:
+            self.completion_tokens += taken
+            self.last_token = tokens[taken - 1]
+        if self.text.stopped:
+            self.finish("stop")
+            return False
         delta = self.text.delta()
         if delta:
             self.sink(Delta(delta))

@@ -134,6 +134,10 @@ class Reply:
         self.chat, self.model = chat, model
         self.id = _new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
+        # the text chunk's event around a placeholder, so that each chunk JSON-encodes its text alone
+        marker = "\x00text\x00"
+        head, _, tail = sse(self.chunk(marker)).rpartition(json.dumps(marker))  # the text follows the model's name
+        self._text_sse = head, tail
 
     def _envelope(self, choices: list[dict], chunk: bool) -> dict:
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
@@ -153,6 +157,12 @@ class Reply:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         return self._envelope([choice], chunk=True)
+
+    def text_sse(self, text: str) -> str:
+        """``sse(self.chunk(text))`` for a non-empty ``text``: the streaming path's event, once per decode step at
+        most, built from a template."""
+        head, tail = self._text_sse
+        return head + json.dumps(text, ensure_ascii=False) + tail
 
     def usage_chunk(self, usage: dict, medusa: dict) -> dict:
         """OpenAI's last chunk under ``stream_options.include_usage``: no choices, the usage."""

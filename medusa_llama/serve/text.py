@@ -51,9 +51,9 @@ class TextStream:
     """New tokens in, text deltas out; the text ends before the first stop string.
 
     Decoding is incremental (the window method of HF's TextStreamer and TGI): only the tokens since the last emitted
-    text, plus the one token before them for context (SentencePiece's leading spaces), are decoded again, and text
-    is emitted only once it no longer ends in half a UTF-8 character. Text that could still become a stop string is
-    held back until it cannot.
+    text, plus the tokens before them for context (SentencePiece's leading spaces), are decoded again, once per
+    decode step (``extend``), and text is emitted only once it no longer ends in half a UTF-8 character. Text that
+    could still become a stop string is held back until it cannot.
     """
 
     def __init__(self, tokenizer: SharedTokenizer, stops: list[str] | None = None):
@@ -68,19 +68,41 @@ class TextStream:
 
     def add(self, token: int) -> None:
         """Take one new token. Once ``stopped`` is set, later tokens are ignored."""
-        if self.stopped:
-            return
-        self.ids.append(token)
-        done = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        self.extend([token])
+
+    def extend(self, tokens: list[int]) -> int:
+        """Take one decode step's new tokens, decoding them together (two tokenizer calls per step, not per token).
+
+        Returns how many were taken: all of them, or, when a stop string ends among them, those through the token
+        that completed it (``stopped`` is then set; found by taking that step's tokens again one at a time)."""
+        if self.stopped or not tokens:
+            return 0
+        before = (len(self.ids), self._prefix, self._read, self.text)
+        self._take(tokens)
+        if not self.stopped or len(tokens) == 1:
+            return len(tokens)
+        n_ids, self._prefix, self._read, self.text = before  # rare: once per answer at most
+        del self.ids[n_ids:]
+        self.stopped = False
+        for taken, tok in enumerate(tokens, start=1):
+            self._take([tok])
+            if self.stopped:
+                return taken
+        return len(tokens)  # never reached with a consistent tokenizer: the text is the same token by token
+
+    def _take(self, tokens: list[int]) -> None:
+        self.ids += tokens
+        done = self.tokenizer.decode(self.ids[self._prefix : self._read]) if self._read > self._prefix else ""
         now = self.tokenizer.decode(self.ids[self._prefix :])
         if len(now) <= len(done) or now.endswith("\ufffd"):
-            return  # nothing printable yet (a special token, or part of a multi-byte character)
+            return  # nothing printable yet (special tokens, or part of a multi-byte character)
         start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0) + 1)
         self.text += now[len(done) :]
         self._prefix, self._read = self._read, len(self.ids)
-        cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
+        if self.stops:
+            cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text, self.stopped = self.text[:cut], True
 
     def delta(self, final: bool = False) -> str:
         """The text not yet handed out; while not ``final``, minus a tail that may be the start of a stop string."""
