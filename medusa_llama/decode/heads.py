@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medusa_llama.decode.prefix import PrefixLayer
+from medusa_llama.decode.topk import topk_indices
 from medusa_llama.errors import MedusaError
 
 HEAD_KINDS = ("medusa", "sequential")
@@ -287,5 +288,5 @@ def draft_topk(
     heads: MedusaHeads, k: int, state: torch.Tensor, lm_head: nn.Module, topk: int, draft: DraftVocab | None = None
 ) -> torch.Tensor:
     """(..., topk) long: head ``k``'s ``topk`` best token ids from its state (..., D), best first."""
-    columns = project_draft(heads, k, state, lm_head, draft).topk(topk, dim=-1).indices  # (..., topk)
+    columns = topk_indices(project_draft(heads, k, state, lm_head, draft), topk)  # (..., topk)
     return draft_tokens(columns, draft)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from medusa_llama.decode.heads import DraftVocab, MedusaHeads, draft_tokens, draft_topk, project_draft
+from medusa_llama.decode.topk import topk_indices
 from medusa_llama.decode.tree import Tree
 
 
@@ -55,7 +56,7 @@ def _fill_parallel(heads: MedusaHeads, hidden: torch.Tensor, tree: Tree, lm_head
     depth = tree.max_depth
     states = heads.chain_states(hidden)  # K x (D,), all read h_t
     logits = torch.stack([project_draft(heads, d, states[d], lm_head, draft) for d in range(depth)])  # (depth, V|N)
-    top = draft_tokens(logits.topk(max(tree.level_topk), dim=-1).indices, draft)  # (depth, k) token ids
+    top = draft_tokens(topk_indices(logits, max(tree.level_topk)), draft)  # (depth, k) token ids
     tokens[1:] = top[tree.depth[1:] - 1, tree.rank[1:]]  # (T-1,) gather by (depth - 1, rank)
     return tokens
 
