@@ -3,7 +3,9 @@
 # held-out prompts. Run from the repo root on the GPU machine, after `scripts/gpu_recipes.sh data` built $DATA:
 #   bash scripts/gpu_heads.sh train|eval|ddp      (results under $OUT)
 #   bash scripts/gpu_heads.sh pack NAME...        (NAME's best heads, bf16 for transport only, one tgz each)
-# Each recipe changes one thing against the one before it (see RECIPES); a GPU runs its queue in order.
+# Each recipe changes one thing against the one before it (see RECIPES); a GPU runs its queue in order, or PER_GPU
+# queues side by side (a small model's training step is host-bound: two runs share one GPU at little cost each).
+# A run stopped by TMAX (a device call's limit) continues from its last checkpoint when `train` runs again.
 # The device returns at most 8 files a call, so each stage writes into $W and ends with one $OUT/<stage>.tgz.
 set -o pipefail
 [ "${SETUP:-1}" = 0 ] || source scripts/device_setup.sh  # SETUP=0: a CPU dry run, as in gpu_recipes.sh
@@ -15,6 +17,7 @@ RUNS=${RUNS:-/tmp/runs}
 STEPS=${STEPS:-1500}
 PROMPTS=${PROMPTS:-.prompts/heldout20.jsonl}
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$NGPU" -ge 1 ] || NGPU=1
+NQ=$((NGPU * ${PER_GPU:-1}))  # queues: queue q runs on GPU q % NGPU
 
 # name | flags (on top of: --data $DATA --batch-size ${BS:-16} --max-steps $STEPS)
 RECIPES=${RECIPES:-"
@@ -27,9 +30,11 @@ sd_soft_prefix_l2|--soft-targets --prefix-attention --num-layers 2
 
 train_one() {  # name flags...
   local name=$1; shift
+  grep -qs '"event": "done"' "$RUNS/$name/log.jsonl" && return  # finished in an earlier call
+  local resume=""; [ -d "$RUNS/$name/last" ] && resume=--resume
   /usr/bin/time -f "train $name wall %e s" timeout "${TMAX:-540}" $M train --data "$DATA" --batch-size ${BS:-16} \
-    --max-steps "$STEPS" --eval-every 500 --save-every 500 --save-dir "$RUNS/$name" "$@" 2>&1 | tr '\r' '\n' \
-    | grep -v "step/s\]$" | tail -5 > "$W/train_$name.txt"
+    --max-steps "$STEPS" --eval-every "${EVERY:-500}" --save-every "${EVERY:-500}" --save-dir "$RUNS/$name" $resume \
+    "$@" 2>&1 | tr '\r' '\n' | grep -v "step/s\]$" | tail -5 >> "$W/train_$name.txt"
   cp "$RUNS/$name/log.jsonl" "$W/log_$name.jsonl" 2>/dev/null
   cp "$RUNS/$name/best/train_config.json" "$W/train_config_$name.json" 2>/dev/null
 }
@@ -60,17 +65,17 @@ case "$1" in
   train)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$W/card.txt"
     FN=train_one
-    for g in $(seq 0 $((NGPU - 1))); do queue "$g" "$(split_lines "$RECIPES" $(( (g + 1) % NGPU )) "$NGPU")" & done
+    for q in $(seq 0 $((NQ - 1))); do queue $((q % NGPU)) "$(split_lines "$RECIPES" $(( (q + 1) % NQ )) "$NQ")" & done
     wait
     tail -n 2 "$W"/train_*.txt
     tar czf "$OUT/train.tgz" -C "$W" .
     ;;
   eval)
-    lines="shipped|medusa_llama/assets/heads/smollm2-135m-instruct"
+    lines=""; [ "${SHIPPED:-1}" = 1 ] && lines="shipped|medusa_llama/assets/heads/smollm2-135m-instruct"  # SHIPPED=0: runs only
     for d in "$RUNS"/*/best; do [ -d "$d" ] && lines="$lines
 $(basename "$(dirname "$d")")|$d"; done
     FN=eval_one
-    for g in $(seq 0 $((NGPU - 1))); do queue "$g" "$(split_lines "$lines" $(( (g + 1) % NGPU )) "$NGPU")" & done
+    for q in $(seq 0 $((NQ - 1))); do queue $((q % NGPU)) "$(split_lines "$lines" $(( (q + 1) % NQ )) "$NQ")" & done
     wait
     python3 - "$W" <<'EOF' | tee "$W/summary.md"
 import json, pathlib, sys
