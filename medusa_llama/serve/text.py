@@ -90,11 +90,13 @@ class TextStream:
                 return taken
         return len(tokens)  # never reached with a consistent tokenizer: the text is the same token by token
 
-    def _take(self, tokens: list[int]) -> None:
+    def _take(self, tokens: list[int], final: bool = False) -> None:
+        """Append ``tokens`` and their text, unless it is not printable yet; ``final``: all of it, whatever it is
+        (the end of the generation: half a character decodes to U+FFFD, as the whole answer decoded at once)."""
         self.ids += tokens
         done = self.tokenizer.decode(self.ids[self._prefix : self._read]) if self._read > self._prefix else ""
         now = self.tokenizer.decode(self.ids[self._prefix :])
-        if len(now) <= len(done) or now.endswith("\ufffd"):
+        if len(now) <= len(done) or (now.endswith("\ufffd") and not final):
             return  # nothing printable yet (special tokens, or part of a multi-byte character)
         start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0) + 1)
         self.text += now[len(done) :]
@@ -106,6 +108,8 @@ class TextStream:
 
     def delta(self, final: bool = False) -> str:
         """The text not yet handed out; while not ``final``, minus a tail that may be the start of a stop string."""
+        if final and not self.stopped and self._read < len(self.ids):
+            self._take([], final=True)  # the tokens still held back as unprintable
         end = len(self.text)
         if not final and not self.stopped:
             end -= _partial_stop(self.text, self.stops)

@@ -4,6 +4,7 @@ bf16-agreement pairs (all identical in fp32), and the tree-table measurement and
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ PROMPTS = [[1, 2, 3], list(range(40, 70)), [5] * 11, list(range(10, 17)), [60, 6
 def script(name: str):
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -75,3 +77,14 @@ def test_tree_table_measurement_and_choice(one_thread):
     assert bench.choose(row, margin=0.03) == ("default(6)", default)
     row["candidates"]["vanilla"] = {"error": "boom"}
     assert bench.choose(row, margin=0.03) == ("vanilla", [])  # no vanilla figure: no proof a tree pays
+
+
+def test_serve_overhead_benchmark_runs_on_a_synthetic_decoder():
+    from tiny_serving import CharTokenizer
+
+    bench = script("serve_overhead")
+    decoder = bench.SyntheticDecoder(CharTokenizer(), step_s=0.0005, per_step=3)
+    res = decoder.generate([1, 2], GenerationConfig(max_new_tokens=10))
+    assert len(res.tokens) == 10 and res.steps == 3  # the prefill's token, then steps of 3
+    m = bench.measure(decoder, requests=2, max_tokens=40, stream_interval=0.0)
+    assert m.tokens == 80 and m.direct_tokens_per_s > 0 and 0 < m.ratio < 2 and m.chunks >= 2
