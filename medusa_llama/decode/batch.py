@@ -17,7 +17,8 @@ The heads and the greedy rule run once for all rows (``propose_batch``, ``accept
 ``proposal.py`` and ``acceptance.py`` with a batch dimension, pinned equal to them by the tests). Heads with prefix
 attention read the prefix layer's output: its KV cache has one row and one length per sequence too
 (``prefix.BatchedPrefixCache``), prefilled with the prompts by ``add_many`` and extended by each row's accepted path in
-the step, so it stays in step with the backbone's rows.
+the step, so it stays in step with the backbone's rows; with its token input (EAGLE-style) the prefill passes each
+prompt's next tokens and first new token, the step each row's accepted tokens and bonus token.
 
 Limits: one acceptance rule per batch (the step is built for it); sampling draws from the one global RNG, so a
 sequence's sampled output depends on its batch-mates (greedy output does not); the fast backbone only; static
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from medusa_llama.decode.acceptance import AcceptanceConfig, accept, next_token
 from medusa_llama.decode.backbone import FastBackbone
@@ -38,6 +40,7 @@ from medusa_llama.decode.decoder import GenerationConfig, GenerationResult, Step
 from medusa_llama.decode.heads import DraftVocab, MedusaHeads, draft_tokens, draft_topk, project_draft
 from medusa_llama.decode.model import TreeMask, batched_tree_attention_mask
 from medusa_llama.decode.prefix import BatchedPrefixCache
+from medusa_llama.decode.topk import topk_indices
 from medusa_llama.decode.tree import Tree, build_tree
 from medusa_llama.errors import MedusaError
 
@@ -285,8 +288,7 @@ class BatchedDecoder:
             step.capture()
         rows, t0 = free[: len(prompts)], time.perf_counter()
         index = torch.tensor(rows, device=self.bb.device)  # (b,)
-        last = self._prefill(rows, tensors)  # (b, D)
-        self.root[index] = self._first_tokens(self.backbone.logits(last), configs, acfg)  # (b,)
+        self._prefill(rows, tensors, configs, acfg)
         if self.heads is not None:
             self.tokens[index] = self._propose(index)
         firsts = self.root[index].tolist()  # one host sync for all the new rows
@@ -304,22 +306,34 @@ class BatchedDecoder:
                 result.total_s = prefill_s
         return rows
 
-    def _prefill(self, rows: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
-        """Run the prompts into ``rows`` group by group; set each row's heads input ``hidden``: h at its last prompt
-        token, or the prefix layer's output there (the layer run over the row's prompt states). Returns h at each
-        prompt's last token (b, D), in prompt order: the first tokens' logits."""
+    def _prefill(
+        self, rows: list[int], prompts: list[torch.Tensor], configs: list[GenerationConfig], acfg: AcceptanceConfig
+    ) -> None:
+        """Run the prompts into ``rows`` group by group, choose each one's first token (``root``) from h at its last
+        prompt token, and set each row's heads input ``hidden``: that h, or the prefix layer's output there (the layer
+        run over the row's prompt states once the first tokens are known: its token input reads each position's next
+        token, the prompt's next one, and the first new token after the last)."""
         dev = self.bb.device
         last = self.hidden.new_empty(len(rows), self.hidden.shape[1])  # (b, D)
+        ran = []  # (group, its rows, prompt lengths, states (g, P, D)) for the prefix layer
         for group in prefill_groups([t.shape[0] for t in prompts], self.prefill_tokens, self.prefill_padding):
             g_rows = [rows[i] for i in group]
             lengths = torch.tensor([prompts[i].shape[0] for i in group], device=dev)  # (g,)
             states = self.bb.prefill_many(g_rows, [prompts[i] for i in group])  # (g, P, D)
-            at = (torch.arange(len(group), device=dev), lengths - 1)  # each prompt's last token
-            last[torch.tensor(group, device=dev)] = states[at]  # (g, D)
+            last[torch.tensor(group, device=dev)] = states[torch.arange(len(group), device=dev), lengths - 1]  # (g, D)
             if self.prefix_cache is not None:
-                states = self.prefix_cache.prefill_many(g_rows, states, lengths)  # (g, P, D)
-            self.hidden[torch.tensor(g_rows, device=dev)] = states[at]  # (g, D)
-        return last
+                ran.append((group, g_rows, lengths, states))
+        index = torch.tensor(rows, device=dev)  # (b,)
+        self.root[index] = self._first_tokens(self.backbone.logits(last), configs, acfg)  # (b,)
+        if self.prefix_cache is None:
+            self.hidden[index] = last
+        for group, g_rows, lengths, states in ran:
+            g_index, next_emb = torch.tensor(g_rows, device=dev), None  # (g,)
+            if self.heads.config.prefix_token_input:  # each position's next token: the prompt's, then the root
+                ids = [torch.cat([prompts[i][1:], self.root[rows[i] : rows[i] + 1]]) for i in group]
+                next_emb = self.backbone.embed(pad_sequence(ids, batch_first=True))  # (g, P, D), token 0 past the end
+            out = self.prefix_cache.prefill_many(g_rows, states, lengths, next_emb)  # (g, P, D)
+            self.hidden[g_index] = out[torch.arange(len(group), device=dev), lengths - 1]  # (g, D)
 
     @staticmethod
     def _first_tokens(logits: torch.Tensor, configs: list[GenerationConfig], acfg: AcceptanceConfig) -> torch.Tensor:
@@ -468,7 +482,11 @@ class BatchedDecoder:
                 last = path.gather(1, n[:, None])[:, 0]  # (B,) node of each row's last accepted token
                 self.hidden.copy_(hidden[rows, last])  # (B, D)
             else:  # each row's accepted path (root + n nodes) joins its prefix-layer row; inactive rows stay put
-                kept = self.prefix_cache.extend(hidden[rows[:, None], path.clamp(min=0)], (n + 1) * self.active)
+                # each path token's next one: the next accepted token, then the bonus token (its token input)
+                next_emb = self.backbone.embed(emitted) if self.heads.config.prefix_token_input else None  # (B, D+1, D)
+                kept = self.prefix_cache.extend(
+                    hidden[rows[:, None], path.clamp(min=0)], (n + 1) * self.active, next_emb
+                )  # (B, D+1, D)
                 self.hidden.copy_(kept[rows, n])  # (B, D) the layer's output at each row's last accepted token
             self.root.copy_(bonus)
             self.tokens.copy_(self._propose_all())
@@ -490,7 +508,7 @@ def propose_batch(heads: MedusaHeads, hidden, root, tree: Tree, embed, lm_head, 
     if heads.config.kind == "medusa":  # one top-k list per depth and row; node i takes entry rank[i] of its depth's
         states = heads.chain_states(hidden)  # K x (B, D), all read h_t
         logits = torch.stack([project_draft(heads, d, states[d], lm_head, draft) for d in range(tree.max_depth)], 1)
-        top = draft_tokens(logits.topk(max(tree.level_topk), dim=-1).indices, draft)  # (B, K', k) from (B, K', V|N)
+        top = draft_tokens(topk_indices(logits, max(tree.level_topk)), draft)  # (B, K', k) from (B, K', V|N)
         tokens[:, 1:] = top[:, tree.depth[1:] - 1, tree.rank[1:]]  # (B, T-1) gather by (depth - 1, rank)
         return tokens
     prev = hidden[:, None]  # (B, 1, D): the state the root's children are predicted from

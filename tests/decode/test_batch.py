@@ -200,14 +200,16 @@ def test_batched_cuda_graph_steps_equal_single_on_gpu(prompts):
             assert torch.equal(dec.prefix_cache.lengths, dec.bb.cache_len)
 
 
-def prefix_heads(kind: str = "sequential"):
-    return random_heads(kind, std=0.3, **PREFIX)
+def prefix_heads(kind: str = "sequential", token_input: bool = False):
+    return random_heads(kind, std=0.3, prefix_token_input=token_input, **PREFIX)
 
 
+@pytest.mark.parametrize("token_input", [False, True])
 @pytest.mark.parametrize("kind", ["medusa", "sequential"])
-def test_batched_prefix_heads_equal_single(one_thread, backbone, prompts, kind):
-    """Heads with prefix attention: the rows' outputs and acceptance equal batch-size-1 decoding; rows are refilled."""
-    heads, tree = prefix_heads(kind), builtin_tree("tree16")
+def test_batched_prefix_heads_equal_single(one_thread, backbone, prompts, kind, token_input):
+    """Heads with prefix attention (and its token input): the rows' outputs and acceptance equal batch-size-1
+    decoding; rows are refilled."""
+    heads, tree = prefix_heads(kind, token_input), builtin_tree("tree16")
     single = MedusaDecoder(backbone, heads, tree)
     refs = [single.generate(p, c) for p, c in zip(prompts, configs(), strict=True)]
     dec = BatchedDecoder(backbone, 3, heads, tree)
@@ -217,10 +219,12 @@ def test_batched_prefix_heads_equal_single(one_thread, backbone, prompts, kind):
     assert dec.prefix_cache is not None and torch.equal(dec.prefix_cache.lengths, dec.bb.cache_len)
 
 
-def test_batched_prefix_rows_equal_the_training_form(one_thread, backbone, prompts):
-    """Each running row's heads input is the prefix layer over its committed sequence (a row refilled mid-run too);
-    a finished row left in place while the others step does not advance; per-row lengths equal the backbone's."""
-    heads, tree = prefix_heads(), builtin_tree("tree16")
+@pytest.mark.parametrize("token_input", [False, True])
+def test_batched_prefix_rows_equal_the_training_form(one_thread, backbone, prompts, token_input):
+    """Each running row's heads input is the prefix layer over its committed sequence (a row refilled mid-run too),
+    with the token input given each committed token's successor; a finished row left in place while the others step
+    does not advance; per-row lengths equal the backbone's."""
+    heads, tree = prefix_heads(token_input=token_input), builtin_tree("tree16")
     dec = BatchedDecoder(backbone, 3, heads, tree)
     long, short = GenerationConfig(max_new_tokens=40, stop_at_eos=False), GenerationConfig(max_new_tokens=4)
     held = {dec.add(prompts[0], long): prompts[0], dec.add(prompts[1], long): prompts[1]}
@@ -238,10 +242,17 @@ def test_batched_prefix_rows_equal_the_training_form(one_thread, backbone, promp
     assert not dec.done(0) and not dec.done(1) and int(dec.prefix_cache.lengths[2]) == finished
     assert torch.equal(dec.prefix_cache.lengths, dec.bb.cache_len)
     for row, prompt in held.items():
-        seq = torch.tensor([(prompt + dec.result(row).tokens)[: int(dec.bb.cache_len[row])]])  # the committed tokens
-        with torch.no_grad():
-            expected = dec.heads.head_inputs(backbone.hf_model.model(input_ids=seq).last_hidden_state)[0, -1]
+        expected = training_form_input(backbone, dec.heads, prompt + dec.result(row).tokens, int(dec.bb.cache_len[row]))
         torch.testing.assert_close(dec.hidden[row], expected, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def training_form_input(backbone, heads, ids: list[int], committed: int) -> torch.Tensor:
+    """The training form's heads input at the last of the ``committed`` first tokens of ``ids``: the prefix layer over
+    their hidden states, its token input (if any) reading each one's successor in ``ids`` (the root after the last)."""
+    hidden = backbone.hf_model.model(input_ids=torch.tensor([ids[:committed]])).last_hidden_state  # (1, L, D)
+    next_emb = backbone.hf_model.get_input_embeddings()(torch.tensor([ids[1 : committed + 1]]))  # (1, L, D)
+    return heads.head_inputs(hidden, next_emb)[0, -1]
 
 
 def test_root_only_tree_runs_no_prefix_heads(backbone):
@@ -278,14 +289,15 @@ def decode_all(dec: BatchedDecoder, prompts, cfgs, together: bool) -> tuple[list
 
 
 @pytest.mark.parametrize("budget", [PREFILL_TOKENS, 40])  # any padding in one forward; or several groups of <= 40
-@pytest.mark.parametrize("heads", ["vanilla", "tree", "prefix"])
+@pytest.mark.parametrize("heads", ["vanilla", "tree", "prefix", "prefix_token"])
 def test_add_many_equals_adding_one_by_one_and_single(one_thread, backbone, prompts, heads, budget):
     """Prompts of different lengths prefilled together, rows refilled mid-run two at a time: the same tokens as adding
     them one by one and as batch-size-1 decoding; each row's cache lengths are its prompt's."""
     if heads == "vanilla":
         made, tree, single = None, None, VanillaDecoder(backbone)
     else:
-        made, tree = (random_heads("sequential") if heads == "tree" else prefix_heads()), builtin_tree("tree16")
+        made = random_heads("sequential") if heads == "tree" else prefix_heads(token_input=heads == "prefix_token")
+        tree = builtin_tree("tree16")
         single = MedusaDecoder(backbone, made, tree)
     cfgs = [GenerationConfig(max_new_tokens=m, stop_at_eos=False) for m in (30, 6, 8, 20, 12)]
     refs = [single.generate(p, c).tokens for p, c in zip(prompts, cfgs, strict=True)]

@@ -9,7 +9,7 @@ import torch
 from conftest import FakeTokenizer, random_heads, tiny_llama
 
 from medusa_llama.decode import proposal
-from medusa_llama.decode.backbone import make_backbone
+from medusa_llama.decode.backbone import FastBackbone, make_backbone
 from medusa_llama.decode.decoder import PHASES, GenerationConfig, MedusaDecoder, VanillaDecoder
 from medusa_llama.decode.dynamic_tree import DynamicTree
 from medusa_llama.decode.formats import EXPORT_FORMATS
@@ -20,6 +20,7 @@ from medusa_llama.decode.tree import builtin_tree
 from medusa_llama.errors import MedusaError
 
 PREFIX = dict(prefix_attention=True, prefix_num_heads=4)
+TOKEN = dict(prefix_attention=True, prefix_num_heads=4, prefix_token_input=True)  # the EAGLE-style token input
 GREEDY = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
 TREES = {"tree64": lambda: builtin_tree("tree64"), "dynamic16": lambda: DynamicTree(16, 4, 4)}
 
@@ -78,31 +79,35 @@ def test_extend_in_pieces_equals_the_training_form(token_input):
     torch.testing.assert_close(torch.cat(out), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("token_input", [False, True])
 @pytest.mark.parametrize("tree", TREES)
 @pytest.mark.parametrize("kind", ["medusa", "sequential"])
-def test_prefix_heads_greedy_equals_vanilla(backbone, kind, tree):
+def test_prefix_heads_greedy_equals_vanilla(backbone, kind, tree, token_input):
     g = torch.Generator().manual_seed(3)
-    medusa = MedusaDecoder(backbone, prefix_heads(kind), TREES[tree]())
+    medusa = MedusaDecoder(backbone, prefix_heads(kind, prefix_token_input=token_input), TREES[tree]())
     for n in (5, 23):
         prompt = torch.randint(0, 96, (n,), generator=g).tolist()
         assert medusa.generate(prompt, GREEDY).tokens == VanillaDecoder(backbone).generate(prompt, GREEDY).tokens
 
 
 def expected_head_input(backbone, heads, prompt, continuation):
-    """The training form's heads input at the last committed token: the prefix layer over h_0 .. h_{L-1}."""
-    committed = int(backbone.cache_len)
-    seq = torch.tensor([(prompt + continuation)[:committed]])  # (1, L): the tokens in the backbone's cache
+    """The training form's heads input at the last committed token: the prefix layer over h_0 .. h_{L-1}, its token
+    input (if any) reading x_1 .. x_L, each committed token's successor (x_L: the root, emitted but not committed)."""
+    committed, ids = int(backbone.cache_len), prompt + continuation
+    seq = torch.tensor([ids[:committed]])  # (1, L): the tokens in the backbone's cache
     with torch.no_grad():
         hidden = backbone.hf_model.model(input_ids=seq).last_hidden_state  # (1, L, D)
-        return heads.head_inputs(hidden)[0, -1]
+        next_emb = backbone.hf_model.get_input_embeddings()(torch.tensor([ids[1 : committed + 1]]))  # (1, L, D)
+        return heads.head_inputs(hidden, next_emb)[0, -1]
 
 
 class OracleChain(MedusaHeads):
     """Prefix heads whose rank-0 chain always holds the vanilla continuation: every step accepts the whole depth."""
 
-    def __init__(self, backbone, prompt_len: int, answer: list[int]):
-        super().__init__(prefix_heads().config)
-        self.load_state_dict(prefix_heads().state_dict())
+    def __init__(self, backbone, prompt_len: int, answer: list[int], token_input: bool = False):
+        heads = prefix_heads(prefix_token_input=token_input)
+        super().__init__(heads.config)
+        self.load_state_dict(heads.state_dict())
         self.backbone, self.prompt_len, self.answer = backbone, prompt_len, answer
 
     def propose(self, hidden, root, tree, embed, lm_head, draft=None):
@@ -115,23 +120,26 @@ class OracleChain(MedusaHeads):
         return tokens
 
 
+@pytest.mark.parametrize("token_input", [False, True])
 @pytest.mark.parametrize("tree", TREES)
-def test_decoder_heads_input_equals_the_training_form(backbone, tree):
-    """The cache bookkeeping, pinned directly: a wrong row would only lower acceptance, never break losslessness."""
+def test_decoder_heads_input_equals_the_training_form(backbone, tree, token_input):
+    """The cache bookkeeping, pinned directly: a wrong row (or a wrong next token for the token input) would only
+    lower acceptance, never break losslessness."""
     prompt = list(range(3, 14))
     ref = VanillaDecoder(backbone).generate(prompt, GenerationConfig(max_new_tokens=60, stop_at_eos=False)).tokens
-    heads = prefix_heads(std=0.05)
+    heads = prefix_heads(std=0.05, prefix_token_input=token_input)
     dec = MedusaDecoder(backbone, heads, TREES[tree]())
     out = dec.generate(prompt, GenerationConfig(max_new_tokens=30, stop_at_eos=False))
     assert out.steps > 3 and int(dec.prefix_cache.length) == int(backbone.cache_len)
     torch.testing.assert_close(dec.hidden, expected_head_input(backbone, dec.heads, prompt, ref), rtol=1e-4, atol=1e-4)
 
 
-def test_heads_input_after_fully_accepted_steps(backbone, monkeypatch):
+@pytest.mark.parametrize("token_input", [False, True])
+def test_heads_input_after_fully_accepted_steps(backbone, monkeypatch, token_input):
     monkeypatch.setattr(proposal, "propose", lambda heads, *args: heads.propose(*args))  # the oracle proposes
     prompt = list(range(3, 14))
     ref = VanillaDecoder(backbone).generate(prompt, GenerationConfig(max_new_tokens=60, stop_at_eos=False)).tokens
-    dec = MedusaDecoder(backbone, OracleChain(backbone, len(prompt), ref), builtin_tree("tree64"))
+    dec = MedusaDecoder(backbone, OracleChain(backbone, len(prompt), ref, token_input), builtin_tree("tree64"))
     out = dec.generate(prompt, GenerationConfig(max_new_tokens=25, stop_at_eos=False))
     assert out.tokens == ref[:25] and out.accepted_per_depth[2] == out.steps  # every step accepted 3 candidates
     torch.testing.assert_close(dec.hidden, expected_head_input(backbone, dec.heads, prompt, ref), rtol=1e-4, atol=1e-4)
@@ -148,13 +156,18 @@ def test_profile_reports_the_prefix_in_the_proposal_phase(backbone):
     assert set(ms) == {*PHASES, "total"} and ms["proposal"] > 0
 
 
-def test_save_load_round_trip_gives_the_same_proposals(tmp_path, backbone):
-    heads = prefix_heads()
+@pytest.mark.parametrize("token_input", [False, True])
+def test_save_load_round_trip_gives_the_same_proposals(tmp_path, backbone, token_input):
+    heads = prefix_heads(prefix_token_input=token_input)
     heads.save(tmp_path / "h")
-    assert json.loads((tmp_path / "h" / CONFIG_NAME).read_text())["prefix_attention"] is True
+    saved = json.loads((tmp_path / "h" / CONFIG_NAME).read_text())
+    assert saved["prefix_attention"] is True and saved["prefix_token_input"] is token_input
     loaded = MedusaHeads.load(tmp_path / "h")
     assert loaded.config == heads.config and loaded.state_dict().keys() == heads.state_dict().keys()
     assert any(k.startswith("prefix.") for k in loaded.state_dict())
+    assert ("prefix.token.weight" in loaded.state_dict()) is token_input
+    if token_input:
+        assert torch.equal(loaded.prefix.token.weight, heads.prefix.token.weight)
     a = MedusaDecoder(backbone, heads, builtin_tree("tree64"))
     b = MedusaDecoder(backbone, loaded, builtin_tree("tree64"))
     for dec in (a, b):
@@ -172,11 +185,28 @@ def test_old_config_without_the_key_loads_without_prefix(tmp_path):
     assert loaded.config.prefix_attention is False and loaded.prefix is None
 
 
+def test_prefix_config_without_the_token_input_key_loads_without_it(tmp_path):
+    heads = prefix_heads()
+    heads.save(tmp_path / "h")
+    raw = json.loads((tmp_path / "h" / CONFIG_NAME).read_text())
+    del raw["prefix_token_input"]  # as heads written before the option
+    (tmp_path / "h" / CONFIG_NAME).write_text(json.dumps(raw))
+    loaded = MedusaHeads.load(tmp_path / "h")
+    assert loaded.config.prefix_attention and not loaded.config.prefix_token_input and loaded.prefix.token is None
+
+
+def test_token_input_needs_prefix_attention():
+    with pytest.raises(ValueError, match="needs --prefix-attention"):
+        HeadsConfig(hidden_size=64, vocab_size=96, prefix_token_input=True)
+
+
 @pytest.mark.parametrize("fmt", EXPORT_FORMATS)
-def test_export_refuses_prefix_heads(tmp_path, fmt):
-    heads = random_heads("medusa", lm_head="own", **PREFIX)
-    with pytest.raises(MedusaError, match="prefix attention cannot be exported"):
+@pytest.mark.parametrize("cfg, message", [(PREFIX, "prefix attention"), (TOKEN, "prefix token input")])
+def test_export_refuses_prefix_heads(tmp_path, fmt, cfg, message):
+    heads = random_heads("medusa", lm_head="own", **cfg)
+    with pytest.raises(MedusaError, match=f"{message} .*cannot be exported") as info:
         export_heads(heads, tmp_path / "out", fmt)
+    assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
 
 
@@ -203,8 +233,9 @@ def test_extend_by_the_triton_kernel_equals_sdpa():
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("token_input", [False, True])
 @pytest.mark.parametrize("kernel", [False, True])
-def test_batched_cache_rows_equal_single_caches(kernel):
+def test_batched_cache_rows_equal_single_caches(kernel, token_input):
     """One row per sequence, each at its own length; a count of 0 keeps a row in place (an inactive batch row)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if kernel:
@@ -213,18 +244,40 @@ def test_batched_cache_rows_equal_single_caches(kernel):
 
         if not torch.cuda.is_available() and type(attention._split_kernel).__name__ != "InterpretedFunction":
             pytest.skip("Triton was imported before conftest set TRITON_INTERPRET=1")
-    layer = prefix_heads().prefix.to(dev)
-    x = torch.randn(3, 40, 64, generator=torch.Generator().manual_seed(0)).to(dev)
+    layer = prefix_heads(prefix_token_input=token_input).prefix.to(dev)
+    g = torch.Generator().manual_seed(0)
+    x, e = (torch.randn(3, 40, 64, generator=g).to(dev) for _ in range(2))  # e: the next tokens' embeddings
     batched = BatchedPrefixCache(layer, 3, 64, torch.device(dev), torch.float32, kernel=kernel)
     singles = [PrefixCache(layer, 64, torch.device(dev), torch.float32) for _ in range(3)]  # SDPA
     at = [11, 4, 20]
     for b, n in enumerate(at):
-        torch.testing.assert_close(batched.prefill(b, x[b, :n]), singles[b].extend(x[b, :n]), rtol=1e-5, atol=1e-5)
+        ref = singles[b].extend(x[b, :n], next_emb=e[b, :n])
+        torch.testing.assert_close(batched.prefill(b, x[b, :n], e[b, :n]), ref, rtol=1e-5, atol=1e-5)
     for counts in ([3, 5, 0], [1, 0, 4], [5, 2, 5]):
         rows = torch.stack([x[b, n : n + 5] for b, n in enumerate(at)])  # (3, 5, D): the first counts[b] real
-        out = batched.extend(rows, torch.tensor(counts, device=dev))
+        next_emb = torch.stack([e[b, n : n + 5] for b, n in enumerate(at)])
+        out = batched.extend(rows, torch.tensor(counts, device=dev), next_emb)
         for b, count in enumerate(counts):
-            ref = singles[b].extend(rows[b], count)
+            ref = singles[b].extend(rows[b], count, next_emb[b])
             torch.testing.assert_close(out[b, :count], ref[:count], rtol=1e-4, atol=1e-4)
             at[b] += count
         assert batched.lengths.tolist() == at == [int(s.length) for s in singles]
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_token_input_padded_prefill_equals_the_plain_one(backbone, tree):
+    """The CUDA-graph prefill's padded form (the length on the device: the root's slot is scattered) starts the first
+    step from the same heads input and proposal, and decodes the same tokens."""
+    if not isinstance(backbone, FastBackbone):
+        pytest.skip("the padded prefill is the fast backbone's")
+    prompt, one = list(range(3, 24)), GenerationConfig(max_new_tokens=1, stop_at_eos=False)
+    decs = [MedusaDecoder(backbone, prefix_heads(prefix_token_input=True), TREES[tree]()) for _ in range(2)]
+    decs[1].padded_prefill = True
+    for dec in decs:
+        dec.generate(prompt, one)
+    assert int(decs[1].prefix_cache.length) == len(prompt) and torch.equal(decs[0].tokens, decs[1].tokens)
+    torch.testing.assert_close(decs[1].hidden, decs[0].hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        decs[1].hidden, expected_head_input(backbone, decs[1].heads, prompt, [int(decs[1].root)])
+    )
+    assert decs[1].generate(prompt, GREEDY).tokens == decs[0].generate(prompt, GREEDY).tokens

@@ -122,18 +122,26 @@ def tiny():
     return make_backbone(tiny_llama(), FakeTokenizer(), "tiny", 256, "fast"), random_heads(std=0.02)
 
 
-@pytest.mark.parametrize("kind", ["sequential", "medusa"])
+@pytest.mark.parametrize("kind", ["sequential", "medusa", "prefix_token"])
 def test_head_rank_hits_match_brute_force(kind):
+    """Also for sequential heads whose prefix layer reads the next token (EAGLE-style): the brute force gives the last
+    position, whose next token is unknown and whose states are not scored, token 0."""
     from medusa_llama.eval.head_accuracy import head_rank_hits
 
-    model, heads = tiny_llama(), random_heads(kind=kind, std=0.3)
+    model = tiny_llama()
+    if kind == "prefix_token":
+        kind, cfg = "sequential", dict(prefix_attention=True, prefix_num_heads=4, prefix_token_input=True)
+    else:
+        cfg = {}
+    heads = random_heads(kind=kind, std=0.3, **cfg)
     ids = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(1)).tolist()
     prompt_len, topk = 6, 10
     hits, n = head_rank_hits(model, heads, ids, prompt_len, topk)
     ref_hits, ref_n = torch.zeros_like(hits), torch.zeros_like(n)
     with torch.no_grad():
-        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]  # (L, D)
         emb, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state  # (1, L, D)
+        hidden = heads.head_inputs(hidden, emb(torch.tensor([ids[1:] + [0]])))[0]  # (L, D)
         for t in range(prompt_len - 1, len(ids) - 2):
             state = hidden[t]
             for k in range(heads.num_heads):
