@@ -158,8 +158,9 @@ class _Decoder:
 
     # Subclasses set _depth (max tree depth), _tree_size and self.out ([n, emitted tokens...]) and implement
     # _make_step(cfg, mark) (a tensor-only step writing self.out; ``mark`` is for profiling) and
-    # _after_prefill(states, length), given the prompt's hidden states (P, D), of which the first ``length`` (None:
-    # all; else a 0-d device tensor) are the prompt's and the rest padding. Both run inside CUDA graphs on a GPU.
+    # _after_prefill(states, tokens, length), given the prompt's hidden states (P, D) and tokens (P,), of which the
+    # first ``length`` (None: all; else a 0-d device tensor) are the prompt's and the rest padding. Both run inside
+    # CUDA graphs on a GPU.
     def _step_for(self, cfg: AcceptanceConfig) -> StepRunner:
         key = repr(cfg)
         if key not in self._steps:
@@ -242,7 +243,7 @@ class _Decoder:
         states = bb.prefill(prompt)  # (P, D)
         self.hidden.copy_(states[-1])
         self.root.copy_(next_token(bb.logits(states[-1]), cfg))
-        self._after_prefill(states, None)
+        self._after_prefill(states, prompt, None)
 
     def _prefill_for(self, prompt: torch.Tensor, cfg: AcceptanceConfig) -> StepRunner:
         """The prefill graph for ``prompt``'s bucket, with ``prompt`` loaded into its input buffer (captured the
@@ -268,7 +269,7 @@ class _Decoder:
             last = pick(states, length - 1)  # (D,)
             self.hidden.copy_(last)
             self.root.copy_(next_token(bb.logits(last), cfg))
-            self._after_prefill(states, length)
+            self._after_prefill(states, tokens, length)
 
         return prefill
 
@@ -340,7 +341,7 @@ class VanillaDecoder(_Decoder):
         super().__init__(backbone, use_cuda_graphs, compile)
         self.out = torch.zeros(2, dtype=torch.long, device=backbone.device)  # [n = 0, next token]
 
-    def _after_prefill(self, states: torch.Tensor, length: torch.Tensor | None) -> None:
+    def _after_prefill(self, states: torch.Tensor, tokens: torch.Tensor, length: torch.Tensor | None) -> None:
         pass
 
     def _make_step(self, cfg: AcceptanceConfig, mark: Mark | None = None):
@@ -409,13 +410,22 @@ class MedusaDecoder(_Decoder):
         tokens = proposal.propose(self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head, self.draft)
         self.tokens.copy_(tokens)
 
-    def _after_prefill(self, states: torch.Tensor, length: torch.Tensor | None) -> None:
+    def _after_prefill(self, states: torch.Tensor, tokens: torch.Tensor, length: torch.Tensor | None) -> None:
         if self.prefix_cache is not None:
             self.prefix_cache.reset()
-            rows = self.prefix_cache.extend(states, length)  # the layer over the prompt, positions 0..P-1
+            # The token input reads each prompt token's successor: the prompt's next token, the root after the last.
+            after = torch.cat([tokens[1:], self.root.view(1)])  # (P,) rows past ``length``: padding, any token
+            if length is not None:
+                after.scatter_(0, (length - 1).view(1), self.root.view(1))
+            rows = self.prefix_cache.extend(states, length, self._next_emb(after))  # the layer, positions 0..P-1
             self.hidden.copy_(rows[-1] if length is None else pick(rows, length - 1))
         if self.tree.size > 1:
             self.propose()
+
+    def _next_emb(self, successors: torch.Tensor) -> torch.Tensor | None:
+        """The prefix layer's token input (EAGLE-style, ``prefix.py``): the embeddings of the tokens that follow the
+        rows it is extended by, ``successors`` (n,) -> (n, D); None for a layer without it."""
+        return self.backbone.embed(successors) if self.heads.config.prefix_token_input else None
 
     def _make_step(self, cfg: AcceptanceConfig, mark: Mark | None = None):
         if self.tree.size == 1:  # the root alone: vanilla decoding
@@ -443,8 +453,9 @@ class MedusaDecoder(_Decoder):
             if mark:
                 mark("commit")
             if self.prefix_cache is not None:  # the accepted path (root + n nodes) joins the prefix layer's cache
-                rows = self.prefix_cache.extend(hidden[path.clamp(min=0)], n + 1)  # (D+1, D), rows past n padding
-                self.hidden.copy_(pick(rows, n))
+                # its tokens' successors (the token input): the next accepted token, the bonus token after the last
+                rows = self.prefix_cache.extend(hidden[path.clamp(min=0)], n + 1, self._next_emb(emitted))  # (D+1, D)
+                self.hidden.copy_(pick(rows, n))  # rows past n: padding
             self.propose()
             if mark:
                 mark("proposal")
