@@ -101,13 +101,22 @@ def check_decoding() -> None:
                     acc = outs[-1].mean_accepted
                     check(same, f"{path}, graphs={graphs}, {kind} heads, {name}: Medusa == vanilla (acc {acc:.2f})")
             for tname, tree in (("tree64", builtin_tree("tree64")), ("dynamic16", DynamicTree(16, 4, 4))):
-                # prefix heads (Hydra++): their layer's own KV cache must stay in step inside the graph
-                heads = random_heads("sequential", std=0.3, prefix_attention=True, prefix_num_heads=4)
-                dec = MedusaDecoder(bb, heads, tree, use_cuda_graphs=graphs)
-                outs = [dec.generate(prompt, cfg) for _ in range(2)]
-                accs[kernels, graphs, tname] = outs[-1].mean_accepted
-                same = all(o.tokens == ref for o in outs)
-                check(same, f"{path}, graphs={graphs}, prefix heads, {tname}: Medusa == vanilla")
+                for tok in (False, True):  # prefix heads (Hydra++), with the token input (EAGLE-style) or not:
+                    # their layer's own KV cache must stay in step inside the graph
+                    heads = random_heads(
+                        "sequential", std=0.3, prefix_attention=True, prefix_num_heads=4, prefix_token_input=tok
+                    )
+                    dec = MedusaDecoder(bb, heads, tree, use_cuda_graphs=graphs)
+                    outs = [dec.generate(prompt, cfg) for _ in range(2)]
+                    accs[kernels, graphs, tname + "+token" * tok] = outs[-1].mean_accepted
+                    same = all(o.tokens == ref for o in outs)
+                    what = f"{path}, graphs={graphs}, prefix heads (token input {tok}), {tname}"
+                    check(same, f"{what}: Medusa == vanilla")
+                    for n in (70, 150):  # prefill buckets 128 (the prefix layer's kernel path) and 256 (SDPA)
+                        long = torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                        want = VanillaDecoder(bb, use_cuda_graphs=graphs).generate(long, cfg).tokens
+                        got = dec.generate(long, cfg).tokens
+                        check(got == want, f"{what}, {n}-token prompt: Medusa == vanilla")
             sampled = MedusaDecoder(bb, random_heads(), builtin_tree("tree64"), use_cuda_graphs=graphs).generate(
                 [1, 2, 3], GenerationConfig(max_new_tokens=32, temperature=0.8, seed=0, stop_at_eos=False)
             )
