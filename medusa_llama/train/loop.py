@@ -345,6 +345,9 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step, self.best = state["step"], state["best"]
         self.events.restore(resume_from / LOG_NAME)
+        logged = [e["time"] for e in self.events.events if e.get("event") == "train" and "time" in e]
+        if logged:  # the clock goes on from the checkpoint's last logged step: times and `done` count the whole run
+            self.start_time = time.time() - logged[-1]
         self.info("resumed from %s at step %d", resume_from, self.step)
 
     def due(self, every: int) -> bool:

@@ -170,7 +170,7 @@ def test_qlora_trains_exactly_lora_and_heads(tiny_dir, data_dir, tmp_path):
 
 
 def test_resume_matches_uninterrupted_run(tiny_dir, data_dir, tmp_path):
-    kw = dict(stage="both", medusa1_steps=2, max_steps=6, save_every=2, eval_every=3, lora_dropout=0.1)
+    kw = dict(stage="both", medusa1_steps=2, max_steps=6, save_every=2, eval_every=3, lora_dropout=0.1, log_every=1)
     states = {}
 
     def keep(name):
@@ -199,6 +199,9 @@ def test_resume_matches_uninterrupted_run(tiny_dir, data_dir, tmp_path):
         return [(e["event"], e["step"], e.get("loss", e.get("val_loss"))) for e in events if "step" in e]
 
     assert steps("a") == steps("b")
+    events = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    times = [e["time"] for e in events if e["event"] == "train"]
+    assert times == sorted(times) and events[-1]["seconds"] >= times[-1]  # the clock spans both parts of the run
 
 
 def test_teacher_pass_runs_with_adapters_disabled():
