@@ -13,6 +13,13 @@ of it of N nodes, built-in names) and writes the fastest per B as this device ty
 ``serve_trees.json``; vanilla, the empty tree, wherever no tree beats it by ``--margin``). The table is rewritten
 after every batch size, so a run cut short keeps what it measured; ``--budget-s`` stops starting measurements after
 that many seconds. A candidate that fails is reported and skipped.
+
+``--prefill eager|graph|both``: the batched decoder's prefill, eager (the default) or by CUDA-graph replays
+(``BatchedDecoder(graph_prefill=True)``); ``both`` measures every batch size twice, eager then graph, side by side
+(one row each, ``prefill`` names it; the server's table then takes the graph rows). Each candidate also reports its
+mean time to first token (``mean_prefill_ms``), where the joining requests' prefill shows:
+
+    python benchmarks/batch_throughput.py --batch-sizes 1,8 --prefill both --out r.json
 """
 
 from __future__ import annotations
@@ -44,11 +51,21 @@ def timed(decoder: BatchedDecoder, prompts: list[list[int]], cfg: GenerationConf
     return time.perf_counter() - start, results
 
 
-def measure(bb, heads, choices: list[list[int]], b: int, prompts: list[list[int]], cfg: GenerationConfig) -> dict:
+def measure(
+    bb,
+    heads,
+    choices: list[list[int]],
+    b: int,
+    prompts: list[list[int]],
+    cfg: GenerationConfig,
+    graph_prefill: bool = False,
+) -> dict:
     """Tokens/s of a batched decoder of ``b`` rows with tree ``choices`` ([] : vanilla) over ``prompts``, after a
-    short warm-up (CUDA graph capture). Returns the figures and the results."""
+    short warm-up (CUDA graph capture: the steps', and with ``graph_prefill`` every prefill bucket's, before the
+    clock). Returns the figures and the results."""
     tree = build_tree(fit_tree(choices, heads.num_heads), heads.num_heads) if choices else None
-    decoder = BatchedDecoder(bb, b, heads if choices else None, tree)
+    decoder = BatchedDecoder(bb, b, heads if choices else None, tree, graph_prefill=graph_prefill)
+    decoder.capture_prefills(max(len(p) for p in prompts), cfg)  # every prefill bucket the run can meet
     timed(decoder, prompts[:b], GenerationConfig(max_new_tokens=8))  # warm-up, graph capture
     seconds, results = timed(decoder, prompts, cfg)
     tokens = sum(len(r.tokens) for r in results)
@@ -59,6 +76,7 @@ def measure(bb, heads, choices: list[list[int]], b: int, prompts: list[list[int]
         "seconds": seconds,
         "tokens": tokens,
         "mean_accepted_tokens": (tokens - len(results)) / steps if steps else 1.0,
+        "mean_prefill_ms": 1e3 * sum(r.prefill_s for r in results) / len(results),
         "results": results,
     }
 
@@ -109,10 +127,17 @@ def main() -> None:
     )
     ap.add_argument("--margin", type=float, default=0.03, help="a tree must beat vanilla by this fraction to be kept")
     ap.add_argument(
+        "--prefill",
+        choices=("eager", "graph", "both"),
+        default="eager",
+        help="the batched prefill: eager, CUDA-graph replays (graph_prefill), or both side by side",
+    )
+    ap.add_argument(
         "--budget-s", type=float, default=0.0, help="start no measurement after this many seconds (0: none)"
     )
     args = ap.parse_args()
     sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    modes = ["eager", "graph"] if args.prefill == "both" else [args.prefill]
     specs = (args.candidates or ("default,64,16,4" if args.write_serve_trees else "default")).split(",")
     t_start = time.perf_counter()
 
@@ -130,20 +155,20 @@ def main() -> None:
     print(f"{dev_name} {bb.dtype}: trees {', '.join(f'{k} ({len(v) + 1})' for k, v in trees.items())}", flush=True)
 
     rows, chosen = [], {}
-    for b in sizes:
+    for b, mode in [(b, mode) for b in sizes for mode in modes]:
         n = max(args.prompts, b)
         prompts = [held_out[i % len(held_out)] for i in range(n)]
-        row = {"batch_size": b, "prompts": n, "candidates": {}, "trees": trees}
+        row = {"batch_size": b, "prefill": mode, "prompts": n, "candidates": {}, "trees": trees}
         reference = None  # vanilla's outputs, measured first
         for name, choices in trees.items():
             if args.budget_s and time.perf_counter() - t_start > args.budget_s:
                 row["candidates"][name] = {"skipped": f"past --budget-s {args.budget_s:.0f}"}
                 continue
             try:
-                m = measure(bb, pipe.heads, choices, b, prompts, cfg)
+                m = measure(bb, pipe.heads, choices, b, prompts, cfg, graph_prefill=mode == "graph")
             except Exception as exc:  # one failing candidate (memory, a capture error) must not end the run
                 row["candidates"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-                print(f"B={b:3d}  {name:14s} FAILED {type(exc).__name__}: {exc}", flush=True)
+                print(f"B={b:3d}  {mode:5s} {name:14s} FAILED {type(exc).__name__}: {exc}", flush=True)
                 continue
             results = m.pop("results")
             if name == "vanilla":
@@ -153,7 +178,8 @@ def main() -> None:
             row["candidates"][name] = m
             same = m.get("identical_to_vanilla", "-")
             print(
-                f"B={b:3d}  {name:14s} {m['tokens_per_s']:9.1f} tok/s  accepted/step {m['mean_accepted_tokens']:.2f}  "
+                f"B={b:3d}  {mode:5s} {name:14s} {m['tokens_per_s']:9.1f} tok/s  "
+                f"accepted/step {m['mean_accepted_tokens']:.2f}  first token {m['mean_prefill_ms']:.1f} ms  "
                 f"identical to vanilla {same}/{n}  ({time.perf_counter() - t_start:.0f} s)",
                 flush=True,
             )
@@ -162,7 +188,7 @@ def main() -> None:
         if "tokens_per_s" in row["candidates"].get("vanilla", {}):
             name, chosen[b] = choose(row, args.margin)
             row["chosen"] = name
-            print(f"B={b:3d}  chosen: {name} ({len(chosen[b]) + 1} nodes)", flush=True)
+            print(f"B={b:3d}  {mode:5s} chosen: {name} ({len(chosen[b]) + 1} nodes)", flush=True)
         if args.write_serve_trees and chosen:
             write_device_table(
                 args.write_serve_trees,
@@ -172,7 +198,7 @@ def main() -> None:
                 device=dev_name,
                 dtype=str(bb.dtype),
                 date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                complete=b == sizes[-1],
+                complete=b == sizes[-1] and mode == modes[-1],
                 measured=[{k: v for k, v in r.items() if k != "trees"} for r in rows],
             )
     write_report(

@@ -6,9 +6,9 @@
 2. Decoding the tiny random model in fp32: CUDA-graph steps equal eager steps, Medusa greedy equals vanilla greedy
    for both head kinds and every built-in tree, the kernel path (the GPU default) equals the PyTorch path, and
    torch.compile'd steps over the kernels equal them too.
-3. Batched decoding in fp32 (3 rows, 5 prompts of 5-150 tokens joining as rows free up): every sequence equals its
-   batch-size-1 output, for vanilla, sequential and prefix heads (with and without the token input), eager and
-   graphs.
+3. Batched decoding in fp32 (3 rows, 5 prompts of 5-150 tokens joining as rows free up; and 4 rows, a group of 3
+   joining a running sequence): every sequence equals its batch-size-1 output, for vanilla, sequential and prefix
+   heads (with and without the token input), eager, graph steps, and graph steps with the CUDA-graph prefill.
 4. If the embedded SmolLM2 is installed: bf16 decoding of one chat prompt, each variant's agreement with vanilla
    reported (not checked: bf16 batched verification meets near-ties, see FACTS).
 
@@ -136,9 +136,9 @@ def check_decoding() -> None:
 
 
 def check_batched() -> None:
-    """Batched decoding on the GPU (one CUDA graph per step for all rows, rows joining and leaving): every sequence's
-    fp32 greedy output equals its batch-size-1 output, for vanilla, sequential and prefix heads (with and without
-    the token input)."""
+    """Batched decoding on the GPU (one CUDA graph per step for all rows, rows joining and leaving; the prefill eager
+    or by CUDA graphs, ``graph_prefill``): every sequence's fp32 greedy output equals its batch-size-1 output, for
+    vanilla, sequential and prefix heads (with and without the token input)."""
     from medusa_llama.decode.batch import BatchedDecoder
 
     bb = make_backbone(tiny_llama().cuda(), FakeTokenizer(), "tiny", 512)
@@ -154,11 +154,27 @@ def check_batched() -> None:
             "sequential", std=0.3, prefix_attention=True, prefix_num_heads=4, prefix_token_input=True
         ),
     }
+    # a group of 3 similar prompts joining a running sequence: the graph prefill pads it to 4 rows, the padding row
+    # aimed at the running sequence's row (which it must leave untouched)
+    joining = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (40, 44, 48)]
+    join_refs = [VanillaDecoder(bb).generate(p, cfgs[0]).tokens for p in joining]
     for name, heads in cases.items():
-        for graphs in (False, True):
-            dec = BatchedDecoder(bb, 3, heads, builtin_tree("tree64") if heads else None, use_cuda_graphs=graphs)
-            outs = [r.tokens for r in dec.generate_many(prompts, cfgs)]
-            check(outs == refs, f"batched (3 rows, 5 prompts), {name} heads, graphs={graphs}: == batch-size-1 vanilla")
+        tree = builtin_tree("tree64") if heads else None
+        for graphs, graph_prefill in ((False, False), (True, False), (True, True)):
+            what = f"{name} heads, graphs={graphs}, graph_prefill={graph_prefill}"
+            dec = BatchedDecoder(bb, 3, heads, tree, use_cuda_graphs=graphs, graph_prefill=graph_prefill)
+            for run in range(1 + graph_prefill):  # the graph prefill's second run replays its captured graphs
+                outs = [r.tokens for r in dec.generate_many(prompts, cfgs)]
+                check(outs == refs, f"batched (3 rows, 5 prompts), {what}, run {run}: == batch-size-1 vanilla")
+            dec = BatchedDecoder(bb, 4, heads, tree, use_cuda_graphs=graphs, graph_prefill=graph_prefill)
+            first = dec.add(prompts[2], cfgs[0])
+            dec.step()
+            rows = dec.add_many(joining, cfgs[0])
+            while dec.running():
+                dec.step()
+            outs = [dec.release(r).tokens for r in [first, *rows]]
+            full = VanillaDecoder(bb).generate(prompts[2], cfgs[0]).tokens
+            check(outs == [full, *join_refs], f"batched (4 rows, 3 joining 1), {what}: == batch-size-1 vanilla")
 
 
 def report_embedded() -> None:

@@ -55,9 +55,11 @@ def pick(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, i.view(1))[0]
 
 
-def sample(probs: torch.Tensor) -> torch.Tensor:
-    """One draw per row from (..., V) probabilities, by the Gumbel-max trick (graph-safe, no host sync)."""
-    gumbel = -torch.log(-torch.log(torch.rand_like(probs).clamp_(1e-20, 1.0)))
+def sample(probs: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """One draw per row from (..., V) probabilities, by the Gumbel-max trick (graph-safe, no host sync).
+    ``uniform`` (..., V): the uniform draws to use (drawn beforehand, e.g. outside a CUDA graph); None: fresh ones."""
+    u = torch.rand_like(probs) if uniform is None else uniform
+    gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0)))
     return (probs.clamp_min(0).log() + gumbel).argmax(-1)
 
 
@@ -122,8 +124,9 @@ def accept(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg: Acceptan
     return accept_sampling(logits, tokens, tree, cfg)
 
 
-def next_token(logits: torch.Tensor, cfg: AcceptanceConfig) -> torch.Tensor:
-    """The vanilla decoder's rule: argmax at temperature 0, else a draw from softmax(logits / T)."""
+def next_token(logits: torch.Tensor, cfg: AcceptanceConfig, uniform: torch.Tensor | None = None) -> torch.Tensor:
+    """The vanilla decoder's rule: argmax at temperature 0, else a draw from softmax(logits / T) (by ``uniform``,
+    shaped like ``logits``, where given: see ``sample``)."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    return sample(torch.softmax(logits / cfg.temperature, dim=-1))
+    return sample(torch.softmax(logits / cfg.temperature, dim=-1), uniform)

@@ -13,6 +13,19 @@ in groups of similar lengths where the padded batch would pass ``prefill_tokens`
 real tokens: ``prefill_groups``), ``step`` advances every row, ``release`` frees a row. A free row still runs through
 the step (fixed shapes) but its cache length never advances, so its work is wasted and harmless.
 
+CUDA-graph prefill (opt-in: ``graph_prefill=True``, with CUDA graphs on; issue 10): eagerly a prefill costs ~60 us of
+host time per kernel on an H200's host, tens of ms per joining request that stall the whole batch. With it each
+prefill group is padded to a bucket of (rows, tokens): its count to a power of two (``rows_bucket``, at most B), its
+longest prompt to ``decoder.prefill_bucket``; its token ids, lengths, target cache rows and valid flags go into one
+fixed device buffer by one copy, and the whole prefill (backbone, first tokens, prefix layer with its token input,
+first proposal, cache lengths) is one graph replay per group, tensor-only, one graph per (bucket, acceptance rule)
+captured the first time it is needed (before ``add_many``'s clock starts) into one shared memory pool. A padding row
+runs a one-token prompt aimed at a row outside the group and writes nothing: every write is masked to the valid rows
+and real entries (``model.put_where``: the masked-out entries get their own values back). Sampled first tokens use
+uniform draws made outside the graph exactly as the eager path makes them, so both forms choose the same tokens.
+The eager grouped prefill stays the CPU's and the reference; ``padded_prefill`` runs the bucketed form eagerly
+(the tests pin it equal to the eager one).
+
 The heads and the greedy rule run once for all rows (``propose_batch``, ``accept_batch``: the functions of
 ``proposal.py`` and ``acceptance.py`` with a batch dimension, pinned equal to them by the tests). Heads with prefix
 attention read the prefix layer's output: its KV cache has one row and one length per sequence too
@@ -36,9 +49,15 @@ from torch.nn.utils.rnn import pad_sequence
 
 from medusa_llama.decode.acceptance import AcceptanceConfig, accept, next_token
 from medusa_llama.decode.backbone import FastBackbone
-from medusa_llama.decode.decoder import GenerationConfig, GenerationResult, StepRunner, check_draft_fits
+from medusa_llama.decode.decoder import (
+    GenerationConfig,
+    GenerationResult,
+    StepRunner,
+    check_draft_fits,
+    prefill_bucket,
+)
 from medusa_llama.decode.heads import DraftVocab, MedusaHeads, draft_tokens, draft_topk, project_draft
-from medusa_llama.decode.model import TreeMask, batched_tree_attention_mask
+from medusa_llama.decode.model import TreeMask, batched_tree_attention_mask, put_where
 from medusa_llama.decode.prefix import BatchedPrefixCache
 from medusa_llama.decode.topk import topk_indices
 from medusa_llama.decode.tree import Tree, build_tree
@@ -75,6 +94,15 @@ def prefill_groups(lengths: list[int], budget: int, max_padding: float = PREFILL
         group.append(i)
         real += lengths[i]
     return [*groups, group] if group else groups
+
+
+def rows_bucket(count: int, batch_size: int) -> int:
+    """The padded row count of a prefill group of ``count`` prompts in the CUDA-graph prefill: the next power of two,
+    capped at the batch size (at most log2(B) + 2 row buckets, times ``prefill_bucket``'s token buckets: the graphs)."""
+    rows = 1
+    while rows < count:
+        rows *= 2
+    return min(rows, batch_size)
 
 
 class BatchedBackbone:
@@ -119,19 +147,45 @@ class BatchedBackbone:
         tokens = torch.zeros(b, p, dtype=torch.long, device=dev)  # (b, P) right-padded with token 0
         for i, t in enumerate(prompts):
             tokens[i, : t.shape[0]] = t
-        pos = torch.arange(p, device=dev)  # (P,) positions, and slots, the same in every row
-        causal = pos[None, :] <= pos[:, None]  # (P, P) query i sees keys 0 .. i
-        allowed = causal[None] & (pos < lengths[:, None])[:, None, :]  # (b, P, P): ... and no padding key
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev).masked_fill(
-            ~allowed, torch.finfo(self.dtype).min
-        )
-        scratch = self.model.new_cache(p, b)  # (L, b, P, n_kv, hd) each
-        hidden = self.model(tokens, pos.expand(b, p), pos, mask[:, None], cache=scratch)  # (b, P, D)
+        hidden, scratch = self._prefill_forward(tokens, lengths)
         index = torch.tensor(rows, device=dev)  # (b,)
         for cache, new in zip((self.k_cache, self.v_cache), scratch, strict=True):
             cache[:, index, :p] = new  # (L, b, P, n_kv, hd) into the rows' first P slots
         self.cache_len[index] = lengths
         return hidden
+
+    @torch.no_grad()
+    def prefill_padded(
+        self, index: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """``prefill_many`` in tensor-only form, for a CUDA graph over fixed shapes: tokens (R, P) right-padded with
+        lengths (R,), into cache rows ``index`` (R,) long; only the rows ``valid`` marks ((R,) bool) are written.
+        Returns the hidden states (R, P, D).
+
+        Each valid row writes its first ``lengths`` slots and its length, nothing else; an invalid row (the bucket's
+        padding) writes nothing: its row ``index`` names may be another sequence's, which gets its own values back
+        (``put_where``)."""
+        hidden, scratch = self._prefill_forward(tokens, lengths)
+        p = tokens.shape[1]
+        keep = valid[:, None] & (torch.arange(p, device=self.device) < lengths[:, None])  # (R, P) real entries
+        for cache, new in zip((self.k_cache, self.v_cache), scratch, strict=True):
+            put_where(cache, (slice(None), index, slice(0, p)), new, keep[None, :, :, None, None])  # (L, R, P, ...)
+        put_where(self.cache_len, index, lengths, valid)
+        return hidden
+
+    def _prefill_forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """The prefill forward of right-padded prompts: tokens (b, P), lengths (b,) -> hidden states (b, P, D) and
+        the scratch cache it wrote ((k, v), each (L, b, P, n_kv, hd)), causal within each row, blind to padding."""
+        b, p = tokens.shape
+        pos = torch.arange(p, device=self.device)  # (P,) positions, and slots, the same in every row
+        causal = pos[None, :] <= pos[:, None]  # (P, P) query i sees keys 0 .. i
+        allowed = causal[None] & (pos < lengths[:, None])[:, None, :]  # (b, P, P): ... and no padding key
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(
+            ~allowed, torch.finfo(self.dtype).min
+        )
+        scratch = self.model.new_cache(p, b)  # (L, b, P, n_kv, hd) each
+        hidden = self.model(tokens, pos.expand(b, p), pos, mask[:, None], cache=scratch)  # (b, P, D)
+        return hidden, scratch
 
     @torch.no_grad()
     def forward_tree(self, tokens: torch.Tensor, tree_mask: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
@@ -177,7 +231,9 @@ class BatchedDecoder:
     alone, one token per step, the honest baseline). Greedy output equals each sequence's batch-size-1 output.
     ``draft_vocab`` as for ``MedusaDecoder``: None, the heads' stored draft vocabulary if any; N, its first N; 0, none.
     ``prefill_tokens``: the most padded prompt tokens one prefill forward of ``add_many`` takes (``prefill_groups``;
-    None: ``PREFILL_TOKENS`` on a GPU, ``CPU_PREFILL_TOKENS`` on a CPU).
+    None: ``PREFILL_TOKENS`` on a GPU, ``CPU_PREFILL_TOKENS`` on a CPU). ``graph_prefill``: prefill each group by one
+    CUDA-graph replay of its (rows, tokens) bucket (see the module docstring; only with CUDA graphs; off by default
+    until measured against the eager prefill on a GPU).
 
     Use ``add`` / ``step`` / ``release`` for continuous batching, or ``generate_many`` for a list of prompts.
     """
@@ -191,6 +247,7 @@ class BatchedDecoder:
         use_cuda_graphs: bool = True,
         draft_vocab: int | None = None,
         prefill_tokens: int | None = None,
+        graph_prefill: bool = False,
     ):
         if prefill_tokens is not None and prefill_tokens < 1:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
@@ -228,6 +285,17 @@ class BatchedDecoder:
         self.active = torch.zeros(b, dtype=torch.bool, device=dev)  # (B,) rows whose cache advances
         self.out = torch.zeros(b, d + 2, dtype=torch.long, device=dev)  # (B, D+2): [n, emitted tokens...] per row
         self.use_graphs = use_cuda_graphs and backbone.supports_cuda_graphs
+        # The CUDA-graph prefill (opt-in, ``graph_prefill``): each prefill group padded to a bucket of (rows, tokens)
+        # in fixed device buffers, one graph per (bucket, acceptance rule), all in one memory pool (as the
+        # single-sequence decoders' prefill graphs). ``padded_prefill`` is on with graphs and ``graph_prefill``; tests
+        # turn it on without graphs (the same bucketed function, run eagerly).
+        self.padded_prefill = self.use_graphs and graph_prefill
+        # Its inputs in one long buffer, so that one host-to-device copy loads a group: [lengths (B) | cache rows (B)
+        # | valid flags (B) | tokens (R * P, viewed (R, P))]; the graph of bucket (R, P) reads the first R of each.
+        self._pf_in = torch.zeros(3 * b + b * self.bb.max_seq_len, dtype=torch.long, device=dev)
+        self._pf_uniform: torch.Tensor | None = None  # (B, V) the sampled first tokens' uniform draws (when sampling)
+        self._prefills: dict[tuple[int, int, str], StepRunner] = {}
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._slots: list[_Slot | None] = [None] * b
         self._steps: dict[str, StepRunner] = {}
         self._acfg: AcceptanceConfig | None = None  # the running batch's acceptance rule
@@ -254,10 +322,10 @@ class BatchedDecoder:
 
     @torch.no_grad()
     def add_many(self, prompts: list, configs: GenerationConfig | list[GenerationConfig] | None = None) -> list[int]:
-        """Prefill prompts into free rows, one backbone forward per group of ``prefill_groups``, and choose each
-        one's first token. Returns their rows, in prompt order. A sequence may already be done (EOS first, or a
-        budget of one token): check ``done(row)``. A refused prompt (MedusaError) refuses the call before any row
-        changes."""
+        """Prefill prompts into free rows, one backbone forward per group of ``prefill_groups`` (with the graph
+        prefill one graph replay per group, its bucket captured first if new), and choose each one's first token.
+        Returns their rows, in prompt order. A sequence may already be done (EOS first, or a budget of one token):
+        check ``done(row)``. A refused prompt (MedusaError) refuses the call before any row changes."""
         if not prompts:
             return []
         if not isinstance(configs, list):
@@ -275,22 +343,34 @@ class BatchedDecoder:
         if len(prompts) > len(free):
             raise MedusaError(f"{len(prompts)} prompts but only {len(free)} free rows (the others are busy)")
         slack = 2 * (self.tree.max_depth + 1) + self.tree.size
-        tensors = []
+        tensors = []  # the prompts (P_i,): on the device; on the host for the bucketed prefill, which packs them there
         for prompt_ids, cfg in zip(prompts, configs, strict=True):
-            prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.bb.device).flatten()
+            prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
             if prompt.numel() == 0:
                 raise MedusaError("the prompt is empty")
             self.backbone.check_room(prompt.numel(), cfg.max_new_tokens + slack)
-            tensors.append(prompt)
+            tensors.append(prompt.cpu() if self.padded_prefill else prompt.to(self.bb.device))
         self._acfg = acfg
         step = self._step_for(acfg)
-        if step.use_graph and step.graph is None:  # capture while no row holds a sequence: its runs are harmless
+        captured = step.use_graph and step.graph is None
+        if captured:  # capture while no row holds a sequence: its runs are harmless
             step.capture()
-        rows, t0 = free[: len(prompts)], time.perf_counter()
+        rows = free[: len(prompts)]
+        groups = prefill_groups([t.shape[0] for t in tensors], self.prefill_tokens, self.prefill_padding)
+        if self.padded_prefill:  # capture the groups' prefill graphs before the clock starts, as the step's above
+            for group in [g for g in groups if self._bucket(tensors, g, acfg) not in self._prefills]:
+                self._padded_prefill_for(rows, tensors, group, acfg)
+                captured = True
+        if captured and self.bb.device.type == "cuda":
+            torch.cuda.synchronize(self.bb.device)  # the captures' warm-up runs must not count as prefill time
+        t0 = time.perf_counter()
         index = torch.tensor(rows, device=self.bb.device)  # (b,)
-        self._prefill(rows, tensors, configs, acfg)
-        if self.heads is not None:
-            self.tokens[index] = self._propose(index)
+        if self.padded_prefill:
+            self._prefill_padded(rows, tensors, groups, configs, acfg)
+        else:
+            self._prefill(rows, tensors, configs, acfg)
+            if self.heads is not None:
+                self.tokens[index] = self._propose(index)
         firsts = self.root[index].tolist()  # one host sync for all the new rows
         prefill_s = time.perf_counter() - t0
         for row, cfg, first in zip(rows, configs, firsts, strict=True):
@@ -324,7 +404,7 @@ class BatchedDecoder:
             if self.prefix_cache is not None:
                 ran.append((group, g_rows, lengths, states))
         index = torch.tensor(rows, device=dev)  # (b,)
-        self.root[index] = self._first_tokens(self.backbone.logits(last), configs, acfg)  # (b,)
+        self.root[index] = next_token(self.backbone.logits(last), acfg, self._draws(configs, acfg))  # (b,)
         if self.prefix_cache is None:
             self.hidden[index] = last
         for group, g_rows, lengths, states in ran:
@@ -335,18 +415,140 @@ class BatchedDecoder:
             out = self.prefix_cache.prefill_many(g_rows, states, lengths, next_emb)  # (g, P, D)
             self.hidden[g_index] = out[torch.arange(len(group), device=dev), lengths - 1]  # (g, D)
 
-    @staticmethod
-    def _first_tokens(logits: torch.Tensor, configs: list[GenerationConfig], acfg: AcceptanceConfig) -> torch.Tensor:
-        """(b, V) -> (b,) each new sequence's first token; a sequence with a seed seeds the global RNG just before
-        its own draw (as a batch-size-1 decoder seeds before its prefill, which draws nothing)."""
+    def _draws(self, configs: list[GenerationConfig], acfg: AcceptanceConfig) -> torch.Tensor | None:
+        """The uniform draws (b, V) the new sequences' first tokens are sampled with (``next_token``; None when
+        greedy): one draw for all rows, or where a sequence has a seed row by row, each seeded sequence seeding the
+        global RNG just before its own draw (as a batch-size-1 decoder seeds before its prefill, which draws nothing).
+        Both prefill forms sample with these, the bucketed one outside its graph."""
+        if acfg.temperature == 0:
+            return None
+        shape, dev = (self.backbone.vocab_size,), self.bb.device
         if all(cfg.seed is None for cfg in configs):
-            return next_token(logits, acfg)
+            return torch.rand(len(configs), *shape, dtype=torch.float32, device=dev)
         draws = []
-        for row_logits, cfg in zip(logits, configs, strict=True):
+        for cfg in configs:
             if cfg.seed is not None:
                 torch.manual_seed(cfg.seed)
-            draws.append(next_token(row_logits, acfg))
+            draws.append(torch.rand(shape, dtype=torch.float32, device=dev))
         return torch.stack(draws)
+
+    # -- the bucketed (CUDA-graph) prefill ------------------------------------------------------------------------
+    def _bucket(self, prompts: list[torch.Tensor], group: list[int], acfg: AcceptanceConfig) -> tuple[int, int, str]:
+        """The prefill graph's key for prompts ``group``: (rows, tokens) of its bucket and the acceptance rule."""
+        longest = max(prompts[i].shape[0] for i in group)
+        return rows_bucket(len(group), self.capacity), prefill_bucket(longest, self.bb.max_seq_len), repr(acfg)
+
+    def _padded_prefill_for(
+        self, rows: list[int], prompts: list[torch.Tensor], group: list[int], acfg: AcceptanceConfig
+    ) -> StepRunner:
+        """The prefill graph of ``group``'s bucket, with the group (its host prompts ``prompts[i]`` for i in
+        ``group``, into ``rows[i]``) loaded into the input buffer by one copy. Captured the first time: that runs it
+        for real, so call it before the clock starts (a capture writes what the replay then writes again).
+
+        The padding rows: R - g of them (g prompts, R = ``rows_bucket(g, B)``) run a one-token prompt (token 0)
+        flagged invalid, aimed at a row outside the group (R <= B and g < R leave one: a free row or another
+        running sequence's). Every write of the prefill to the decoder's per-row state (both KV caches and their
+        lengths, root, hidden, the proposal) is masked by the flags: an invalid row writes its target row's own
+        values back (``put_where``), so that row is left exactly as it was; and since no row of the group is named
+        twice, the padding never races a real row's write. Their computation is wasted and harmless, like a free
+        row's in a step."""
+        b, g = self.capacity, len(group)
+        r, p, _ = self._bucket(prompts, group, acfg)
+        targets = [rows[i] for i in group]
+        spare = next((row for row in range(b) if row not in targets), targets[0])  # any row if g == R: unused
+        host = torch.zeros(3 * b + r * p, dtype=torch.long)  # the buffer's layout (see __init__), this bucket's part
+        host[:r] = torch.tensor([prompts[i].shape[0] for i in group] + [1] * (r - g))  # lengths
+        host[b : b + r] = torch.tensor(targets + [spare] * (r - g))  # cache rows
+        host[2 * b : 2 * b + g] = 1  # valid flags
+        tokens = host[3 * b :].view(r, p)  # (R, P) right-padded with token 0
+        for j, i in enumerate(group):
+            tokens[j, : prompts[i].shape[0]] = prompts[i]
+        self._pf_in[: host.numel()].copy_(host)
+        return self._prefill_runner(r, p, acfg)
+
+    def _prefill_runner(self, r: int, p: int, acfg: AcceptanceConfig) -> StepRunner:
+        """The prefill graph of bucket (r, p), captured the first time from the inputs loaded now."""
+        key = (r, p, repr(acfg))
+        if key not in self._prefills:
+            runner = StepRunner(self._make_padded_prefill(r, p, acfg), self.use_graphs, self._prefill_pool)
+            runner.capture()
+            self._prefills[key] = runner
+        return self._prefills[key]
+
+    @torch.no_grad()
+    def capture_prefills(self, longest: int, config: GenerationConfig | None = None) -> int:
+        """Capture ahead of time (a server's start, a benchmark's warm-up) the prefill graphs of every bucket that
+        groups of prompts of up to ``longest`` tokens can meet, for ``config``'s acceptance rule; ``add_many``
+        otherwise captures a bucket when it first meets it. Safe at any time: the captures' runs flag every row as
+        padding, so they write nothing. Returns how many graphs were captured (0 without ``padded_prefill``)."""
+        if not self.padded_prefill:
+            return 0
+        acfg, b = (config or GenerationConfig()).acceptance_config(), self.capacity
+        rows = sorted({rows_bucket(n, b) for n in range(1, b + 1)})
+        tokens = sorted(
+            {prefill_bucket(n, self.bb.max_seq_len) for n in range(1, min(longest, self.bb.max_seq_len) + 1)}
+        )
+        before = len(self._prefills)
+        self._pf_in[: 3 * b].zero_()
+        self._pf_in[:b].fill_(1)  # one-token prompts (token 0) aimed at row 0, all invalid
+        for r in rows:
+            for p in tokens:
+                self._prefill_runner(r, p, acfg)
+        return len(self._prefills) - before
+
+    def _prefill_padded(
+        self,
+        rows: list[int],
+        prompts: list[torch.Tensor],
+        groups: list[list[int]],
+        configs: list[GenerationConfig],
+        acfg: AcceptanceConfig,
+    ) -> None:
+        """``_prefill`` and the first proposal by the bucketed prefill, one graph replay per group (eagerly on a
+        CPU: the tests' reference run of the same function). The host's work per group: one input copy (and when
+        sampling one copy of its rows' draws, made for all groups at once as ``_prefill`` makes them)."""
+        draws = self._draws(configs, acfg)  # (b, V) or None
+        for group in groups:
+            runner = self._padded_prefill_for(rows, prompts, group, acfg)
+            if draws is not None:
+                self._pf_uniform[: len(group)].copy_(draws[group])  # (g, V) in the group's row order
+            runner()
+
+    def _make_padded_prefill(self, r: int, p: int, acfg: AcceptanceConfig) -> Callable[[], None]:
+        """The tensor-only prefill of bucket (``r`` rows, ``p`` tokens) from the input buffer: the backbone's
+        prefill, each row's first token, the prefix layer (with its token input), the first proposal; every write
+        to the decoder's per-row state masked to the valid rows (see ``_padded_prefill_for``)."""
+        b, bk, dev = self.capacity, self.backbone, self.bb.device
+        lengths, index, flags = self._pf_in[:r], self._pf_in[b : b + r], self._pf_in[2 * b : 2 * b + r]  # (R,) each
+        tokens = self._pf_in[3 * b : 3 * b + r * p].view(r, p)  # (R, P) right-padded with token 0
+        if acfg.temperature > 0 and self._pf_uniform is None:
+            self._pf_uniform = torch.zeros(b, bk.vocab_size, dtype=torch.float32, device=dev)
+        uniform = None if acfg.temperature == 0 else self._pf_uniform[:r]  # (R, V)
+        at = torch.arange(r, device=dev)  # (R,) row numbers within the bucket
+        pos = torch.arange(p, device=dev)  # (P,)
+
+        def prefill() -> None:
+            valid = flags.bool()  # (R,) real rows; the rest is the bucket's padding
+            states = self.bb.prefill_padded(index, tokens, lengths, valid)  # (R, P, D)
+            last = states[at, lengths - 1]  # (R, D) each row's h at its last prompt token
+            root = next_token(bk.logits(last), acfg, uniform)  # (R,) first tokens
+            put_where(self.root, index, root, valid)
+            hidden = last  # (R, D) the heads' input
+            if self.prefix_cache is not None:
+                next_emb = None
+                if self.heads.config.prefix_token_input:  # each position's next token: the prompt's, then the root
+                    after = torch.cat([tokens[:, 1:], tokens.new_zeros(r, 1)], dim=1)  # (R, P) shifted left
+                    after.scatter_(1, (lengths - 1)[:, None], root[:, None])  # the root after the last prompt token
+                    next_emb = bk.embed(after)  # (R, P, D)
+                keep = valid[:, None] & (pos < lengths[:, None])  # (R, P) the real entries of the real rows
+                out = self.prefix_cache.prefill_many(index, states, lengths, next_emb, keep)  # (R, P, D)
+                hidden = out[at, lengths - 1]  # (R, D)
+            put_where(self.hidden, index, hidden, valid[:, None])
+            if self.heads is not None:  # the first proposal from the bucket's own rows (the padding's is garbage)
+                proposal = propose_batch(self.heads, hidden, root, self.tree, bk.embed, bk.lm_head, self.draft)
+                put_where(self.tokens, index, proposal, valid[:, None])  # (R, T)
+
+        return prefill
 
     def done(self, row: int) -> bool:
         slot = self._slots[row]

@@ -287,6 +287,14 @@ class FastLlama(nn.Module):
         self.v_cache[:, :, dst] = self.v_cache[:, :, src]
 
 
+def put_where(buf: torch.Tensor, index, new: torch.Tensor, keep: torch.Tensor) -> None:
+    """``buf[index] = new`` where ``keep`` (broadcast against ``new``), and ``buf[index]``'s own values elsewhere:
+    a write that leaves the masked-out entries as they were, tensor-only (the bucketed prefill of ``batch.py`` points
+    its padding rows at another sequence's row and writes nothing there). Duplicate indices must carry equal values:
+    index_put keeps one of them."""
+    buf[index] = torch.where(keep, new, buf[index])
+
+
 def tree_attention_mask(cache_len: torch.Tensor, tree_mask: torch.Tensor, max_seq_len: int, dtype) -> torch.Tensor:
     """Additive mask (1, 1, T, S): row i sees every cached slot < cache_len and the tree nodes ``tree_mask[i]``.
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medusa_llama.decode.model import sdpa
+from medusa_llama.decode.model import put_where, sdpa
 
 NORM_EPS = 1e-6
 KERNEL_MAX_ROWS = 128
@@ -124,10 +124,11 @@ class BatchedPrefixCache:
     """The prefix layer's static KV cache (decoding form) for B sequences, one row each (``batch.py``).
 
     ``lengths`` ((B,) long, on the device) counts each row's committed entries; entry i of a row holds its token at
-    position i. ``prefill_many(rows, hidden, lengths)`` runs right-padded prompts into their rows at once (eagerly;
-    ``prefill(row, hidden)`` is its batch of one); ``extend(hidden, count)`` appends rows to every sequence at once,
-    tensor-only and with fixed shapes, so a batched step that extends it stays one CUDA graph. Each takes
-    ``next_emb`` shaped like ``hidden``: the next tokens' embeddings, for a layer with the token input.
+    position i. ``prefill_many(rows, hidden, lengths)`` runs right-padded prompts into their rows at once (eagerly, or
+    tensor-only with a ``keep`` mask in the bucketed CUDA-graph prefill; ``prefill(row, hidden)`` is its batch of
+    one); ``extend(hidden, count)`` appends rows to every sequence at once, tensor-only and with fixed shapes, so a
+    batched step that extends it stays one CUDA graph. Each takes ``next_emb`` shaped like ``hidden``: the next
+    tokens' embeddings, for a layer with the token input.
     """
 
     def __init__(
@@ -160,7 +161,12 @@ class BatchedPrefixCache:
 
     @torch.no_grad()
     def prefill_many(
-        self, rows: list[int], hidden: torch.Tensor, lengths: torch.Tensor, next_emb: torch.Tensor | None = None
+        self,
+        rows: list[int] | torch.Tensor,
+        hidden: torch.Tensor,
+        lengths: torch.Tensor,
+        next_emb: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Restart rows ``rows`` with b prompts' hidden states at once: hidden (b, P, D) right-padded, row i real at
         positions 0 .. lengths[i]-1 ((b,) long, on the device). Returns the outputs (b, P, D), garbage past each
@@ -168,15 +174,24 @@ class BatchedPrefixCache:
         anything at the padding.
 
         The training form's causal attention over the block: a real entry sees only entries before it, all real
-        (the padding lies after them). The padding's K/V land in slots past the row's length, overwritten later."""
+        (the padding lies after them). The padding's K/V land in slots past the row's length, overwritten later.
+
+        ``keep`` ((b, P) bool, on the device; tensor-only form for the bucketed prefill): write only the entries it
+        marks, and the lengths of the rows it marks any of; the rest of the rows named stays as it was (a padding row
+        of the bucket, all False, may name another sequence's row)."""
         p = hidden.shape[1]
         index = torch.as_tensor(rows, dtype=torch.long, device=hidden.device)  # (b,)
         x = self.layer.inputs(hidden, next_emb)  # (b, P, D)
         q, k, v = self.layer.project(self.layer.attn_norm(x), self.cos[:p], self.sin[:p])  # (b, P, nh, hd)
-        self.k[index, :p] = k
-        self.v[index, :p] = v
+        if keep is None:
+            self.k[index, :p] = k
+            self.v[index, :p] = v
+            self.lengths[index] = lengths
+        else:
+            for cache, new in ((self.k, k), (self.v, v)):
+                put_where(cache, (index, slice(0, p)), new, keep[:, :, None, None])  # (b, P, nh, hd)
+            put_where(self.lengths, index, lengths, keep.any(1))
         attn = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)  # (b, nh, P, hd)
-        self.lengths[index] = lengths
         return self.layer.finish(x, attn.transpose(1, 2))  # attn: (b, P, nh, hd)
 
     @torch.no_grad()
