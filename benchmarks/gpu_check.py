@@ -5,7 +5,9 @@
    cache length (read on the device) changes.
 2. Decoding the tiny random model in fp32: CUDA-graph steps equal eager steps, Medusa greedy equals vanilla greedy
    for both head kinds and every built-in tree, the kernel path (the GPU default) equals the PyTorch path, and
-   torch.compile'd steps over the kernels equal them too.
+   torch.compile'd steps over the kernels equal them too. Prefix heads on the kernel path run their layer's
+   decode-step extend by the fused Triton kernels (``prefix.BatchedPrefixCache._extend_fused``), on the PyTorch
+   path by the PyTorch ops.
 3. Batched decoding in fp32 (3 rows, 5 prompts of 5-150 tokens joining as rows free up; and 4 rows, a group of 3
    joining a running sequence): every sequence equals its batch-size-1 output, for vanilla, sequential and prefix
    heads (with and without the token input), eager, graph steps, and graph steps with the CUDA-graph prefill.
@@ -110,6 +112,8 @@ def check_decoding() -> None:
                         "sequential", std=0.3, prefix_attention=True, prefix_num_heads=4, prefix_token_input=tok
                     )
                     dec = MedusaDecoder(bb, heads, tree, use_cuda_graphs=graphs)
+                    if dec.prefix_cache.fused != kernels:
+                        check(False, f"{path}: the prefix layer's fused kernels are on exactly on the kernel path")
                     outs = [dec.generate(prompt, cfg) for _ in range(2)]
                     accs[kernels, graphs, tname + "+token" * tok] = outs[-1].mean_accepted
                     same = all(o.tokens == ref for o in outs)

@@ -24,6 +24,12 @@ Two forms compute the same function (``tests/decode/test_prefix.py``):
 - decoding: ``PrefixCache.extend(hidden, count, next_emb)`` appends rows to a static KV cache owned by the decoder,
   tensor-only with the cache length in a device tensor, so a decode step that extends it stays one CUDA graph;
   ``BatchedPrefixCache`` is the same cache with one row and one length per sequence, for batched decoding.
+
+On a GPU the decode step's extend (the cache's ``kernel`` path: a few rows, attended by the backbone's split-K Triton
+kernel) runs the layer through the backbone's fused Triton kernels (``kernels.py``): RMSNorm, one q/k/v GEMM, rotary
+embedding + K/V cache write, residual add + RMSNorm, one gate/up GEMM and the SwiGLU product, with the rounding points
+of the PyTorch form (``BatchedPrefixCache._extend_fused``); the CPU, training, the prefill and the reference keep the
+PyTorch ops.
 """
 
 from __future__ import annotations
@@ -129,6 +135,11 @@ class BatchedPrefixCache:
     one); ``extend(hidden, count)`` appends rows to every sequence at once, tensor-only and with fixed shapes, so a
     batched step that extends it stays one CUDA graph. Each takes ``next_emb`` shaped like ``hidden``: the next
     tokens' embeddings, for a layer with the token input.
+
+    ``kernel`` (a GPU with Triton; the decoders pass their backbone's ``tree_kernel``): decode-step extends (a count
+    given, at most ``KERNEL_MAX_ROWS`` rows) attend by the split-K Triton kernel and, with ``fused`` (the default),
+    run the whole layer by the fused Triton kernels (``_extend_fused``); ``fused=False`` keeps the PyTorch ops there
+    (to compare or measure).
     """
 
     def __init__(
@@ -139,6 +150,7 @@ class BatchedPrefixCache:
         device: torch.device,
         dtype: torch.dtype,
         kernel: bool = False,
+        fused: bool = True,
     ):
         self.layer = layer
         shape = (batch_size, max_seq_len, layer.num_heads, layer.head_dim)
@@ -151,6 +163,14 @@ class BatchedPrefixCache:
         # (the new rows are its "tree", under a causal mask); the eager prefill and CPU steps use SDPA.
         self.kernel = kernel
         self._causal: dict[int, torch.Tensor] = {}
+        # Those steps also run the layer by the fused kernels (``fused``, on by default with ``kernel``), with its
+        # q/k/v and gate/up weights concatenated here, once: the heads are frozen while a decoder holds this cache
+        # (a layer trained further afterwards needs a new cache). The copies cost 3 D^2 + 2 D I more weights.
+        self.fused = kernel and fused
+        if self.fused:
+            self._wqkv = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]).detach()  # (3D, D)
+            self._w13 = torch.cat([layer.gate_proj.weight, layer.up_proj.weight]).detach()  # (2I, D): gate first
+            self._slot_base = torch.arange(batch_size, device=device)[:, None] * max_seq_len  # (B, 1) flat row starts
 
     @torch.no_grad()
     def prefill(self, row: int, hidden: torch.Tensor, next_emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,15 +237,16 @@ class BatchedPrefixCache:
         x = self.layer.inputs(hidden, next_emb)  # (b, n, D)
         b, n, dev = x.shape[0], x.shape[1], x.device
         slots = length[:, None] + torch.arange(n, device=dev)  # (b, n) positions, and cache slots, of the new rows
+        kernel = self.kernel and count is not None and n <= KERNEL_MAX_ROWS
+        if kernel and self.fused:
+            out = self._extend_fused(x, slots, k_cache, v_cache, length)
+            length += count
+            return out
         q, k, v = self.layer.project(self.layer.attn_norm(x), self.cos[slots], self.sin[slots])  # (b, n, nh, hd)
         k_cache[self._rows[:b], slots] = k
         v_cache[self._rows[:b], slots] = v
-        if self.kernel and count is not None and n <= KERNEL_MAX_ROWS:
-            from medusa_llama.decode.attention import tree_attention
-
-            if n not in self._causal:
-                self._causal[n] = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-            attn = tree_attention(q, k_cache, v_cache, length, self._causal[n])  # (b, n, nh, hd)
+        if kernel:
+            attn = self._tree_attention(q, k_cache, v_cache, length)  # (b, n, nh, hd)
         else:
             # On a GPU the shapes stay fixed (CUDA graphs): attention spans the whole cache. On the CPU only the
             # filled slots (reading the lengths there costs no device sync), as the backbone does.
@@ -240,6 +261,47 @@ class BatchedPrefixCache:
         length += n if count is None else count
         return self.layer.finish(x, attn)
 
+    def _tree_attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor
+    ) -> torch.Tensor:
+        """The new rows q (b, n, nh, hd), already in their slots length .. length+n-1, attend causally by the
+        split-K Triton kernel over each sequence's filled slots. Returns (b, n, nh, hd)."""
+        from medusa_llama.decode.attention import tree_attention
+
+        n = q.shape[1]
+        if n not in self._causal:
+            self._causal[n] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        return tree_attention(q, k_cache, v_cache, length, self._causal[n])
+
+    def _extend_fused(
+        self, x: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor
+    ) -> torch.Tensor:
+        """The layer over the new rows x (b, n, D) (its input, token input applied) by the fused Triton kernels:
+        ``attn_norm``, one q/k/v GEMM, rotary + K/V cache write, attention, ``o_proj``, residual add + ``mlp_norm``,
+        one gate/up GEMM, SwiGLU product, ``down_proj``, residual add. Returns the outputs (b, n, D).
+
+        The same function as ``project`` / ``finish`` with the same rounding points (as the backbone's fused layers,
+        ``kernels.py``): this layer's RMSNorm (eps ``NORM_EPS``) normalises in fp32, rounds, then scales in the
+        weights' dtype, as the kernel does (it only sums the squares in another order); the residual adds and the
+        SwiGLU product round where PyTorch does; only the rotary embedding rounds once (fp32 inside the kernel) where
+        PyTorch rounds the two products and their sum, and the concatenated GEMMs may block their sums otherwise.
+
+        The cache write takes one 1-D set of slots for all rows: the b rows of the cache are seen as one
+        (1, b S, nh, hd) row, sequence i's slots offset by i S."""
+        from medusa_llama.decode import kernels
+
+        layer, (b, n, d) = self.layer, x.shape
+        hd = layer.head_dim
+        h = kernels.add_rms_norm(x, None, layer.attn_norm.weight, layer.attn_norm.eps)[1]  # (b, n, D)
+        qkv = F.linear(h, self._wqkv).view(1, b * n, 3 * d)  # (1, b n, 3D): q, k, v heads in a row
+        cos, sin = (table.view(-1, hd)[slots].view(1, b * n, hd) for table in (self.cos, self.sin))  # (1, b n, hd)
+        flat = slots.view(-1) if b == 1 else (slots + self._slot_base[:b]).view(-1)  # (b n,) slots of the flat row
+        k_flat, v_flat = (cache.view(1, -1, layer.num_heads, hd) for cache in (k_cache, v_cache))  # (1, b S, nh, hd)
+        q = kernels.rope_cache_write(qkv, cos, sin, flat, k_flat, v_flat, layer.num_heads)  # (1, b n, nh, hd)
+        attn = self._tree_attention(q.view(b, n, layer.num_heads, hd), k_cache, v_cache, length)  # (b, n, nh, hd)
+        x, h = kernels.add_rms_norm(x, layer.o_proj(attn.flatten(-2)), layer.mlp_norm.weight, layer.mlp_norm.eps)
+        return x + layer.down_proj(kernels.silu_mul(F.linear(h, self._w13)))  # (b, n, D)
+
 
 class PrefixCache(BatchedPrefixCache):
     """The prefix layer's static KV cache for one sequence (a batch of one). Belongs to a decoder, like its backbone's.
@@ -248,9 +310,15 @@ class PrefixCache(BatchedPrefixCache):
     """
 
     def __init__(
-        self, layer: PrefixLayer, max_seq_len: int, device: torch.device, dtype: torch.dtype, kernel: bool = False
+        self,
+        layer: PrefixLayer,
+        max_seq_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        kernel: bool = False,
+        fused: bool = True,
     ):
-        super().__init__(layer, 1, max_seq_len, device, dtype, kernel)
+        super().__init__(layer, 1, max_seq_len, device, dtype, kernel, fused)
         self.length = self.lengths[0]  # a view: advances with ``lengths``
 
     def reset(self) -> None:

@@ -210,14 +210,22 @@ def test_export_refuses_prefix_heads(tmp_path, fmt, cfg, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_extend_by_the_triton_kernel_equals_sdpa():
-    """Decode-step extends attend by the split-K kernel on a GPU (interpreted here): same outputs as SDPA."""
+def kernel_device() -> str:
+    """The device the Triton kernels run on: the GPU, else the CPU through Triton's interpreter (skips the test if
+    Triton is missing, or was imported before conftest set TRITON_INTERPRET=1)."""
     pytest.importorskip("triton")
     from medusa_llama.decode import attention
 
-    if not torch.cuda.is_available() and type(attention._split_kernel).__name__ != "InterpretedFunction":
+    if torch.cuda.is_available():
+        return "cuda"
+    if type(attention._split_kernel).__name__ != "InterpretedFunction":
         pytest.skip("Triton was imported before conftest set TRITON_INTERPRET=1")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+def test_extend_by_the_triton_kernel_equals_sdpa():
+    """Decode-step extends attend by the split-K kernel on a GPU (interpreted here): same outputs as SDPA."""
+    dev = kernel_device()
     layer = prefix_heads().prefix.to(dev)
     x = torch.randn(30, 64, device=dev)
     caches = [PrefixCache(layer, 64, torch.device(dev), torch.float32, kernel=k) for k in (False, True)]
@@ -237,13 +245,7 @@ def test_extend_by_the_triton_kernel_equals_sdpa():
 @pytest.mark.parametrize("kernel", [False, True])
 def test_batched_cache_rows_equal_single_caches(kernel, token_input):
     """One row per sequence, each at its own length; a count of 0 keeps a row in place (an inactive batch row)."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if kernel:
-        pytest.importorskip("triton")
-        from medusa_llama.decode import attention
-
-        if not torch.cuda.is_available() and type(attention._split_kernel).__name__ != "InterpretedFunction":
-            pytest.skip("Triton was imported before conftest set TRITON_INTERPRET=1")
+    dev = kernel_device() if kernel else "cuda" if torch.cuda.is_available() else "cpu"
     layer = prefix_heads(prefix_token_input=token_input).prefix.to(dev)
     g = torch.Generator().manual_seed(0)
     x, e = (torch.randn(3, 40, 64, generator=g).to(dev) for _ in range(2))  # e: the next tokens' embeddings
@@ -281,3 +283,64 @@ def test_token_input_padded_prefill_equals_the_plain_one(backbone, tree):
         decs[1].hidden, expected_head_input(backbone, decs[1].heads, prompt, [int(decs[1].root)])
     )
     assert decs[1].generate(prompt, GREEDY).tokens == decs[0].generate(prompt, GREEDY).tokens
+
+
+LOW = torch.bfloat16 if torch.cuda.is_available() else torch.float16
+"""The low-precision dtype of the fused-kernel tests: bf16 as decoding runs, but fp16 in Triton's interpreter, which
+mishandles bf16 (its attention kernel returns garbage there, fused layer or not), as ``test_attention.py`` does."""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, LOW])
+@pytest.mark.parametrize("token_input", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_extend_equals_the_unfused_one(batch, token_input, dtype):
+    """Decode-step extends by the fused Triton kernels (RMSNorm, one q/k/v GEMM, rotary + cache write, add + RMSNorm,
+    one gate/up GEMM, SwiGLU) against the PyTorch ops, both attending by the split-K kernel: the same outputs and
+    K/V cache contents over several uneven extends, rows at their own lengths (batch 3; a count of 0 holds a row)."""
+    dev = kernel_device()
+    layer = prefix_heads(prefix_token_input=token_input).prefix.to(device=dev, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    x, e = (torch.randn(batch, 40, 64, generator=g).to(device=dev, dtype=dtype) for _ in range(2))
+    caches = [BatchedPrefixCache(layer, batch, 48, torch.device(dev), dtype, kernel=True, fused=f) for f in (0, 1)]
+    assert [c.fused for c in caches] == [False, True]
+
+    def close(out: torch.Tensor, ref: torch.Tensor) -> None:
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        else:  # bf16 / fp16: the rotary embedding rounds once in the kernel, three times in PyTorch; the GEMMs differ
+            err = float((out.double() - ref.double()).norm() / ref.double().norm())
+            assert err < (5e-3 if dtype == torch.float16 else 2e-2), f"relative error {err:.1e}"
+
+    for cache in caches:  # the prefill: PyTorch ops in both
+        for row in range(batch):
+            cache.prefill(row, x[row, : 7 + row], e[row, : 7 + row])
+    counts = [[3, 0, 5][:batch], [1, 2, 0][:batch], [6, 6, 1][:batch], [2, 1, 4][:batch]]
+    for n, count in zip((4, 3, 6, 5), counts, strict=True):  # uneven extends, padding rows past each count
+        at = caches[0].lengths.tolist()
+        rows = torch.stack([x[b, a : a + n] for b, a in enumerate(at)])  # (batch, n, D)
+        next_emb = torch.stack([e[b, a : a + n] for b, a in enumerate(at)])
+        count = torch.tensor(count, device=dev)
+        ref, out = (cache.extend(rows, count, next_emb) for cache in caches)
+        close(out, ref)
+        assert torch.equal(caches[1].lengths, caches[0].lengths)
+    close(caches[1].k, caches[0].k)
+    close(caches[1].v, caches[0].v)
+    assert caches[0].k[:, int(caches[0].lengths.max()) + 5 :].abs().sum() == 0  # nothing past the last extend
+
+
+@pytest.mark.parametrize("token_input", [False, True])
+def test_prefix_heads_on_the_kernel_path_greedy_equals_vanilla(one_thread, token_input):
+    """The whole decoder on the kernel path (the GPU default; interpreted here): backbone and prefix layer by the
+    Triton kernels, the layer's decode-step extends fused. Greedy equals vanilla, and the heads' input after the
+    steps equals the training form (the tokens alone could not see a wrong layer: verification is exact)."""
+    dev = kernel_device()
+    bb = make_backbone(tiny_llama().to(dev), FakeTokenizer(), "tiny", 64, "fast")
+    prompt, cfg = list(range(3, 14)), GenerationConfig(max_new_tokens=6, stop_at_eos=False)
+    # vanilla on the PyTorch path (equal to the kernel path in fp32: test_attention.py), quicker in the interpreter
+    ref = VanillaDecoder(bb).generate(prompt, GenerationConfig(max_new_tokens=30, stop_at_eos=False)).tokens
+    bb.tree_kernel = bb.model.use_fused_kernels = True
+    dec = MedusaDecoder(bb, prefix_heads(std=0.05, prefix_token_input=token_input), builtin_tree("tree16"))
+    assert dec.prefix_cache.kernel and dec.prefix_cache.fused
+    out = dec.generate(prompt, cfg)
+    assert out.tokens == ref[:6] and out.steps >= 3 and int(dec.prefix_cache.length) == int(bb.cache_len)
+    torch.testing.assert_close(dec.hidden, expected_head_input(bb, dec.heads, prompt, ref), rtol=1e-4, atol=1e-4)
