@@ -5,16 +5,16 @@
    cache length (read on the device) changes.
 2. Decoding the tiny random model in fp32: CUDA-graph steps equal eager steps, Medusa greedy equals vanilla greedy
    for both head kinds and every built-in tree, the kernel path (the GPU default) equals the PyTorch path, and
-   torch.compile'd steps over the kernels equal them too. Prefix heads on the kernel path run their layer's
-   decode-step extend by the fused Triton kernels (``prefix.BatchedPrefixCache._extend_fused``), on the PyTorch
-   path by the PyTorch ops.
+   torch.compile'd steps over the kernels equal them too. With ``--prefix-fused``, prefix heads on the kernel path run
+   their layer's decode-step extend by the fused Triton kernels (``prefix.BatchedPrefixCache._extend_fused``, off by
+   default until this check has passed on a GPU: ``prefix.FUSED_EXTEND``).
 3. Batched decoding in fp32 (3 rows, 5 prompts of 5-150 tokens joining as rows free up; and 4 rows, a group of 3
    joining a running sequence): every sequence equals its batch-size-1 output, for vanilla, sequential and prefix
    heads (with and without the token input), eager, graph steps, and graph steps with the CUDA-graph prefill.
 4. If the embedded SmolLM2 is installed: bf16 decoding of one chat prompt, each variant's agreement with vanilla
    reported (not checked: bf16 batched verification meets near-ties, see FACTS).
 
-    python benchmarks/gpu_check.py [--no-embedded]
+    python benchmarks/gpu_check.py [--no-embedded] [--prefix-fused]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, "tests")
 from conftest import FakeTokenizer, random_heads, tiny_llama  # noqa: E402
 
+from medusa_llama.decode import prefix  # noqa: E402
 from medusa_llama.decode.attention import tree_attention, tree_attention_sdpa  # noqa: E402
 from medusa_llama.decode.backbone import make_backbone  # noqa: E402
 from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder  # noqa: E402
@@ -112,8 +113,8 @@ def check_decoding() -> None:
                         "sequential", std=0.3, prefix_attention=True, prefix_num_heads=4, prefix_token_input=tok
                     )
                     dec = MedusaDecoder(bb, heads, tree, use_cuda_graphs=graphs)
-                    if dec.prefix_cache.fused != kernels:
-                        check(False, f"{path}: the prefix layer's fused kernels are on exactly on the kernel path")
+                    if dec.prefix_cache.fused != (kernels and prefix.FUSED_EXTEND):
+                        check(False, f"{path}: the prefix layer's fused kernels are on exactly as FUSED_EXTEND says")
                     outs = [dec.generate(prompt, cfg) for _ in range(2)]
                     accs[kernels, graphs, tname + "+token" * tok] = outs[-1].mean_accepted
                     same = all(o.tokens == ref for o in outs)
@@ -206,7 +207,9 @@ def report_embedded() -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-embedded", action="store_true", help="skip the embedded-model report")
+    ap.add_argument("--prefix-fused", action="store_true", help="fused prefix-layer extends")
     args = ap.parse_args()
+    prefix.FUSED_EXTEND = args.prefix_fused
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 1

@@ -8,7 +8,7 @@ Prints, for prompts of new lengths:
 3. one graph replay of the vanilla and the Medusa step, and the Medusa step's kernels grouped by phase (eager, with
    ``torch.profiler``): how many kernels each phase launches and their device time.
 
-Usage (GPU): python benchmarks/step_profile.py [--tree PATH] [--heads DIR]
+Usage (GPU): python benchmarks/step_profile.py [--tree PATH] [--heads DIR] [--prefix-fused]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from medusa_llama.decode import prefix
 from medusa_llama.decode.backbone import make_backbone
 from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
 from medusa_llama.decode.heads import MedusaHeads
@@ -69,7 +70,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--heads", default=str(HEADS))
     ap.add_argument("--tree", default=str(HEADS / "tree_cuda.json"))
+    ap.add_argument("--prefix-fused", action="store_true", help="the prefix layer's fused decode-step extend")
     args = ap.parse_args()
+    prefix.FUSED_EXTEND = args.prefix_fused
     print(torch.__version__, torch.cuda.get_device_name())
     bb = make_backbone(smollm2_shaped(), Tok(), NAME, 2048)
     heads = MedusaHeads.load(args.heads, device="cuda", dtype=torch.bfloat16)

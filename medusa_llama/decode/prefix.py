@@ -26,10 +26,11 @@ Two forms compute the same function (``tests/decode/test_prefix.py``):
   ``BatchedPrefixCache`` is the same cache with one row and one length per sequence, for batched decoding.
 
 On a GPU the decode step's extend (the cache's ``kernel`` path: a few rows, attended by the backbone's split-K Triton
-kernel) runs the layer through the backbone's fused Triton kernels (``kernels.py``): RMSNorm, one q/k/v GEMM, rotary
+kernel) can run the layer through the backbone's fused Triton kernels (``kernels.py``): RMSNorm, one q/k/v GEMM, rotary
 embedding + K/V cache write, residual add + RMSNorm, one gate/up GEMM and the SwiGLU product, with the rounding points
-of the PyTorch form (``BatchedPrefixCache._extend_fused``); the CPU, training, the prefill and the reference keep the
-PyTorch ops.
+of the PyTorch form (``BatchedPrefixCache._extend_fused``; 15 ops an extend instead of 41-47). It is off by default
+(``FUSED_EXTEND``) until a GPU has run it (``benchmarks/gpu_check.py``, ``benchmarks/step_profile.py --prefix-fused``);
+the CPU, training, the prefill and the reference keep the PyTorch ops.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from medusa_llama.decode.model import put_where, sdpa
 NORM_EPS = 1e-6
 KERNEL_MAX_ROWS = 128
 """Decode-step extends of at most this many rows go through the Triton kernel (its tuned range of tree sizes)."""
+FUSED_EXTEND = False
+"""The default of the caches' ``fused``: the fused decode-step extend, tested on the CPU through Triton's interpreter
+but not yet compiled and timed on a GPU. Turn on once ``benchmarks/gpu_check.py`` passes with it there."""
 
 
 class RMSNorm(nn.Module):
@@ -137,9 +141,9 @@ class BatchedPrefixCache:
     tokens' embeddings, for a layer with the token input.
 
     ``kernel`` (a GPU with Triton; the decoders pass their backbone's ``tree_kernel``): decode-step extends (a count
-    given, at most ``KERNEL_MAX_ROWS`` rows) attend by the split-K Triton kernel and, with ``fused`` (the default),
-    run the whole layer by the fused Triton kernels (``_extend_fused``); ``fused=False`` keeps the PyTorch ops there
-    (to compare or measure).
+    given, at most ``KERNEL_MAX_ROWS`` rows) attend by the split-K Triton kernel and, with ``fused`` (None: the
+    module's ``FUSED_EXTEND``), run the whole layer by the fused Triton kernels (``_extend_fused``); otherwise the
+    PyTorch ops.
     """
 
     def __init__(
@@ -150,7 +154,7 @@ class BatchedPrefixCache:
         device: torch.device,
         dtype: torch.dtype,
         kernel: bool = False,
-        fused: bool = True,
+        fused: bool | None = None,
     ):
         self.layer = layer
         shape = (batch_size, max_seq_len, layer.num_heads, layer.head_dim)
@@ -163,10 +167,10 @@ class BatchedPrefixCache:
         # (the new rows are its "tree", under a causal mask); the eager prefill and CPU steps use SDPA.
         self.kernel = kernel
         self._causal: dict[int, torch.Tensor] = {}
-        # Those steps also run the layer by the fused kernels (``fused``, on by default with ``kernel``), with its
+        # Those steps may also run the layer by the fused kernels (``fused``, only with ``kernel``), with its
         # q/k/v and gate/up weights concatenated here, once: the heads are frozen while a decoder holds this cache
         # (a layer trained further afterwards needs a new cache). The copies cost 3 D^2 + 2 D I more weights.
-        self.fused = kernel and fused
+        self.fused = kernel and (FUSED_EXTEND if fused is None else fused)
         if self.fused:
             self._wqkv = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]).detach()  # (3D, D)
             self._w13 = torch.cat([layer.gate_proj.weight, layer.up_proj.weight]).detach()  # (2I, D): gate first
@@ -316,7 +320,7 @@ class PrefixCache(BatchedPrefixCache):
         device: torch.device,
         dtype: torch.dtype,
         kernel: bool = False,
-        fused: bool = True,
+        fused: bool | None = None,
     ):
         super().__init__(layer, 1, max_seq_len, device, dtype, kernel, fused)
         self.length = self.lengths[0]  # a view: advances with ``lengths``

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import FakeTokenizer, random_heads, tiny_llama
 
-from medusa_llama.decode import proposal
+from medusa_llama.decode import prefix, proposal
 from medusa_llama.decode.backbone import FastBackbone, make_backbone
 from medusa_llama.decode.decoder import PHASES, GenerationConfig, MedusaDecoder, VanillaDecoder
 from medusa_llama.decode.dynamic_tree import DynamicTree
@@ -329,10 +329,12 @@ def test_fused_extend_equals_the_unfused_one(batch, token_input, dtype):
 
 
 @pytest.mark.parametrize("token_input", [False, True])
-def test_prefix_heads_on_the_kernel_path_greedy_equals_vanilla(one_thread, token_input):
+def test_prefix_heads_on_the_kernel_path_greedy_equals_vanilla(one_thread, token_input, monkeypatch):
     """The whole decoder on the kernel path (the GPU default; interpreted here): backbone and prefix layer by the
-    Triton kernels, the layer's decode-step extends fused. Greedy equals vanilla, and the heads' input after the
-    steps equals the training form (the tokens alone could not see a wrong layer: verification is exact)."""
+    Triton kernels, the layer's decode-step extends fused (``FUSED_EXTEND``, off by default until a GPU has run it,
+    turned on here). Greedy equals vanilla, and the heads' input after the steps equals the training form (the tokens
+    alone could not see a wrong layer: verification is exact)."""
+    monkeypatch.setattr(prefix, "FUSED_EXTEND", True)
     dev = kernel_device()
     bb = make_backbone(tiny_llama().to(dev), FakeTokenizer(), "tiny", 64, "fast")
     prompt, cfg = list(range(3, 14)), GenerationConfig(max_new_tokens=6, stop_at_eos=False)
