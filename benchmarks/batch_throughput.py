@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,4,8,16,32", help="comma-separated batch sizes")
     ap.add_argument("--prompts", type=int, default=64, help="held-out prompts per batch size (at least B are used)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--heads", default=None, help="Medusa heads (default: the shipped default heads)")
     ap.add_argument("--tree", default=None, help="a static tree (default: the one saved beside the heads)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
@@ -142,7 +143,12 @@ def main() -> None:
     t_start = time.perf_counter()
 
     opts = DecoderOptions(
-        tree=args.tree, device=args.device, dtype=args.dtype, backend="fast", max_seq_len=args.max_seq_len
+        heads=args.heads,
+        tree=args.tree,
+        device=args.device,
+        dtype=args.dtype,
+        backend="fast",
+        max_seq_len=args.max_seq_len,
     )
     pipe = load_pipeline(opts, need_heads=True)
     bb = pipe.backbone

@@ -20,6 +20,8 @@ BT_SIZES=${BT_SIZES:-1,4,8,16,32}       # batch sizes of the tree table
 BT_PROMPTS=${BT_PROMPTS:-16}            # held-out prompts per batch size (at least B)
 BT_TOKENS=${BT_TOKENS:-256}             # new tokens per prompt
 BT_CANDIDATES=${BT_CANDIDATES:-default,64,16,4}  # trees tried per B (vanilla always)
+BT_HEADS=${BT_HEADS:-}                  # heads of part 1 (empty: the shipped default heads)
+BT_PREFILL=${BT_PREFILL:-eager}         # the batched prefill of part 1: eager, graph or both
 T_TREES=${T_TREES:-240}                 # seconds for part 1 (it stops starting measurements 45 s before)
 SV_LEVELS=${SV_LEVELS:-1,8,32}          # concurrent clients (= server batch size)
 SV_PROMPTS=${SV_PROMPTS:-8}             # requests per level (at least 2 per client)
@@ -55,7 +57,8 @@ part() {  # part NAME SECONDS CMD...: run under timeout, output to $OUT/NAME.txt
 SHIPPED=medusa_llama/assets/heads/smollm2-135m-instruct/serve_trees.json
 [ -f "$SHIPPED" ] && [ ! -f "$OUT/serve_trees.json" ] && cp "$SHIPPED" "$OUT/serve_trees.json" && chmod u+w "$OUT/serve_trees.json"
 part batch_throughput "$T_TREES" $PY benchmarks/batch_throughput.py --batch-sizes "$BT_SIZES" \
-  --prompts "$BT_PROMPTS" --max-new-tokens "$BT_TOKENS" --candidates "$BT_CANDIDATES" \
+  --prompts "$BT_PROMPTS" --max-new-tokens "$BT_TOKENS" --candidates "$BT_CANDIDATES" --prefill "$BT_PREFILL" \
+  ${BT_HEADS:+--heads "$BT_HEADS"} \
   --budget-s $(( T_TREES > 90 ? T_TREES - 45 : T_TREES / 2 )) \
   --write-serve-trees "$OUT/serve_trees.json" --out "$OUT/batch_throughput.json"
 
