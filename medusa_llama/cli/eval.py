@@ -19,14 +19,23 @@ from medusa_llama.pipeline import DecoderOptions
 NOT_DECODING = ("tree", "vanilla")
 """Decoder options that mean nothing to the commands measuring heads or making a tree."""
 
+SCORED_DRAFT = (
+    " Head accuracy is scored over the same draft vocabulary, as decoding proposes from it (a true token outside it is"
+    " never a hit); {where} records its size as draft_vocab (0: none)."
+)
+"""Appended to the --draft-vocab help of the commands that measure head accuracy."""
+
 
 def add_eval_args(p: argparse.ArgumentParser, cls: type, **kwargs) -> None:
     """The decoder options, then the command's own fields of ``cls``."""
+    docs = field_docs(DecoderOptions)
     if cls is BenchConfig:
-        tree_help = field_docs(DecoderOptions)["tree"] + " auto: optimise the tree on this device first."
-        add_decoder_args(p, exclude=("vanilla",), helps={"tree": tree_help})
+        draft_help = " With --tree auto:" + SCORED_DRAFT.format(where="the report's tree_info")
+        helps = {"tree": docs["tree"] + " auto: optimise the tree on this device first."}
+        add_decoder_args(p, exclude=("vanilla",), helps={**helps, "draft_vocab": docs["draft_vocab"] + draft_help})
     else:
-        add_decoder_args(p, exclude=NOT_DECODING)
+        draft_help = SCORED_DRAFT.format(where="the output JSON")
+        add_decoder_args(p, exclude=NOT_DECODING, helps={"draft_vocab": docs["draft_vocab"] + draft_help})
     add_config_args(p, cls, exclude=tuple(f.name for f in fields(DecoderOptions)), **kwargs)
 
 
@@ -62,6 +71,8 @@ def cmd_heads_accuracy(args) -> int:
     cfg = config_from_args(HeadAccuracyConfig, args)
     report = run_head_accuracy(cfg)
     print(format_accuracy(report))
+    draft = report["draft_vocab"]
+    print(f"scored over {f'a draft vocabulary of {draft} tokens' if draft else 'the full vocabulary'}")
     print(f"wrote {cfg.out}")
     return 0
 

@@ -346,20 +346,21 @@ def auto_tree(cfg: BenchConfig, pipe, accuracy, bench_prompts):
     Returns ``(tree, info)``.
     """
     from medusa_llama.decode.tree import build_tree
+    from medusa_llama.eval.head_accuracy import decoding_draft, measure_head_accuracy
     from medusa_llama.eval.prompts import chat_ids, load_prompts
     from medusa_llama.eval.tree_opt import TreeOptConfig, optimize_for_device
 
     backbone, heads = pipe.backbone, pipe.heads
     opt = TreeOptConfig(**{f.name: getattr(cfg, f.name) for f in fields(DecoderOptions)})
+    draft = decoding_draft(pipe)  # the benchmarked decoder proposes from it: the accuracy is scored over it too
     if accuracy is None:
-        from medusa_llama.eval.head_accuracy import measure_head_accuracy
-
         skip = 0 if cfg.prompts else len(bench_prompts)
         acc_prompts = load_prompts(None, limit=opt.accuracy_prompts, skip=skip)
         ids = [chat_ids(backbone.tokenizer, p.text) for p in acc_prompts]
-        accuracy = measure_head_accuracy(backbone, heads, ids, opt.accuracy_tokens)["accuracy"]
+        accuracy = measure_head_accuracy(backbone, heads, ids, opt.accuracy_tokens, draft=draft)["accuracy"]
     probe = [chat_ids(backbone.tokenizer, p.text) for p in bench_prompts[: opt.probe_prompts]]
     choices, info = optimize_for_device(backbone, heads, accuracy, probe, opt)
+    info["draft_vocab"] = 0 if draft is None else draft.size
     return build_tree(choices, heads.num_heads), {"tree": "auto", **info}
 
 

@@ -5,6 +5,10 @@ forward over prompt + continuation for the final hidden states h_t. At each cont
 (1-based) ranks its candidates for token t+k+1; sequential heads walk the true continuation as their path (in a
 tree, the accepted path is exactly the true tokens). ``accuracy[d][r]`` = P(head d+1's rank-r token is the true
 token): per rank, not cumulative, the input of ``tree.grow_tree`` and the tree optimizer (Medusa, Sec. 2.3.3).
+
+With a draft vocabulary (FR-Spec, ``heads.DraftVocab``) the heads are ranked as the decoder's proposal ranks them:
+over the draft's N columns only (``heads.draft_topk``), so a true token outside the N is never a hit and ranks past
+N are never hits either. Score with the draft vocabulary that decoding will use, or the optimizer expects too much.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from medusa_llama.decode.heads import DraftVocab, MedusaHeads, draft_topk
 from medusa_llama.errors import MedusaError
 from medusa_llama.pipeline import DecoderOptions, check_output_file, device_name
 
@@ -31,9 +36,18 @@ def _decoder_body(hf_model):
 
 
 @torch.inference_mode()
-def head_rank_hits(hf_model, heads, ids: list[int], prompt_len: int, topk: int = MAX_TOPK):
+def head_rank_hits(
+    hf_model,
+    heads: MedusaHeads,
+    ids: list[int],
+    prompt_len: int,
+    topk: int = MAX_TOPK,
+    draft: DraftVocab | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hit counts of one sequence: ``hits[d, r]`` = positions where head d+1's rank-r token was the true one,
     ``n[d]`` = positions scored for head d+1. ``ids`` = prompt + greedy continuation (``prompt_len`` prompt tokens).
+
+    ``draft``: rank over this draft vocabulary's tokens only, as the decoder proposes (None: the full vocabulary).
     """
     k_heads, length = heads.num_heads, len(ids)
     hits = torch.zeros(k_heads, topk, dtype=torch.long)
@@ -51,6 +65,7 @@ def head_rank_hits(hf_model, heads, ids: list[int], prompt_len: int, topk: int =
     hidden = heads.head_inputs(hidden.to(dtype), next_emb)[0, first:last]  # (N, D), N = last - first
     pos = torch.arange(first, last, device=device)  # (N,) position t of each state
     lm_head = hf_model.get_output_embeddings()
+    ranked = topk if draft is None else min(topk, draft.size)  # a draft of N < topk tokens has no rank past N
     # path_emb[k, i] = e(x_{t+k+1}): the true token before head k+1's target (clamped past the end, masked below)
     path_idx = (pos[None, :] + torch.arange(1, k_heads + 1, device=device)[:, None]).clamp(max=length - 1)  # (K, N)
     path_emb = emb(seq[0][path_idx]).to(hidden.dtype)  # (K, N, D)
@@ -60,18 +75,27 @@ def head_rank_hits(hf_model, heads, ids: list[int], prompt_len: int, topk: int =
         valid = target_idx < length
         if not bool(valid.any()):
             continue
-        logits = heads.project(k, state[valid], lm_head)  # (N_k, V)
-        top = logits.topk(topk, dim=-1).indices  # (N_k, topk)
-        match = top == seq[0][target_idx[valid]][:, None]  # (N_k, topk): at most one True per row
-        hits[k] += match.sum(0).cpu()
+        top = draft_topk(heads, k, state[valid], lm_head, ranked, draft)  # (N_k, ranked) token ids, best first
+        match = top == seq[0][target_idx[valid]][:, None]  # (N_k, ranked): at most one True per row
+        hits[k, :ranked] += match.sum(0).cpu()
         n[k] += int(valid.sum())
     return hits, n
 
 
 def measure_head_accuracy(
-    backbone, heads, prompt_ids: list[list[int]], max_new_tokens: int = 128, topk: int = MAX_TOPK, progress: bool = True
+    backbone,
+    heads: MedusaHeads,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int = 128,
+    topk: int = MAX_TOPK,
+    progress: bool = True,
+    draft: DraftVocab | None = None,
 ) -> dict:
-    """Greedy continuations with ``VanillaDecoder``, then per-head, per-rank accuracy over all of them."""
+    """Greedy continuations with ``VanillaDecoder``, then per-head, per-rank accuracy over all of them.
+
+    ``draft``: score the heads over this draft vocabulary, as decoding with it proposes (None: the full vocabulary;
+    ``decoding_draft`` gives the one a pipeline decodes with). The report's ``draft_vocab`` is its size, 0 for none.
+    """
     from tqdm.auto import tqdm
 
     from medusa_llama.decode.decoder import GenerationConfig, VanillaDecoder
@@ -86,7 +110,7 @@ def measure_head_accuracy(
     for ids in tqdm(prompt_ids, desc="head accuracy", unit="prompt", disable=not progress):
         cont = decoder.generate(list(ids), gen).tokens
         new_tokens += len(cont)
-        h, c = head_rank_hits(backbone.hf_model, heads, list(ids) + list(cont), len(ids), topk)
+        h, c = head_rank_hits(backbone.hf_model, heads, list(ids) + list(cont), len(ids), topk, draft)
         hits += h
         n += c
     if int(n.min()) == 0:
@@ -99,7 +123,14 @@ def measure_head_accuracy(
         "num_prompts": len(prompt_ids),
         "new_tokens": new_tokens,
         "topk": topk,
+        "draft_vocab": 0 if draft is None else draft.size,
     }
+
+
+def decoding_draft(pipe) -> DraftVocab | None:
+    """The draft vocabulary that decoding with ``pipe``'s options proposes from (``--draft-vocab``: None, the heads'
+    stored one; N, its first N; 0, none), built as ``MedusaDecoder`` builds it, so accuracy is scored alike."""
+    return pipe.heads.draft(pipe.backbone.lm_head, pipe.options.draft_vocab)
 
 
 def format_accuracy(report: dict) -> str:
@@ -151,7 +182,7 @@ def run_head_accuracy(cfg: HeadAccuracyConfig) -> dict:
     pipe = load_pipeline(cfg, need_heads=True)
     backbone, heads = pipe.backbone, pipe.heads
     ids = [chat_ids(backbone.tokenizer, p.text) for p in prompts]
-    report = measure_head_accuracy(backbone, heads, ids, cfg.max_new_tokens, cfg.topk)
+    report = measure_head_accuracy(backbone, heads, ids, cfg.max_new_tokens, cfg.topk, draft=decoding_draft(pipe))
     report.update(model=backbone.name, heads=str(cfg.heads or "default"), device=device_name(backbone.device))
     report["max_new_tokens"] = cfg.max_new_tokens
     report["prompt_ids"] = [p.id for p in prompts]

@@ -136,7 +136,7 @@ def step_time(result) -> float:
 
 def measure_latency_curve(
     backbone, heads, accuracy: list[list[float]], prompt_ids: list[list[int]], sizes=DEFAULT_SIZES,
-    max_new_tokens: int = 32, progress: bool = True, compile: bool = False,
+    max_new_tokens: int = 32, progress: bool = True, compile: bool = False, draft_vocab: int | None = None,
 ) -> dict[int, float]:  # fmt: skip
     """Median seconds per decode step of the real decoders for trees of each size (1 = ``VanillaDecoder``).
 
@@ -144,6 +144,7 @@ def measure_latency_curve(
     of the whole step as generation runs it (wall clock of the decode loop / steps): the heads' proposal, the verify
     forward, the LM head over the tree, acceptance and the KV commit. Every decoder is warmed up (and on a GPU its
     step captured) first; then sizes are interleaved per prompt, so load drifting over time hits all sizes alike.
+    ``draft_vocab``: the decoders' ``--draft-vocab`` (None: the heads' stored draft vocabulary, 0: none).
     """
     from tqdm.auto import tqdm
 
@@ -160,7 +161,7 @@ def measure_latency_curve(
             decoders[n] = VanillaDecoder(backbone, compile=compile)
         else:
             tree = build_tree(grow_tree(accuracy, n - 1), heads.num_heads)
-            decoders[n] = MedusaDecoder(backbone, heads, tree, compile=compile)
+            decoders[n] = MedusaDecoder(backbone, heads, tree, compile=compile, draft_vocab=draft_vocab)
         decoders[n].generate(prompt_ids[0], warm)
     times: dict[int, list[float]] = {n: [] for n in decoders}
     for ids in tqdm(prompt_ids, desc="verify latency", unit="prompt", disable=not progress):
@@ -172,17 +173,20 @@ def measure_latency_curve(
 
 
 def profile_trees(
-    backbone, heads, accuracy: list[list[float]], prompt_ids: list[int], sizes, steps: int = 8
-) -> dict[int, dict[str, float]]:
+    backbone, heads, accuracy: list[list[float]], prompt_ids: list[int], sizes, steps: int = 8,
+    draft_vocab: int | None = None,
+) -> dict[int, dict[str, float]]:  # fmt: skip
     """Per tree size (tokens with the root; 1 = vanilla): milliseconds per step of each phase of the step
-    (``decoder.PHASES``: verify forward, LM head, acceptance, proposal, commit), measured by ``profile`` (eager)."""
+    (``decoder.PHASES``: verify forward, LM head, acceptance, proposal, commit), measured by ``profile`` (eager).
+    ``draft_vocab`` as for ``measure_latency_curve``."""
     from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder
 
     accuracy = monotone_accuracy(accuracy)
     gen = GenerationConfig(temperature=0.0, acceptance="greedy")
     out = {}
     for n in sorted(set(sizes)):
-        dec = MedusaDecoder(backbone, heads, grow_tree(accuracy, n - 1))  # n = 1: the root alone, vanilla decoding
+        tree = grow_tree(accuracy, n - 1)  # n = 1: the root alone, vanilla decoding
+        dec = MedusaDecoder(backbone, heads, tree, draft_vocab=draft_vocab)
         dec.profile(prompt_ids, gen, steps=2)  # warm-up
         out[n] = dec.profile(prompt_ids, gen, steps=steps)
     log.debug("step breakdown by tree size (ms): %s", out)
@@ -245,17 +249,33 @@ def load_accuracy(path: str | Path) -> list[list[float]]:
     return acc
 
 
+def check_accuracy_draft(path: str | Path, draft_size: int) -> None:
+    """Warn when an --accuracy file records scoring over another draft vocabulary size than decoding uses (files
+    written before the size was recorded say nothing: no warning)."""
+    data = json.loads(Path(path).read_text())
+    recorded = data.get("draft_vocab") if isinstance(data, dict) else None
+    if recorded is not None and recorded != draft_size:
+        log.warning(
+            "--accuracy %s was scored with a draft vocabulary of %s tokens (0: none) but decoding uses %s: "
+            "the expected acceptance will be off; measure it again with this --draft-vocab",
+            path, recorded, draft_size,
+        )  # fmt: skip
+
+
 def optimize_for_device(backbone, heads, accuracy: list[list[float]], prompt_ids: list[list[int]], cfg: TreeOptConfig):
     """Measure the latency curve here, optimise, and return ``(choices, info)`` (info = the saved extra keys)."""
     accuracy = [row for row in accuracy[: heads.num_heads]]
     curve = measure_latency_curve(
-        backbone, heads, accuracy, prompt_ids, cfg.sizes, cfg.probe_tokens, compile=getattr(cfg, "compile", False)
-    )
+        backbone, heads, accuracy, prompt_ids, cfg.sizes, cfg.probe_tokens, compile=getattr(cfg, "compile", False),
+        draft_vocab=getattr(cfg, "draft_vocab", None),
+    )  # fmt: skip
     choices, table = optimize_tree(accuracy, curve)
     best = next(r for r in table if r["size"] == len(choices) + 1)
     runner_up = max((r for r in table if r["size"] >= 2), key=lambda r: r["expected_tokens_per_s"])["size"]
     shown = sorted({1, best["size"], runner_up})  # vanilla, the choice, and the best real tree when vanilla won
-    breakdown = profile_trees(backbone, heads, accuracy, prompt_ids[0], shown)
+    breakdown = profile_trees(
+        backbone, heads, accuracy, prompt_ids[0], shown, draft_vocab=getattr(cfg, "draft_vocab", None)
+    )
     info = {
         "tree_size": best["size"],
         "expected_accept_length": best["expected_accept_length"],
@@ -277,8 +297,11 @@ def optimize_for_device(backbone, heads, accuracy: list[list[float]], prompt_ids
 
 
 def run_tree_opt(cfg: TreeOptConfig) -> dict:
-    """The `tree` command: accuracy (given or measured), latency curve, optimised tree saved to ``cfg.out``."""
-    from medusa_llama.eval.head_accuracy import measure_head_accuracy
+    """The `tree` command: accuracy (given or measured), latency curve, optimised tree saved to ``cfg.out``.
+
+    The accuracy is measured over the draft vocabulary that decoding with ``cfg.draft_vocab`` proposes from; the
+    saved file records its size (``draft_vocab``, 0 for none)."""
+    from medusa_llama.eval.head_accuracy import decoding_draft, measure_head_accuracy
     from medusa_llama.eval.prompts import chat_ids, load_prompts
     from medusa_llama.pipeline import load_pipeline
 
@@ -287,15 +310,20 @@ def run_tree_opt(cfg: TreeOptConfig) -> dict:
     probe = load_prompts(cfg.prompts, limit=cfg.probe_prompts)
     pipe = load_pipeline(cfg, need_heads=True)
     backbone, heads = pipe.backbone, pipe.heads
+    draft = decoding_draft(pipe)
+    draft_size = 0 if draft is None else draft.size
     if accuracy is None:
         acc_prompts = load_prompts(cfg.prompts, limit=cfg.accuracy_prompts)
         ids = [chat_ids(backbone.tokenizer, p.text) for p in acc_prompts]
-        accuracy = measure_head_accuracy(backbone, heads, ids, cfg.accuracy_tokens)["accuracy"]
+        accuracy = measure_head_accuracy(backbone, heads, ids, cfg.accuracy_tokens, draft=draft)["accuracy"]
+    else:
+        check_accuracy_draft(cfg.accuracy, draft_size)
     if len(accuracy) < heads.num_heads:
         raise MedusaError(f"the accuracy table covers {len(accuracy)} heads but the heads have {heads.num_heads}")
     choices, info = optimize_for_device(
         backbone, heads, accuracy, [chat_ids(backbone.tokenizer, p.text) for p in probe], cfg
     )
+    info["draft_vocab"] = draft_size
     info.update(cfg.extra)
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     save_choices(choices, cfg.out, **info)

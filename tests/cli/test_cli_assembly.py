@@ -98,3 +98,52 @@ def test_heads_accuracy_then_tree_with_three_heads(tmp_path, tiny_model_dir, hea
     )  # fmt: skip
     assert code == 0, err
     assert load_tree(str(tmp_path / "tree.json"), 3).size <= 4
+
+
+@pytest.fixture(scope="session")
+def heads3_draft(tmp_path_factory):
+    """``heads3`` with a stored draft vocabulary of 40 tokens (most frequent first: 95, 94, ..., 56)."""
+    import torch
+    from conftest import random_heads
+
+    from medusa_llama.decode.heads_io import save_draft_vocab
+
+    path = tmp_path_factory.mktemp("heads3_draft")
+    random_heads(num_heads=3).save(path)
+    save_draft_vocab(torch.arange(95, 55, -1), path)
+    return path
+
+
+@pytest.mark.parametrize(("flag", "size"), [((), 40), (("--draft-vocab", 12), 12), (("--draft-vocab", 0), 0)])
+def test_heads_accuracy_and_tree_record_the_draft_vocabulary(tmp_path, tiny_model_dir, heads3_draft, cli, flag, size):
+    """Scored over the draft vocabulary decoding uses: the heads' stored one by default, its first N, or none."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "w1 w2 w3"}\n')
+    common = ["--model", tiny_model_dir, "--heads", heads3_draft, "--prompts", prompts, "--max-seq-len", 128, *flag]
+    code, out, err = cli("heads-accuracy", *common, "--max-new-tokens", 8, "--out", tmp_path / "acc.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "acc.json").read_text())["draft_vocab"] == size
+    assert (f"a draft vocabulary of {size} tokens" if size else "the full vocabulary") in out
+    code, _, err = cli(
+        "tree", *common, "--accuracy-prompts", 1, "--accuracy-tokens", 8, "--sizes", "1,4", "--probe-prompts", 1,
+        "--probe-tokens", 4, "--out", tmp_path / "tree.json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "tree.json").read_text())["draft_vocab"] == size
+
+
+def test_tree_warns_when_the_accuracy_was_scored_over_another_draft(
+    tmp_path, tiny_model_dir, heads3_draft, cli, caplog
+):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "w1 w2 w3"}\n')
+    common = ["--model", tiny_model_dir, "--heads", heads3_draft, "--prompts", prompts, "--max-seq-len", 128]
+    acc = tmp_path / "a.json"
+    code, _, err = cli("heads-accuracy", *common, "--draft-vocab", 0, "--max-new-tokens", 8, "--out", acc)
+    assert code == 0, err
+    code, _, err = cli(
+        "tree", *common, "--accuracy", acc, "--sizes", "1,4", "--probe-prompts", 1,
+        "--probe-tokens", 4, "--out", tmp_path / "tree.json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "scored with a draft vocabulary of 0 tokens (0: none) but decoding uses 40" in caplog.text

@@ -122,22 +122,22 @@ def tiny():
     return make_backbone(tiny_llama(), FakeTokenizer(), "tiny", 256, "fast"), random_heads(std=0.02)
 
 
-@pytest.mark.parametrize("kind", ["sequential", "medusa", "prefix_token"])
-def test_head_rank_hits_match_brute_force(kind):
-    """Also for sequential heads whose prefix layer reads the next token (EAGLE-style): the brute force gives the last
-    position, whose next token is unknown and whose states are not scored, token 0."""
-    from medusa_llama.eval.head_accuracy import head_rank_hits
+HEAD_KINDS = {
+    "sequential": {},
+    "medusa": dict(kind="medusa"),
+    "prefix_token": dict(prefix_attention=True, prefix_num_heads=4, prefix_token_input=True),
+    "own_lm_heads": dict(lm_head="own"),
+}
+"""random_heads arguments of the head variants scored against the brute force (own LM heads: one draft projection
+per head)."""
 
-    model = tiny_llama()
-    if kind == "prefix_token":
-        kind, cfg = "sequential", dict(prefix_attention=True, prefix_num_heads=4, prefix_token_input=True)
-    else:
-        cfg = {}
-    heads = random_heads(kind=kind, std=0.3, **cfg)
-    ids = torch.randint(0, 96, (20,), generator=torch.Generator().manual_seed(1)).tolist()
-    prompt_len, topk = 6, 10
-    hits, n = head_rank_hits(model, heads, ids, prompt_len, topk)
-    ref_hits, ref_n = torch.zeros_like(hits), torch.zeros_like(n)
+
+def brute_force_hits(model, heads, ids: list[int], prompt_len: int, topk: int, draft_ids: list[int] | None = None):
+    """``head_rank_hits`` position by position, head by head. With ``draft_ids`` each head's logits are those of the
+    draft rows only (the full logits' columns ``draft_ids``), whose top-k columns are mapped to token ids. A prefix
+    layer with the token input gets token 0 at the last position, whose next token is unknown (its states are not
+    scored)."""
+    hits, n = torch.zeros(heads.num_heads, topk, dtype=torch.long), torch.zeros(heads.num_heads, dtype=torch.long)
     with torch.no_grad():
         emb, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
         hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state  # (1, L, D)
@@ -147,15 +147,85 @@ def test_head_rank_hits_match_brute_force(kind):
             for k in range(heads.num_heads):
                 if t + k + 2 >= len(ids):
                     break
-                state = heads.head_state(k, state if kind == "sequential" else hidden[t], emb.weight[ids[t + k + 1]])
-                top = heads.project(k, state, lm_head).topk(topk).indices.tolist()
-                ref_n[k] += 1
+                prev = state if heads.config.kind == "sequential" else hidden[t]
+                state = heads.head_state(k, prev, emb.weight[ids[t + k + 1]])
+                logits = heads.project(k, state, lm_head)  # (V,)
+                if draft_ids is None:
+                    top = logits.topk(topk).indices.tolist()
+                else:
+                    columns = logits[draft_ids].topk(min(topk, len(draft_ids))).indices.tolist()
+                    top = [draft_ids[c] for c in columns]
+                n[k] += 1
                 if ids[t + k + 2] in top:
-                    ref_hits[k, top.index(ids[t + k + 2])] += 1
+                    hits[k, top.index(ids[t + k + 2])] += 1
+    return hits, n
+
+
+def random_ids(length: int = 20, seed: int = 1) -> list[int]:
+    return torch.randint(0, 96, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("variant", list(HEAD_KINDS))
+def test_head_rank_hits_match_brute_force(variant):
+    """Also for sequential heads whose prefix layer reads the next token (EAGLE-style)."""
+    from medusa_llama.eval.head_accuracy import head_rank_hits
+
+    model, heads, ids = tiny_llama(), random_heads(std=0.3, **HEAD_KINDS[variant]), random_ids()
+    hits, n = head_rank_hits(model, heads, ids, 6, 10)
+    ref_hits, ref_n = brute_force_hits(model, heads, ids, 6, 10)
     assert torch.equal(n, ref_n) and torch.equal(hits, ref_hits)
 
 
+# -- scored over a draft vocabulary (FR-Spec), as the decoder proposes ---------------------------------------------
+
+
+@pytest.mark.parametrize("variant", list(HEAD_KINDS))
+def test_a_draft_of_the_whole_vocabulary_in_id_order_scores_as_none(variant):
+    from medusa_llama.decode.heads import DraftVocab
+    from medusa_llama.eval.head_accuracy import head_rank_hits
+
+    model, heads, ids = tiny_llama(), random_heads(std=0.3, **HEAD_KINDS[variant]), random_ids()
+    draft = DraftVocab.build(heads, model.get_output_embeddings(), torch.arange(96))
+    hits, n = head_rank_hits(model, heads, ids, 6, 10, draft)
+    full_hits, full_n = head_rank_hits(model, heads, ids, 6, 10)
+    assert torch.equal(n, full_n) and torch.equal(hits, full_hits)
+
+
+@pytest.mark.parametrize("variant", list(HEAD_KINDS))
+@pytest.mark.parametrize("size", [48, 6])
+def test_head_rank_hits_over_a_draft_match_brute_force(variant, size):
+    """A shuffled draft of ``size`` tokens (6 < topk 10: ranks 6..9 are never hits)."""
+    from medusa_llama.decode.heads import DraftVocab
+    from medusa_llama.eval.head_accuracy import head_rank_hits
+
+    model, heads = tiny_llama(), random_heads(std=0.3, **HEAD_KINDS[variant])
+    ids = random_ids(40)
+    draft_ids = torch.randperm(96, generator=torch.Generator().manual_seed(2))[:size]
+    draft = DraftVocab.build(heads, model.get_output_embeddings(), draft_ids)
+    hits, n = head_rank_hits(model, heads, ids, 6, 10, draft)
+    ref_hits, ref_n = brute_force_hits(model, heads, ids, 6, 10, draft_ids.tolist())
+    assert torch.equal(n, ref_n) and torch.equal(hits, ref_hits)
+    assert int(hits.sum()) > 0 and int(hits[:, size:].sum()) == 0
+
+
+def test_a_target_outside_the_draft_is_never_a_hit():
+    """Every target outside the draft: no hit at any rank, although the full vocabulary scores hits there."""
+    from medusa_llama.decode.heads import DraftVocab
+    from medusa_llama.eval.head_accuracy import head_rank_hits
+
+    model, heads = tiny_llama(), random_heads(std=0.3)
+    ids = random_ids(40)
+    outside = set(ids[6:])  # every target (positions >= prompt_len + 1) and a little more
+    draft_ids = torch.tensor([t for t in range(96) if t not in outside])
+    draft = DraftVocab.build(heads, model.get_output_embeddings(), draft_ids)
+    hits, n = head_rank_hits(model, heads, ids, 6, 10, draft)
+    full_hits, full_n = head_rank_hits(model, heads, ids, 6, 10)
+    assert torch.equal(n, full_n) and int(full_hits.sum()) > 0
+    assert int(hits.sum()) == 0
+
+
 def test_measure_head_accuracy_and_latency_curve(tiny):
+    from medusa_llama.decode.heads import DraftVocab
     from medusa_llama.eval.head_accuracy import format_accuracy, measure_head_accuracy
 
     backbone, heads = tiny
@@ -166,7 +236,10 @@ def test_measure_head_accuracy_and_latency_curve(tiny):
     assert all(0.0 <= sum(row) <= 1.0 + 1e-9 for row in acc)
     assert report["top_k_cumulative"][0][-1] == pytest.approx(sum(acc[0]))
     assert report["positions"][0] == 3 * (24 - 1)  # continuation positions with a head-1 target
-    assert "top-1" in format_accuracy(report)
+    assert "top-1" in format_accuracy(report) and report["draft_vocab"] == 0
+    half = DraftVocab.build(heads, backbone.lm_head, torch.arange(48))  # tokens 48.. are never proposed
+    drafted = measure_head_accuracy(backbone, heads, prompts, max_new_tokens=24, progress=False, draft=half)
+    assert drafted["draft_vocab"] == 48 and drafted["positions"] == report["positions"]
     curve = measure_latency_curve(backbone, heads, ACCURACY, prompts[:2], sizes=(1, 4, 8), max_new_tokens=8,
                                   progress=False)  # fmt: skip
     assert sorted(curve) == [1, 4, 8] and all(t > 0 for t in curve.values())
@@ -185,14 +258,16 @@ def test_expected_accept_length_matches_a_real_run():
         pytest.skip("no trained heads installed")
     from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder
     from medusa_llama.decode.tree import build_tree
-    from medusa_llama.eval.head_accuracy import measure_head_accuracy
+    from medusa_llama.eval.head_accuracy import decoding_draft, measure_head_accuracy
     from medusa_llama.eval.prompts import chat_ids, load_prompts
     from medusa_llama.pipeline import DecoderOptions, load_pipeline
 
     pipe = load_pipeline(DecoderOptions(heads=str(heads_dir), device="cpu"), need_heads=True)
     backbone, heads = pipe.backbone, pipe.heads
     encode = [chat_ids(backbone.tokenizer, p.text) for p in load_prompts(None, limit=20)]
-    accuracy = measure_head_accuracy(backbone, heads, encode[:10], max_new_tokens=96, progress=False)["accuracy"]
+    draft = decoding_draft(pipe)  # the draft vocabulary the decoder below proposes from (the stored one)
+    accuracy = measure_head_accuracy(backbone, heads, encode[:10], max_new_tokens=96, progress=False, draft=draft)
+    accuracy = accuracy["accuracy"]
     curve = measure_latency_curve(backbone, heads, accuracy, encode[:2], sizes=(1, 4, 16, 64), max_new_tokens=16,
                                   progress=False)  # fmt: skip
     choices, _ = optimize_tree(accuracy, curve)
