@@ -54,11 +54,12 @@ from medusa_llama.decode.decoder import (
     GenerationResult,
     StepRunner,
     check_draft_fits,
+    pow2_bucket,
     prefill_bucket,
 )
 from medusa_llama.decode.heads import DraftVocab, MedusaHeads, draft_tokens, draft_topk, project_draft
 from medusa_llama.decode.model import TreeMask, batched_tree_attention_mask, put_where
-from medusa_llama.decode.prefix import BatchedPrefixCache
+from medusa_llama.decode.prefix import BatchedPrefixCache, successors
 from medusa_llama.decode.topk import topk_indices
 from medusa_llama.decode.tree import Tree, build_tree
 from medusa_llama.errors import MedusaError
@@ -99,10 +100,7 @@ def prefill_groups(lengths: list[int], budget: int, max_padding: float = PREFILL
 def rows_bucket(count: int, batch_size: int) -> int:
     """The padded row count of a prefill group of ``count`` prompts in the CUDA-graph prefill: the next power of two,
     capped at the batch size (at most log2(B) + 2 row buckets, times ``prefill_bucket``'s token buckets: the graphs)."""
-    rows = 1
-    while rows < count:
-        rows *= 2
-    return min(rows, batch_size)
+    return pow2_bucket(count, 1, batch_size)
 
 
 class BatchedBackbone:
@@ -410,8 +408,8 @@ class BatchedDecoder:
         for group, g_rows, lengths, states in ran:
             g_index, next_emb = torch.tensor(g_rows, device=dev), None  # (g,)
             if self.heads.config.prefix_token_input:  # each position's next token: the prompt's, then the root
-                ids = [torch.cat([prompts[i][1:], self.root[rows[i] : rows[i] + 1]]) for i in group]
-                next_emb = self.backbone.embed(pad_sequence(ids, batch_first=True))  # (g, P, D), token 0 past the end
+                padded = pad_sequence([prompts[i] for i in group], batch_first=True)  # (g, P) right-padded with 0
+                next_emb = self.backbone.embed(successors(padded, lengths, self.root[g_index]))  # (g, P, D)
             out = self.prefix_cache.prefill_many(g_rows, states, lengths, next_emb)  # (g, P, D)
             self.hidden[g_index] = out[torch.arange(len(group), device=dev), lengths - 1]  # (g, D)
 
@@ -537,9 +535,7 @@ class BatchedDecoder:
             if self.prefix_cache is not None:
                 next_emb = None
                 if self.heads.config.prefix_token_input:  # each position's next token: the prompt's, then the root
-                    after = torch.cat([tokens[:, 1:], tokens.new_zeros(r, 1)], dim=1)  # (R, P) shifted left
-                    after.scatter_(1, (lengths - 1)[:, None], root[:, None])  # the root after the last prompt token
-                    next_emb = bk.embed(after)  # (R, P, D)
+                    next_emb = bk.embed(successors(tokens, lengths, root))  # (R, P, D)
                 keep = valid[:, None] & (pos < lengths[:, None])  # (R, P) the real entries of the real rows
                 out = self.prefix_cache.prefill_many(index, states, lengths, next_emb, keep)  # (R, P, D)
                 hidden = out[at, lengths - 1]  # (R, D)

@@ -30,7 +30,7 @@ from medusa_llama.decode.acceptance import AcceptanceConfig, accept, next_token,
 from medusa_llama.decode.backbone import Backbone
 from medusa_llama.decode.dynamic_tree import DynamicTree, StepTree
 from medusa_llama.decode.heads import DraftVocab, MedusaHeads
-from medusa_llama.decode.prefix import PrefixCache
+from medusa_llama.decode.prefix import PrefixCache, successors
 from medusa_llama.decode.tree import Tree, build_tree
 from medusa_llama.errors import MedusaError
 
@@ -238,12 +238,18 @@ class _Decoder:
         each on an H200's host (50-80 ms for 4-10 ms of GPU work, ``benchmarks/step_profile.py``)."""
         if self.padded_prefill:
             self._prefill_for(prompt, cfg)()
-            return
-        bb = self.backbone
-        states = bb.prefill(prompt)  # (P, D)
-        self.hidden.copy_(states[-1])
-        self.root.copy_(next_token(bb.logits(states[-1]), cfg))
-        self._after_prefill(states, prompt, None)
+        else:
+            self._finish_prefill(self.backbone.prefill(prompt), prompt, None, cfg)
+
+    def _finish_prefill(
+        self, states: torch.Tensor, tokens: torch.Tensor, length: torch.Tensor | None, cfg: AcceptanceConfig
+    ) -> None:
+        """From the prompt's hidden states (P, D) (the first ``length`` real, or all for None): the heads' input,
+        the first new token (the root) and ``_after_prefill``. Tensor-only: the graph prefill runs it too."""
+        last = states[-1] if length is None else pick(states, length - 1)  # (D,)
+        self.hidden.copy_(last)
+        self.root.copy_(next_token(self.backbone.logits(last), cfg))
+        self._after_prefill(states, tokens, length)
 
     def _prefill_for(self, prompt: torch.Tensor, cfg: AcceptanceConfig) -> StepRunner:
         """The prefill graph for ``prompt``'s bucket, with ``prompt`` loaded into its input buffer (captured the
@@ -265,11 +271,7 @@ class _Decoder:
         bb, tokens, length = self.backbone, self._prompt[:size], self._prompt_len
 
         def prefill() -> None:
-            states = bb.prefill(tokens, length)  # (size, D), rows past length padding
-            last = pick(states, length - 1)  # (D,)
-            self.hidden.copy_(last)
-            self.root.copy_(next_token(bb.logits(last), cfg))
-            self._after_prefill(states, tokens, length)
+            self._finish_prefill(bb.prefill(tokens, length), tokens, length, cfg)  # states (size, D)
 
         return prefill
 
@@ -414,9 +416,8 @@ class MedusaDecoder(_Decoder):
         if self.prefix_cache is not None:
             self.prefix_cache.reset()
             # The token input reads each prompt token's successor: the prompt's next token, the root after the last.
-            after = torch.cat([tokens[1:], self.root.view(1)])  # (P,) rows past ``length``: padding, any token
-            if length is not None:
-                after.scatter_(0, (length - 1).view(1), self.root.view(1))
+            real = tokens.new_tensor(tokens.shape[0]) if length is None else length
+            after = successors(tokens, real, self.root)  # (P,)
             rows = self.prefix_cache.extend(states, length, self._next_emb(after))  # the layer, positions 0..P-1
             self.hidden.copy_(rows[-1] if length is None else pick(rows, length - 1))
         if self.tree.size > 1:
@@ -476,10 +477,16 @@ PREFILL_MIN_BUCKET = 64
 def prefill_bucket(length: int, max_seq_len: int) -> int:
     """The padded size a prompt of ``length`` tokens is prefilled at: the next power of two >= PREFILL_MIN_BUCKET
     (at most log2(context / 64) + 1 graphs per decoder), capped at the context ``max_seq_len``."""
-    size = PREFILL_MIN_BUCKET
-    while size < length:
+    return pow2_bucket(length, PREFILL_MIN_BUCKET, max_seq_len)
+
+
+def pow2_bucket(n: int, smallest: int, cap: int) -> int:
+    """The smallest power-of-two multiple of ``smallest`` that is >= ``n``, capped at ``cap``: the padded sizes of the
+    CUDA-graph prefills (few sizes, so few graphs)."""
+    size = smallest
+    while size < n:
         size *= 2
-    return min(size, max_seq_len)
+    return min(size, cap)
 
 
 def _sync(device: torch.device) -> None:

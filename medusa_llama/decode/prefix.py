@@ -130,6 +130,15 @@ class PrefixLayer(nn.Module):
         return self.finish(x, attn.transpose(1, 2))  # attn: (B, nh, L, hd) -> (B, L, nh, hd)
 
 
+def successors(tokens: torch.Tensor, lengths: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """The token after each position of right-padded prompts, the prefix layer's token input at a prefill: tokens
+    (..., P), of which the first ``lengths`` (...) are real; ``first`` (...): the first new token, after the last
+    real one. Returns (..., P): the prompt's next token, ``first`` at position length-1, token 0 past it (padding,
+    never kept). Tensor-only (the CUDA-graph prefills run it)."""
+    after = torch.cat([tokens[..., 1:], torch.zeros_like(tokens[..., :1])], dim=-1)
+    return after.scatter_(-1, (lengths - 1).unsqueeze(-1), first.unsqueeze(-1))
+
+
 class BatchedPrefixCache:
     """The prefix layer's static KV cache (decoding form) for B sequences, one row each (``batch.py``).
 
@@ -231,13 +240,7 @@ class BatchedPrefixCache:
         length advances by that many, and the slots of the rows past them (padding, like the backbone's rejected
         tree nodes) are overwritten by the next call. Tensor-only, no host sync on a GPU.
         """
-        return self._extend(slice(None), hidden, count, next_emb)
-
-    def _extend(
-        self, rows: slice, hidden: torch.Tensor, count: torch.Tensor | int | None, next_emb: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``extend`` over the sequences ``rows`` of the cache (views of its rows: writes land in place)."""
-        k_cache, v_cache, length = self.k[rows], self.v[rows], self.lengths[rows]  # (b, S, nh, hd), (b,)
+        k_cache, v_cache, length = self.k, self.v, self.lengths  # (B, S, nh, hd), (B,)
         x = self.layer.inputs(hidden, next_emb)  # (b, n, D)
         b, n, dev = x.shape[0], x.shape[1], x.device
         slots = length[:, None] + torch.arange(n, device=dev)  # (b, n) positions, and cache slots, of the new rows
@@ -337,4 +340,4 @@ class PrefixCache(BatchedPrefixCache):
         Row i attends to cache entries 0 .. length+i; ``count`` (0-d device tensor or int <= n; None: all n) and
         ``next_emb`` (n, D) as for ``BatchedPrefixCache.extend``. Tensor-only, no host sync on a GPU.
         """
-        return self._extend(slice(None), hidden[None], count, None if next_emb is None else next_emb[None])[0]
+        return super().extend(hidden[None], count, None if next_emb is None else next_emb[None])[0]
