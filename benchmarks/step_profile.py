@@ -9,12 +9,22 @@ Prints, for prompts of new lengths:
    ``torch.profiler``): how many kernels each phase launches and their device time.
 
 Usage (GPU): python benchmarks/step_profile.py [--tree PATH] [--heads DIR] [--prefix-fused]
+
+``--count`` (any machine, no GPU needed): the kernels one Medusa step launches per phase, counted by dispatched op
+(``decode/op_count.py``) on the same shapes with a two-layer backbone (the layer count changes only the verify
+forward), fp32. ``--path kernel`` (the default) counts the GPU's path, its Triton kernels run by Triton's interpreter
+on a CPU; ``--path torch`` the PyTorch ops of the CPU path.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
+
+if "--count" in sys.argv:  # Triton reads this when first imported (below, through the decoder's kernels)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path
 
 import torch
@@ -31,14 +41,17 @@ HEADS = Path(__file__).resolve().parents[1] / "medusa_llama/assets/heads/smollm2
 NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def smollm2_shaped() -> LlamaForCausalLM:
+def smollm2_shaped(layers: int = 30, device: str = "cuda", dtype=torch.bfloat16) -> LlamaForCausalLM:
     cfg = LlamaConfig(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9, num_key_value_heads=3,
         vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0,
         rms_norm_eps=1e-5,
     )  # fmt: skip
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
+    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class Tok:
@@ -66,13 +79,32 @@ def timed(fn, reps: int = 1) -> float:
     return 1e3 * (time.perf_counter() - t0) / reps
 
 
+def count_kernels(args) -> None:
+    """``--count``: kernels per phase of one Medusa step, counted by dispatched op (see the module docstring)."""
+    from medusa_llama.decode.op_count import count_step, format_counts
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    bb = make_backbone(smollm2_shaped(2, dev, DTYPES[args.dtype]), Tok(), NAME, 512, "fast")
+    bb.tree_kernel = bb.model.use_fused_kernels = args.path == "kernel"
+    heads = MedusaHeads.load(args.heads, device=dev, dtype=DTYPES[args.dtype])
+    med = MedusaDecoder(bb, heads, load_choices(args.tree), use_cuda_graphs=False)
+    prompt = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    print(f"one Medusa step, {args.path} path, prefix extend fused: {prefix.FUSED_EXTEND}; kernels per phase:")
+    print(format_counts(count_step(med, prompt)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--heads", default=str(HEADS))
     ap.add_argument("--tree", default=str(HEADS / "tree_cuda.json"))
     ap.add_argument("--prefix-fused", action="store_true", help="the prefix layer's fused decode-step extend")
+    ap.add_argument("--count", action="store_true", help="count kernels per phase instead (no GPU needed)")
+    ap.add_argument("--path", choices=("kernel", "torch"), default="kernel", help="--count: the GPU's or the CPU's")
+    ap.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="--count: the dtype (casts count too)")
     args = ap.parse_args()
     prefix.FUSED_EXTEND = args.prefix_fused
+    if args.count:
+        return count_kernels(args)
     print(torch.__version__, torch.cuda.get_device_name())
     bb = make_backbone(smollm2_shaped(), Tok(), NAME, 2048)
     heads = MedusaHeads.load(args.heads, device="cuda", dtype=torch.bfloat16)

@@ -64,20 +64,22 @@ def sample(probs: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Te
 
 
 def _longest_path(ok: torch.Tensor, tree: Tree) -> tuple[torch.Tensor, torch.Tensor]:
-    """ok: (T,) bool, node accepted given its parent. -> (path (D+1,), n (0-d)) of the longest accepted path."""
+    """ok: (..., T) bool, node accepted given its parent. -> (path (..., D+1), n (...)) of the first longest
+    accepted path (leading dimensions: a batch of rows, one tree)."""
     ret = tree.retrieve  # (P, D+1), -1 padded
-    path_ok = ok[ret.clamp(min=0)] & (ret >= 0)  # (P, D+1)
-    accepted = path_ok.long().cumprod(dim=1).sum(dim=1) - 1  # (P,) accepted tokens per path, root excluded
-    best = accepted.argmax()  # the first longest path
-    return pick(ret, best).clamp(min=0), pick(accepted, best)
+    path_ok = ok[..., ret.clamp(min=0)] & (ret >= 0)  # (..., P, D+1)
+    accepted = path_ok.long().cumprod(dim=-1).sum(dim=-1) - 1  # (..., P) accepted tokens per path, root excluded
+    best = accepted.argmax(-1, keepdim=True)  # (..., 1) the first longest path
+    path = ret.index_select(0, best.view(-1)).view(*best.shape[:-1], -1)  # (..., D+1); no host sync
+    return path.clamp(min=0), accepted.gather(-1, best)[..., 0]
 
 
 def accept_greedy(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree):
-    """logits: (T, V) float; tokens: (T,) tree tokens. Lossless greedy acceptance."""
-    pred = logits.argmax(-1)  # (T,) the backbone's choice after each node
-    ok = (tokens == pred[tree.parent.clamp(min=0)]) | (tree.parent < 0)  # the root is always kept
+    """logits: (..., T, V) float; tokens: (..., T) tree tokens. Lossless greedy acceptance."""
+    pred = logits.argmax(-1)  # (..., T) the backbone's choice after each node
+    ok = (tokens == pred[..., tree.parent.clamp(min=0)]) | (tree.parent < 0)  # the root is always kept
     path, n = _longest_path(ok, tree)
-    return path, n, pick(pred, pick(path, n))
+    return path, n, pred.gather(-1, path.gather(-1, n[..., None]))[..., 0]  # the prediction after the last node
 
 
 def accept_typical(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg: AcceptanceConfig):
@@ -117,11 +119,44 @@ def accept_sampling(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg:
 
 
 def accept(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg: AcceptanceConfig):
+    """logits (..., T, V), tokens (..., T) -> path (..., D+1), n (...), bonus (...): leading dimensions are a batch of
+    rows (``batch.py``). Greedy is vectorised over rows; the sampling rules run row by row (their random draws differ
+    from a batch-size-1 run anyway)."""
     if cfg.rule == "greedy":
         return accept_greedy(logits, tokens, tree)
+    if tokens.dim() > 1:
+        picked = [accept(logits[b], tokens[b], tree, cfg) for b in range(tokens.shape[0])]
+        return tuple(torch.stack(x) for x in zip(*picked, strict=True))
     if cfg.rule == "typical":
         return accept_typical(logits, tokens, tree, cfg)
     return accept_sampling(logits, tokens, tree, cfg)
+
+
+def accept_into(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    tree: Tree,
+    cfg: AcceptanceConfig,
+    out: torch.Tensor,
+    root: torch.Tensor,
+    kernel: bool = False,
+) -> torch.Tensor:
+    """``accept`` and the step's emitted tokens at once. Writes ``out`` (..., D+2): [n, the n accepted tokens, the
+    bonus token, padding (the rest of the path's tokens, then 0)], and ``root`` (...): the bonus token, the next
+    tree's root; returns ``path`` (..., D+1), clamped (its entries past n: padding).
+
+    ``kernel`` (the decoders' GPU path): greedy acceptance by one Triton kernel after the argmax
+    (``kernels.greedy_accept``) instead of ~25 small ops; the other rules take the PyTorch ops."""
+    if kernel and cfg.rule == "greedy":
+        from medusa_llama.decode.kernels import greedy_accept
+
+        return greedy_accept(logits.argmax(-1), tokens, tree.parent, tree.retrieve, out, root)
+    path, n, bonus = accept(logits, tokens, tree, cfg)
+    accepted = tokens.gather(-1, path[..., 1:])  # (..., D) the accepted candidates first ...
+    torch.cat([n[..., None], accepted, torch.zeros_like(n)[..., None]], dim=-1, out=out)  # (..., D+2)
+    out.scatter_(-1, (n + 1)[..., None], bonus[..., None])  # ... then the bonus token after them
+    root.copy_(bonus)
+    return path
 
 
 def next_token(logits: torch.Tensor, cfg: AcceptanceConfig, uniform: torch.Tensor | None = None) -> torch.Tensor:

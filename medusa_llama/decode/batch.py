@@ -26,8 +26,8 @@ uniform draws made outside the graph exactly as the eager path makes them, so bo
 The eager grouped prefill stays the CPU's and the reference; ``padded_prefill`` runs the bucketed form eagerly
 (the tests pin it equal to the eager one).
 
-The heads and the greedy rule run once for all rows (``propose_batch``, ``accept_batch``: the functions of
-``proposal.py`` and ``acceptance.py`` with a batch dimension, pinned equal to them by the tests). Heads with prefix
+The heads and the greedy rule run once for all rows (``proposal.propose`` and ``acceptance.accept_into`` take a
+leading batch dimension; the tests pin rows equal to single sequences). Heads with prefix
 attention read the prefix layer's output: its KV cache has one row and one length per sequence too
 (``prefix.BatchedPrefixCache``), prefilled with the prompts by ``add_many`` and extended by each row's accepted path in
 the step, so it stays in step with the backbone's rows; with its token input (EAGLE-style) the prefill passes each
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from medusa_llama.decode.acceptance import AcceptanceConfig, accept, next_token
+from medusa_llama.decode.acceptance import AcceptanceConfig, accept_into, next_token
 from medusa_llama.decode.backbone import FastBackbone
 from medusa_llama.decode.decoder import (
     GenerationConfig,
@@ -57,10 +57,10 @@ from medusa_llama.decode.decoder import (
     pow2_bucket,
     prefill_bucket,
 )
-from medusa_llama.decode.heads import DraftVocab, MedusaHeads, draft_tokens, draft_topk, project_draft
+from medusa_llama.decode.heads import MedusaHeads
 from medusa_llama.decode.model import TreeMask, batched_tree_attention_mask, put_where
 from medusa_llama.decode.prefix import BatchedPrefixCache, successors
-from medusa_llama.decode.topk import topk_indices
+from medusa_llama.decode.proposal import propose
 from medusa_llama.decode.tree import Tree, build_tree
 from medusa_llama.errors import MedusaError
 
@@ -266,7 +266,7 @@ class BatchedDecoder:
                 raise MedusaError(f"the tree is {tree.max_depth} deep but the heads predict only {heads.num_heads}")
             heads = heads.to(device=dev, dtype=backbone.dtype).eval()
         self.heads = heads if tree.size > 1 else None  # a root-only tree runs no heads
-        self.draft = None if self.heads is None else self.heads.draft(backbone.lm_head, draft_vocab)  # as MedusaDecoder
+        self.draft = None if self.heads is None else self.heads.draft(backbone.lm_head, draft_vocab, backbone.embed)
         if self.draft is not None:
             check_draft_fits(self.draft, max(tree.level_topk))
         self.tree = tree.to(dev)
@@ -541,8 +541,8 @@ class BatchedDecoder:
                 hidden = out[at, lengths - 1]  # (R, D)
             put_where(self.hidden, index, hidden, valid[:, None])
             if self.heads is not None:  # the first proposal from the bucket's own rows (the padding's is garbage)
-                proposal = propose_batch(self.heads, hidden, root, self.tree, bk.embed, bk.lm_head, self.draft)
-                put_where(self.tokens, index, proposal, valid[:, None])  # (R, T)
+                proposal = self._propose_from(hidden, root)  # (R, T)
+                put_where(self.tokens, index, proposal, valid[:, None])
 
         return prefill
 
@@ -634,17 +634,15 @@ class BatchedDecoder:
             self._steps[key] = StepRunner(fn, self.use_graphs)
         return self._steps[key]
 
-    def _propose_all(self) -> torch.Tensor:
-        """(B, T): every row's tree from its hidden state and root, the heads run once for the whole batch."""
+    def _propose_from(self, hidden: torch.Tensor, root: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, T): the trees of b rows from their hidden states (b, D) and roots (b,), the heads run once for all
+        (into ``out`` where given); on the GPU path with the heads' fused kernel, as ``MedusaDecoder``."""
         bb = self.backbone
-        return propose_batch(self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head, self.draft)
+        return propose(self.heads, hidden, root, self.tree, bb.embed, bb.lm_head, self.draft, self.bb.tree_kernel, out)
 
     def _propose(self, index: torch.Tensor) -> torch.Tensor:
         """(b, T): the trees of rows ``index`` ((b,) long) from their hidden states and roots, the heads run once."""
-        bb = self.backbone
-        return propose_batch(
-            self.heads, self.hidden[index], self.root[index], self.tree, bb.embed, bb.lm_head, self.draft
-        )
+        return self._propose_from(self.hidden[index], self.root[index])
 
     def _vanilla_step(self, cfg: AcceptanceConfig) -> Callable[[], None]:
         """Forward each row's root alone, commit it, choose each row's next token."""
@@ -669,12 +667,9 @@ class BatchedDecoder:
         def step() -> None:
             hidden = self.bb.forward_tree(self.tokens, tree.mask, tree.depth)  # (B, T, D)
             logits = self.backbone.logits(hidden)  # (B, T, V)
-            path, n, bonus = accept_batch(logits, self.tokens, tree, cfg)  # (B, D+1), (B,), (B,)
-            emitted = self.tokens.gather(1, path[:, 1:])  # (B, D) accepted candidates first ...
-            emitted = torch.cat([emitted, emitted.new_zeros(self.capacity, 1)], dim=1)  # (B, D+1)
-            emitted.scatter_(1, n[:, None], bonus[:, None])  # ... then each row's bonus token at index n
-            self.out[:, 0] = n
-            self.out[:, 1:] = emitted
+            # out[b] = [n, accepted tokens, bonus token, ...]; root[b] = the bonus token (the old root is read first)
+            path = accept_into(logits, self.tokens, tree, cfg, self.out, self.root, self.bb.tree_kernel)  # (B, D+1)
+            n, emitted = self.out[:, 0], self.out[:, 1:]  # (B,), (B, D+1)
             self.bb.commit(path, n, self.active)
             if self.prefix_cache is None:
                 last = path.gather(1, n[:, None])[:, 0]  # (B,) node of each row's last accepted token
@@ -682,59 +677,8 @@ class BatchedDecoder:
             else:  # each row's accepted path (root + n nodes) joins its prefix-layer row; inactive rows stay put
                 # each path token's next one: the next accepted token, then the bonus token (its token input)
                 next_emb = self.backbone.embed(emitted) if self.heads.config.prefix_token_input else None  # (B, D+1, D)
-                kept = self.prefix_cache.extend(
-                    hidden[rows[:, None], path.clamp(min=0)], (n + 1) * self.active, next_emb
-                )  # (B, D+1, D)
+                kept = self.prefix_cache.extend(hidden[rows[:, None], path], (n + 1) * self.active, next_emb)
                 self.hidden.copy_(kept[rows, n])  # (B, D) the layer's output at each row's last accepted token
-            self.root.copy_(bonus)
-            self.tokens.copy_(self._propose_all())
+            self._propose_from(self.hidden, self.root, self.tokens)
 
         return step
-
-
-# -- batched proposal and acceptance ----------------------------------------------------------------------------------
-# The single-sequence functions of proposal.py and acceptance.py with a leading batch dimension, so that a step runs
-# the heads and the greedy rule once for all B rows instead of B times. tests/decode/test_batch.py pins them equal to
-# the single-sequence ones row by row.
-
-
-@torch.no_grad()
-def propose_batch(heads: MedusaHeads, hidden, root, tree: Tree, embed, lm_head, draft: DraftVocab | None = None):
-    """``proposal.propose`` for B rows: hidden (B, D), root (B,) -> tokens (B, T), column 0 = ``root``."""
-    tokens = root.new_zeros(root.shape[0], tree.size)  # (B, T)
-    tokens[:, 0] = root
-    if heads.config.kind == "medusa":  # one top-k list per depth and row; node i takes entry rank[i] of its depth's
-        states = heads.chain_states(hidden)  # K x (B, D), all read h_t
-        logits = torch.stack([project_draft(heads, d, states[d], lm_head, draft) for d in range(tree.max_depth)], 1)
-        top = draft_tokens(topk_indices(logits, max(tree.level_topk)), draft)  # (B, K', k) from (B, K', V|N)
-        tokens[:, 1:] = top[:, tree.depth[1:] - 1, tree.rank[1:]]  # (B, T-1) gather by (depth - 1, rank)
-        return tokens
-    prev = hidden[:, None]  # (B, 1, D): the state the root's children are predicted from
-    for d, nodes in enumerate(tree.expanders):  # nodes: (n_d,) nodes at depth d that have children
-        parent_rows = tree.child_slot[nodes] if d > 0 else torch.zeros_like(nodes)  # (n_d,) columns of `prev`
-        state = heads.head_state(d, prev[:, parent_rows], embed(tokens[:, nodes]))  # (B, n_d, D)
-        top = draft_topk(heads, d, state, lm_head, tree.level_topk[d], draft)  # (B, n_d, k_d) token ids
-        lo, hi = tree.levels[d + 1]
-        tokens[:, lo:hi] = top[:, tree.child_slot[lo:hi], tree.rank[lo:hi]]  # each child: its parent's, its rank
-        prev = state
-    return tokens
-
-
-def accept_batch(logits: torch.Tensor, tokens: torch.Tensor, tree: Tree, cfg: AcceptanceConfig):
-    """``acceptance.accept`` for B rows: logits (B, T, V), tokens (B, T) -> path (B, D+1), n (B,), bonus (B,).
-
-    Greedy is vectorised over rows (the same first-longest path as ``accept_greedy``); the sampling rules run row by
-    row (their random draws differ from a batch-size-1 run anyway)."""
-    if cfg.rule != "greedy":
-        picked = [accept(logits[b], tokens[b], tree, cfg) for b in range(tokens.shape[0])]
-        return tuple(torch.stack(x) for x in zip(*picked, strict=True))
-    pred = logits.argmax(-1)  # (B, T) the backbone's choice after each node
-    ok = (tokens == pred[:, tree.parent.clamp(min=0)]) | (tree.parent < 0)  # (B, T) the root is always kept
-    ret = tree.retrieve  # (P, D+1), -1 padded
-    path_ok = ok[:, ret.clamp(min=0)] & (ret >= 0)  # (B, P, D+1)
-    accepted = path_ok.long().cumprod(dim=2).sum(dim=2) - 1  # (B, P) accepted tokens per path, root excluded
-    best = accepted.argmax(dim=1)  # (B,) each row's first longest path
-    path = ret[best].clamp(min=0)  # (B, D+1)
-    n = accepted.gather(1, best[:, None])[:, 0]  # (B,)
-    bonus = pred.gather(1, path.gather(1, n[:, None]))[:, 0]  # (B,) the prediction after the last accepted node
-    return path, n, bonus

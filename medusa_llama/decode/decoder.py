@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from medusa_llama.decode import dynamic_tree, proposal
-from medusa_llama.decode.acceptance import AcceptanceConfig, accept, next_token, pick
+from medusa_llama.decode.acceptance import AcceptanceConfig, accept_into, next_token, pick
 from medusa_llama.decode.backbone import Backbone
 from medusa_llama.decode.dynamic_tree import DynamicTree, StepTree
 from medusa_llama.decode.heads import DraftVocab, MedusaHeads
@@ -380,7 +380,9 @@ class MedusaDecoder(_Decoder):
         if tree.max_depth > heads.num_heads:
             raise MedusaError(f"the tree is {tree.max_depth} deep but the heads predict only {heads.num_heads} tokens")
         self.heads = heads.to(device=backbone.device, dtype=backbone.dtype).eval()
-        self.draft = None if tree.size == 1 else self.heads.draft(backbone.lm_head, draft_vocab)
+        self.draft = None if tree.size == 1 else self.heads.draft(backbone.lm_head, draft_vocab, backbone.embed)
+        # The GPU path (the backbone's Triton kernels): the heads' and the greedy rule's kernels too.
+        self.kernel = getattr(backbone, "tree_kernel", False)
         if self.draft is not None:
             check_draft_fits(self.draft, self.dynamic.topk if self.dynamic is not None else max(tree.level_topk))
         self.tree = tree.to(backbone.device)
@@ -409,8 +411,9 @@ class MedusaDecoder(_Decoder):
             self.tokens.copy_(tokens)
             self.tree.copy_(tree)
             return
-        tokens = proposal.propose(self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head, self.draft)
-        self.tokens.copy_(tokens)
+        proposal.propose(
+            self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head, self.draft, self.kernel, self.tokens
+        )
 
     def _after_prefill(self, states: torch.Tensor, tokens: torch.Tensor, length: torch.Tensor | None) -> None:
         if self.prefix_cache is not None:
@@ -440,28 +443,30 @@ class MedusaDecoder(_Decoder):
             logits = bb.logits(hidden)  # (T, V)
             if mark:
                 mark("lm_head")
-            path, n, bonus = accept(logits, self.tokens, tree, cfg)  # (D+1,), 0-d, 0-d
+            # out = [n, accepted tokens, bonus token, ...]; root = the bonus token
+            path = accept_into(logits, self.tokens, tree, cfg, self.out, self.root, self.kernel)  # (D+1,) clamped
+            n, emitted = self.out[0], self.out[1:]  # 0-d, (D+1,)
             if mark:
                 mark("acceptance")
-            emitted = self.tokens[path[1:]].clone()  # (D,) accepted candidates first ...
-            emitted = torch.cat([emitted, emitted.new_zeros(1)])  # (D+1,)
-            emitted.scatter_(0, n.view(1), bonus.view(1))  # ... then the bonus token at index n
-            self.out[0].copy_(n)
-            self.out[1:].copy_(emitted)
             bb.commit(path, n)
-            self.hidden.copy_(pick(hidden, pick(path, n)))
-            self.root.copy_(bonus)
+            if self.prefix_cache is None:
+                _take_row(hidden, pick(path, n), self.hidden)
             if mark:
                 mark("commit")
             if self.prefix_cache is not None:  # the accepted path (root + n nodes) joins the prefix layer's cache
                 # its tokens' successors (the token input): the next accepted token, the bonus token after the last
-                rows = self.prefix_cache.extend(hidden[path.clamp(min=0)], n + 1, self._next_emb(emitted))  # (D+1, D)
-                self.hidden.copy_(pick(rows, n))  # rows past n: padding
+                rows = self.prefix_cache.extend(hidden[path], n + 1, self._next_emb(emitted))  # (D+1, D)
+                _take_row(rows, n, self.hidden)  # rows past n: padding
             self.propose()
             if mark:
                 mark("proposal")
 
         return step
+
+
+def _take_row(x: torch.Tensor, i: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[:] = x[i]`` for a 0-d index tensor, in one op and without a host sync: x (n, D), out (D,)."""
+    torch.index_select(x, 0, i.view(1), out=out.view(1, -1))
 
 
 def check_draft_fits(draft: DraftVocab, topk: int) -> None:

@@ -119,8 +119,17 @@ class SequentialBlock(nn.Module):
             nn.init.zeros_(lin.weight)  # identity at start, like ResBlock
         nn.init.zeros_(self.state.bias)
 
-    def forward(self, s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return s + F.silu(self.state(s) + self.token(e))
+    def forward(self, s: torch.Tensor, e: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """s, e: (..., D). ``fused`` (inference on a GPU): ``s + SiLU(.)`` by one Triton kernel instead of two ops.
+
+        ``B e`` accumulates onto ``A s + b`` in the second GEMM (addmm) instead of a third op adding them."""
+        d = s.shape[-1]
+        z = torch.addmm(self.state(s).view(-1, d), e.reshape(-1, d), self.token.weight.t()).view(s.shape)  # (..., D)
+        if fused:
+            from medusa_llama.decode.kernels import silu_residual
+
+            return silu_residual(z, s)
+        return s + F.silu(z)
 
 
 class MedusaHeads(nn.Module):
@@ -174,10 +183,13 @@ class MedusaHeads(nn.Module):
             return self.lm_heads[k](state)
         return base_lm_head(state.to(base_lm_head.weight.dtype))
 
-    def head_state(self, k: int, prev: torch.Tensor, token_emb: torch.Tensor | None = None) -> torch.Tensor:
-        """One head's state. medusa: ``prev`` is h_t. sequential: ``prev`` is s_{k-1}, ``token_emb`` e(x_{t+k})."""
+    def head_state(
+        self, k: int, prev: torch.Tensor, token_emb: torch.Tensor | None = None, fused: bool = False
+    ) -> torch.Tensor:
+        """One head's state. medusa: ``prev`` is h_t. sequential: ``prev`` is s_{k-1}, ``token_emb`` e(x_{t+k}).
+        ``fused``: the sequential mix's Triton kernel (inference on a GPU: ``SequentialBlock``)."""
         if self.config.kind == "sequential":
-            prev = self.mix[k](prev, token_emb.to(prev.dtype))
+            prev = self.mix[k](prev, token_emb.to(prev.dtype), fused)
         return self.blocks[k](prev)
 
     def chain_states(self, hidden: torch.Tensor, path_emb: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -196,9 +208,11 @@ class MedusaHeads(nn.Module):
                 states.append(self.head_state(k, hidden))
         return states
 
-    def draft(self, lm_head: nn.Module, size: int | None = None) -> DraftVocab | None:
+    def draft(self, lm_head: nn.Module, size: int | None = None, embed: nn.Module | None = None) -> DraftVocab | None:
         """The draft vocabulary to propose from: the stored one (``size`` None), its first ``size`` tokens, or none
-        (``size`` 0, or None without a stored one). Raises ``MedusaError`` for a size the heads cannot give."""
+        (``size`` 0, or None without a stored one). Raises ``MedusaError`` for a size the heads cannot give.
+        ``embed``: the backbone's input embedding, whose draft rows sequential heads read (``DraftVocab.embeddings``).
+        """
         if size == 0 or (size is None and self.draft_vocab is None):
             return None
         if self.draft_vocab is None:
@@ -208,7 +222,7 @@ class MedusaHeads(nn.Module):
         stored = self.draft_vocab.numel()
         if size is not None and not 0 < size <= stored:
             raise MedusaError(f"--draft-vocab must be 0 (off) or 1 .. {stored} (the stored vocabulary), got {size}")
-        return DraftVocab.build(self, lm_head, self.draft_vocab[:size])
+        return DraftVocab.build(self, lm_head, self.draft_vocab[:size], embed)
 
     # -- persistence: thin wrappers over heads_io (kept because many callers use them) ----------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -242,14 +256,19 @@ class DraftVocab:
     """(N,) long: the token id of each column of the restricted logits."""
     projections: tuple[nn.Module, ...]
     """Linear maps D -> N: the shared LM head's rows ``W[ids]`` (one), or each own LM head's rows (K)."""
+    embeddings: torch.Tensor | None = None
+    """(N, D): the input embedding of each column's token, for sequential heads (their next depth reads the chosen
+    columns' embeddings in one gather instead of mapping columns to ids first); None where not built."""
 
     @classmethod
     @torch.no_grad()
-    def build(cls, heads: MedusaHeads, lm_head: nn.Module, ids: torch.Tensor) -> DraftVocab:
-        """Take the rows once: ``W_sub = W[ids]`` (N, D) per projection, on the weights' device and dtype."""
+    def build(cls, heads: MedusaHeads, lm_head: nn.Module, ids: torch.Tensor, embed: nn.Module | None = None):
+        """Take the rows once: ``W_sub = W[ids]`` (N, D) per projection, on the weights' device and dtype, and with
+        ``embed`` (sequential heads) the N embedding rows (N D more weights: 9 MB for SmolLM2 in bf16)."""
         sources = list(heads.lm_heads) if heads.lm_heads is not None else [lm_head]
         ids = ids.to(device=sources[0].weight.device, dtype=torch.long)
-        return cls(ids, tuple(_rows_of(src, ids) for src in sources))
+        rows = embed(ids) if embed is not None and heads.config.kind == "sequential" else None  # (N, D)
+        return cls(ids, tuple(_rows_of(src, ids) for src in sources), rows)
 
     @property
     def size(self) -> int:
@@ -282,6 +301,14 @@ def project_draft(
 def draft_tokens(columns: torch.Tensor, draft: DraftVocab | None = None) -> torch.Tensor:
     """Token ids of columns of ``project_draft``'s logits (the identity without a draft vocabulary)."""
     return columns if draft is None else draft.ids[columns]
+
+
+def draft_embed(columns: torch.Tensor, embed, draft: DraftVocab | None = None) -> torch.Tensor:
+    """(..., D): the input embeddings of the tokens of ``project_draft``'s columns (...,) (token ids without a draft
+    vocabulary); one gather where the draft vocabulary holds its rows."""
+    if draft is not None and draft.embeddings is not None:
+        return F.embedding(columns, draft.embeddings)
+    return embed(draft_tokens(columns, draft))
 
 
 def draft_topk(

@@ -175,3 +175,83 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 @silu_mul.register_fake
 def _(gate_up):
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+@triton.jit
+def _silu_residual_kernel(Z, S, Out, N, BLOCK: tl.constexpr):
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < N
+    z = tl.load(Z + c, mask=ok, other=0.0).to(tl.float32)
+    act = (z / (1.0 + tl.exp(-z))).to(Out.dtype.element_ty)  # F.silu rounds to the model dtype ...
+    s = tl.load(S + c, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Out + c, (s + act.to(tl.float32)).to(Out.dtype.element_ty), mask=ok)  # ... then the residual add
+
+
+@torch.library.custom_op("medusa_llama::silu_residual", mutates_args=())
+def silu_residual(z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """z, s: (..., D), one shape. Returns s + silu(z) (the sequential heads' mix, ``heads.SequentialBlock``)."""
+    z, s = z.contiguous(), s.contiguous()
+    out = torch.empty_like(s)
+    block = min(1024, triton.next_power_of_2(max(s.numel(), 1)))
+    _silu_residual_kernel[(triton.cdiv(s.numel(), block),)](z, s, out, s.numel(), BLOCK=block)
+    return out
+
+
+@silu_residual.register_fake
+def _(z, s):
+    return torch.empty_like(s)
+
+
+@triton.jit
+def _greedy_accept_kernel(
+    Pred, Tokens, Parent, Ret, Path, Out, Root, T, P, D1: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr
+):
+    row = tl.program_id(0)
+    pred, tokens = Pred + row * T, Tokens + row * T
+    p = tl.arange(0, BLOCK_P)
+    j = tl.arange(0, BLOCK_J)
+    node = tl.load(Ret + p[:, None] * D1 + j[None, :], mask=(p[:, None] < P) & (j[None, :] < D1), other=-1)
+    real = node >= 0  # (BLOCK_P, BLOCK_J): path p's node at depth j
+    up = tl.load(Parent + tl.maximum(node, 0), mask=real, other=-1)
+    tok = tl.load(tokens + tl.maximum(node, 0), mask=real, other=0)
+    ok = real & ((tok == tl.load(pred + tl.maximum(up, 0), mask=real, other=0)) | (up < 0))  # the root is kept
+    accepted = tl.min(tl.where(ok, BLOCK_J, j[None, :]), 1) - 1  # (BLOCK_P,) leading accepted nodes, root excluded
+    n = tl.max(accepted, 0)
+    best = tl.min(tl.where(accepted == n, p, BLOCK_P), 0)  # the first longest path
+    path = tl.maximum(tl.load(Ret + best * D1 + j, mask=j < D1, other=0), 0)  # (BLOCK_J,)
+    after = tl.maximum(tl.load(Ret + best * D1 + j + 1, mask=j + 1 < D1, other=0), 0)  # path[j + 1]
+    bonus = tl.load(pred + tl.maximum(tl.load(Ret + best * D1 + n), 0))  # the prediction after the last node
+    emitted = tl.where(j == n, bonus, tl.load(tokens + after, mask=j + 1 < D1, other=0))  # padding past n + 1
+    tl.store(Path + row * D1 + j, path, mask=j < D1)
+    tl.store(Out + row * (D1 + 1), n.to(tl.int64))
+    tl.store(Out + row * (D1 + 1) + 1 + j, emitted, mask=j < D1)
+    tl.store(Root + row, bonus)
+
+
+@torch.library.custom_op("medusa_llama::greedy_accept", mutates_args=("out", "root"))
+def greedy_accept(
+    pred: torch.Tensor,
+    tokens: torch.Tensor,
+    parent: torch.Tensor,
+    retrieve: torch.Tensor,
+    out: torch.Tensor,
+    root: torch.Tensor,
+) -> torch.Tensor:
+    """Greedy acceptance and the step's emitted tokens in one launch (``acceptance.accept_into``, its reference).
+
+    pred, tokens: (..., T) long, the backbone's argmax after each node and the tree's tokens; parent (T,), retrieve
+    (P, D+1): the tree's. Writes out (..., D+2) = [n, accepted tokens, bonus token, padding] and root (...) = the
+    bonus token; returns the first longest accepted path (..., D+1), clamped."""
+    t, (p, d1) = tokens.shape[-1], retrieve.shape
+    rows = tokens.numel() // t
+    path = torch.empty(*tokens.shape[:-1], d1, dtype=torch.long, device=tokens.device)
+    _greedy_accept_kernel[(rows,)](
+        pred.contiguous(), tokens.contiguous(), parent.contiguous(), retrieve.contiguous(), path, out, root, t, p,
+        D1=d1, BLOCK_P=triton.next_power_of_2(p), BLOCK_J=triton.next_power_of_2(d1 + 1), num_warps=1,
+    )  # fmt: skip
+    return path
+
+
+@greedy_accept.register_fake
+def _(pred, tokens, parent, retrieve, out, root):
+    return tokens.new_empty(*tokens.shape[:-1], retrieve.shape[1])

@@ -67,6 +67,18 @@ class Tree:
     """(T,) long: for node i > 0, the row of its parent in ``expanders[depth-1]`` (0 for the root)."""
     level_topk: tuple[int, ...]
     """For depth d in 1..D (index d-1): how many top-k candidates the head at that depth must give."""
+    # Static gather indices of the proposal (``proposal.py``), computed here once so that each depth of a step
+    # gathers with one op instead of recomputing them from ``child_slot`` and ``rank``.
+    expander_rows: tuple[torch.Tensor, ...]
+    """For depth d in 0..D-1: (n_d,) ``child_slot`` of ``expanders[d]``: each expander's parent row in depth d-1's
+    head call (zeros at d = 0, the root's one row)."""
+    expander_columns: tuple[torch.Tensor, ...]
+    """For depth d in 0..D-1: (n_d,) each expander's entry in depth d-1's flattened top-k list (n_{d-1} * k_d):
+    ``child_slot * k + rank`` (zeros at d = 0: the root's token is not a head's)."""
+    node_columns: torch.Tensor
+    """(T-1,) node i's (from 1) entry in the depths' flattened top-k lists concatenated (sequential heads)."""
+    parallel_columns: torch.Tensor
+    """(T-1,) node i's (from 1) entry in the flattened (D, max k) top-k lists of ``medusa`` heads (one per depth)."""
 
     @property
     def size(self) -> int:
@@ -85,7 +97,8 @@ class Tree:
         for k, v in fields.items():
             if isinstance(v, torch.Tensor):
                 fields[k] = v.to(device)
-        fields["expanders"] = tuple(e.to(device) for e in self.expanders)
+            elif v and isinstance(v, tuple) and isinstance(v[0], torch.Tensor):
+                fields[k] = tuple(t.to(device) for t in v)
         return Tree(**fields)
 
 
@@ -118,7 +131,19 @@ def build_tree(choices, num_heads: int | None = None) -> Tree:
         expanders.append(torch.tensor(nodes, dtype=torch.long))
     child_slot = torch.tensor([0] + [slot_of[index[p[:-1]]] for p in paths])
     level_topk = tuple(max(p[-1] for p in paths if len(p) == d) + 1 for d in range(1, max_depth + 1))
-    return Tree(tuple(paths), depth, rank, parent, mask, retrieve, levels, tuple(expanders), child_slot, level_topk)
+    # entry of each node in its depth's flattened top-k list (parent row * k + rank), then in their concatenation
+    local = [0] + [int(child_slot[i]) * level_topk[len(p) - 1] + p[-1] for i, p in enumerate(paths, 1)]
+    starts = [0]
+    for d in range(max_depth):
+        starts.append(starts[-1] + len(expanders[d]) * level_topk[d])
+    expander_rows = tuple(child_slot[e] if d else torch.zeros_like(e) for d, e in enumerate(expanders))
+    expander_columns = tuple(torch.tensor([local[i] for i in e.tolist()], dtype=torch.long) for e in expanders)
+    node_columns = torch.tensor([starts[len(p) - 1] + local[i] for i, p in enumerate(paths, 1)], dtype=torch.long)
+    parallel_columns = (depth[1:] - 1) * max(level_topk, default=1) + rank[1:]
+    return Tree(
+        tuple(paths), depth, rank, parent, mask, retrieve, levels, tuple(expanders), child_slot, level_topk,
+        expander_rows, expander_columns, node_columns, parallel_columns,
+    )  # fmt: skip
 
 
 # -- built-in trees -----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from conftest import FakeTokenizer, random_heads, tiny_llama
 from medusa_llama.decode import proposal
 from medusa_llama.decode.acceptance import AcceptanceConfig, accept
 from medusa_llama.decode.backbone import make_backbone
-from medusa_llama.decode.batch import PREFILL_TOKENS, BatchedDecoder, accept_batch, prefill_groups, propose_batch
+from medusa_llama.decode.batch import PREFILL_TOKENS, BatchedDecoder, prefill_groups
 from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
 from medusa_llama.decode.model import batched_tree_attention_mask, tree_attention_mask
 from medusa_llama.decode.tree import build_tree, builtin_tree
@@ -50,13 +50,13 @@ def test_batched_proposal_and_acceptance_equal_single_rows(backbone, kind, tree_
     heads, tree = random_heads(kind), build_tree(builtin_tree(tree_name))
     hidden, root = torch.randn(4, 64), torch.randint(0, 96, (4,))
     embed, lm_head = backbone.embed, backbone.lm_head
-    tokens = propose_batch(heads, hidden, root, tree, embed, lm_head)  # (4, T)
+    tokens = proposal.propose(heads, hidden, root, tree, embed, lm_head)  # (4, T): a leading batch dimension
     for b in range(4):
         assert torch.equal(tokens[b], proposal.propose(heads, hidden[b], root[b], tree, embed, lm_head))
     logits = torch.randn(4, tree.size, 96)
     logits[..., 5] += 8.0  # token 5 wins everywhere, so trees holding 5 accept long paths
     tokens[:, 1::2] = 5
-    path, n, bonus = accept_batch(logits, tokens, tree, AcceptanceConfig())
+    path, n, bonus = accept(logits, tokens, tree, AcceptanceConfig())  # (4, D+1), (4,), (4,)
     assert n.max() > 0
     for b in range(4):
         ref = accept(logits[b], tokens[b], tree, AcceptanceConfig())

@@ -21,7 +21,7 @@ class OracleHeads(MedusaHeads):
         super().__init__(HeadsConfig(num_heads=num_heads, hidden_size=64, vocab_size=96, base_model="tiny"))
         self.backbone, self.prompt_len, self.answer = backbone, prompt_len, answer
 
-    def propose(self, hidden, root, tree, embed, lm_head, draft=None):
+    def propose(self, hidden, root, tree, embed, lm_head, draft=None, fused=False, out=None):
         at = int(self.backbone.cache_len) - self.prompt_len + 1  # index in `answer` of the root's successor
         tokens = torch.randint(0, 96, (tree.size,))
         tokens[0] = root
@@ -31,7 +31,7 @@ class OracleHeads(MedusaHeads):
                 tokens[i] = self.answer[at + len(path) - 1]  # ... right along the rank-0 chain
             elif tokens[i] == self.answer[min(at + len(path) - 1, len(self.answer) - 1)]:
                 tokens[i] = (tokens[i] + 1) % 96
-        return tokens
+        return out.copy_(tokens)  # the decoder passes its tokens buffer
 
 
 @pytest.fixture(scope="module", params=["fast", "hf"])

@@ -15,7 +15,7 @@ from conftest import TINY, FakeTokenizer, random_heads, tiny_llama
 from medusa_llama.cli import run
 from medusa_llama.decode import dynamic_tree, proposal
 from medusa_llama.decode.backbone import make_backbone
-from medusa_llama.decode.batch import BatchedDecoder, propose_batch
+from medusa_llama.decode.batch import BatchedDecoder
 from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder, VanillaDecoder
 from medusa_llama.decode.dynamic_tree import DynamicTree
 from medusa_llama.decode.heads import DRAFT_VOCAB_NAME, DraftVocab
@@ -67,20 +67,24 @@ def test_batched_greedy_with_a_draft_vocab_equals_vanilla(backbone, kind):
 @pytest.mark.parametrize("kind,lm_head", [("sequential", "shared"), ("medusa", "shared"), ("medusa", "own")])
 def test_a_draft_vocab_of_every_token_proposes_exactly_the_full_vocab(backbone, kind, lm_head):
     heads = random_heads(kind, lm_head=lm_head)
-    draft = DraftVocab.build(heads, backbone.lm_head, subset(V, seed=5))  # a permutation of the whole vocabulary
+    ids = subset(V, seed=5)  # a permutation of the whole vocabulary; with its embedding rows or without
+    drafts = [DraftVocab.build(heads, backbone.lm_head, ids, embed) for embed in (None, backbone.embed)]
+    assert drafts[0].embeddings is None and (drafts[1].embeddings is None) == (kind == "medusa")
     tree, spec = build_tree(builtin_tree("tree32"), heads.num_heads), DynamicTree(32, topk=4)
     g = torch.Generator().manual_seed(2)
     hidden, root = torch.randn(3, TINY["hidden_size"], generator=g), torch.randint(0, V, (3,), generator=g)
     args = (backbone.embed, backbone.lm_head)
-    for b in range(3):
-        full = proposal.propose(heads, hidden[b], root[b], tree, *args)
-        assert torch.equal(proposal.propose(heads, hidden[b], root[b], tree, *args, draft), full)
-        tokens, step_tree = dynamic_tree.propose(heads, hidden[b], root[b], spec, *args)
-        tokens_d, step_tree_d = dynamic_tree.propose(heads, hidden[b], root[b], spec, *args, draft)
-        assert torch.equal(tokens_d, tokens) and torch.equal(step_tree_d.parent, step_tree.parent)
-    assert torch.equal(
-        propose_batch(heads, hidden, root, tree, *args, draft), propose_batch(heads, hidden, root, tree, *args)
-    )
+    for draft in drafts:
+        for b in range(3):
+            full = proposal.propose(heads, hidden[b], root[b], tree, *args)
+            assert torch.equal(proposal.propose(heads, hidden[b], root[b], tree, *args, draft), full)
+            tokens, step_tree = dynamic_tree.propose(heads, hidden[b], root[b], spec, *args)
+            tokens_d, step_tree_d = dynamic_tree.propose(heads, hidden[b], root[b], spec, *args, draft)
+            assert torch.equal(tokens_d, tokens) and torch.equal(step_tree_d.parent, step_tree.parent)
+        assert torch.equal(  # a batch of rows
+            proposal.propose(heads, hidden, root, tree, *args, draft),
+            proposal.propose(heads, hidden, root, tree, *args),
+        )
 
 
 def test_proposals_stay_inside_the_draft_vocab(backbone):

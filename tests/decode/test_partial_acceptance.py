@@ -31,7 +31,7 @@ class SometimesRightHeads(MedusaHeads):
         self.chosen: list[tuple[int, ...]] = []  # the right path of each proposal, in order
         self.gen = torch.Generator().manual_seed(0)
 
-    def propose(self, hidden, root, tree, embed, lm_head, draft=None):
+    def propose(self, hidden, root, tree, embed, lm_head, draft=None, fused=False, out=None):
         at = int(self.backbone.cache_len) - self.prompt_len + 1  # index in `answer` of the root's successor
         assert int(root) == self.answer[at - 1]  # the decoder's root is the last greedy token
         right = CYCLE[len(self.chosen) % len(CYCLE)]
@@ -44,7 +44,7 @@ class SometimesRightHeads(MedusaHeads):
                 tokens[i] = truth
             elif tokens[i] == truth:
                 tokens[i] = (truth + 1) % V  # wrong, whatever its parent
-        return tokens
+        return out.copy_(tokens)  # the decoder passes its tokens buffer
 
 
 @pytest.fixture(scope="module", params=["fast", "hf"])

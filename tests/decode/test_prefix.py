@@ -110,14 +110,14 @@ class OracleChain(MedusaHeads):
         self.load_state_dict(heads.state_dict())
         self.backbone, self.prompt_len, self.answer = backbone, prompt_len, answer
 
-    def propose(self, hidden, root, tree, embed, lm_head, draft=None):
+    def propose(self, hidden, root, tree, embed, lm_head, draft=None, fused=False, out=None):
         at = int(self.backbone.cache_len) - self.prompt_len + 1  # index in `answer` of the root's successor
         tokens = torch.zeros(tree.size, dtype=torch.long)
         tokens[0] = root
         for i, path in enumerate(tree.paths, start=1):
             right = all(r == 0 for r in path) and at + len(path) - 1 < len(self.answer)
             tokens[i] = self.answer[at + len(path) - 1] if right else 95
-        return tokens
+        return out.copy_(tokens)  # the decoder passes its tokens buffer
 
 
 @pytest.mark.parametrize("token_input", [False, True])
