@@ -79,15 +79,20 @@ class OpCounter(TorchDispatchMode):
 
 @torch.no_grad()
 def count_step(decoder: _Decoder, prompt: list[int], config: GenerationConfig | None = None) -> OpCounter:
-    """Prefill ``prompt`` and run one eager decode step under an ``OpCounter``; its ``phases`` hold the counts.
+    """Prefill ``prompt``, run one eager decode step to warm up, then count the next under an ``OpCounter``; its
+    ``phases`` hold the counts.
 
-    The step runs as ``profile`` runs it (the same ``mark`` hooks, no graph); on a CPU that is the CPU path unless
-    the decoder was built on its kernel path. Host syncs the CPU path makes by design (reading the cache length to
+    The steps run as ``profile`` runs them (the same ``mark`` hooks, no graph); on a CPU that is the CPU path unless
+    the decoder was built on its kernel path. The warm-up step makes what is made once and cached (as a CUDA graph's
+    warm-up does), so the count is a replay's. Host syncs the CPU path makes by design (reading the cache length to
     attend over the filled slots only) are counted in ``syncs`` too."""
     acfg = (config or GenerationConfig()).acceptance_config()
     counter = OpCounter()
     step = decoder._make_step(acfg, counter.close)
-    decoder._prefill(decoder._checked_prompt(prompt, decoder._depth + 1), acfg)
+    decoder._prefill(decoder._checked_prompt(prompt, 2 * (decoder._depth + 1)), acfg)
+    step()
+    counter = OpCounter()
+    step = decoder._make_step(acfg, counter.close)
     with counter:
         step()
     return counter

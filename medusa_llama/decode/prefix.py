@@ -85,14 +85,17 @@ class PrefixLayer(nn.Module):
             if lin is not None:
                 nn.init.zeros_(lin.weight)  # both residual branches (and the token input) add zero: the identity
 
-    def inputs(self, hidden: torch.Tensor, next_emb: torch.Tensor | None = None) -> torch.Tensor:
+    def inputs(self, hidden: torch.Tensor, next_emb: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
         """The layer's input (..., L, D): ``hidden``, plus ``token(next_emb)`` with the token input. ``next_emb``
         (..., L, D): the embeddings of the tokens after each position (required with the token input, else ignored).
+        ``fused`` (the fused decode-step extend): the add done by the token GEMM (one addmm, rounding once).
         """
         if self.token is None:
             return hidden
         if next_emb is None:
             raise ValueError("this prefix layer reads the next tokens' embeddings (prefix_token_input): pass next_emb")
+        if fused:
+            return _add_linear(hidden, next_emb.to(hidden.dtype), self.token)
         return hidden + self.token(next_emb.to(hidden.dtype))
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +179,7 @@ class BatchedPrefixCache:
         # (the new rows are its "tree", under a causal mask); the eager prefill and CPU steps use SDPA.
         self.kernel = kernel
         self._causal: dict[int, torch.Tensor] = {}
+        self._aranges: dict[int, torch.Tensor] = {}
         # Those steps may also run the layer by the fused kernels (``fused``, only with ``kernel``), with its
         # q/k/v and gate/up weights concatenated here, once: the heads are frozen while a decoder holds this cache
         # (a layer trained further afterwards needs a new cache). The copies cost 3 D^2 + 2 D I more weights.
@@ -241,14 +245,14 @@ class BatchedPrefixCache:
         tree nodes) are overwritten by the next call. Tensor-only, no host sync on a GPU.
         """
         k_cache, v_cache, length = self.k, self.v, self.lengths  # (B, S, nh, hd), (B,)
-        x = self.layer.inputs(hidden, next_emb)  # (b, n, D)
-        b, n, dev = x.shape[0], x.shape[1], x.device
-        slots = length[:, None] + torch.arange(n, device=dev)  # (b, n) positions, and cache slots, of the new rows
+        b, n, dev = hidden.shape[0], hidden.shape[1], hidden.device
+        slots = length[:, None] + self._arange(n, dev)  # (b, n) positions, and cache slots, of the new rows
         kernel = self.kernel and count is not None and n <= KERNEL_MAX_ROWS
         if kernel and self.fused:
-            out = self._extend_fused(x, slots, k_cache, v_cache, length)
+            out = self._extend_fused(hidden, next_emb, slots, k_cache, v_cache, length)
             length += count
             return out
+        x = self.layer.inputs(hidden, next_emb)  # (b, n, D)
         q, k, v = self.layer.project(self.layer.attn_norm(x), self.cos[slots], self.sin[slots])  # (b, n, nh, hd)
         k_cache[self._rows[:b], slots] = k
         v_cache[self._rows[:b], slots] = v
@@ -268,6 +272,12 @@ class BatchedPrefixCache:
         length += n if count is None else count
         return self.layer.finish(x, attn)
 
+    def _arange(self, n: int, device: torch.device) -> torch.Tensor:
+        """(n,) 0 .. n-1, made once per n (a step's extend then launches no kernel for it)."""
+        if n not in self._aranges:
+            self._aranges[n] = torch.arange(n, device=device)
+        return self._aranges[n]
+
     def _tree_attention(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor
     ) -> torch.Tensor:
@@ -281,24 +291,33 @@ class BatchedPrefixCache:
         return tree_attention(q, k_cache, v_cache, length, self._causal[n])
 
     def _extend_fused(
-        self, x: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        next_emb: torch.Tensor | None,
+        slots: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        length: torch.Tensor,
     ) -> torch.Tensor:
-        """The layer over the new rows x (b, n, D) (its input, token input applied) by the fused Triton kernels:
-        ``attn_norm``, one q/k/v GEMM, rotary + K/V cache write, attention, ``o_proj``, residual add + ``mlp_norm``,
-        one gate/up GEMM, SwiGLU product, ``down_proj``, residual add. Returns the outputs (b, n, D).
+        """The layer over the new rows hidden (b, n, D) by the fused Triton kernels: the token input added in the
+        token GEMM (addmm), ``attn_norm``, one q/k/v GEMM, rotary + K/V cache write, attention, ``o_proj``, residual
+        add + ``mlp_norm``, one gate/up GEMM, SwiGLU product, ``down_proj`` with its residual add (addmm). Returns the
+        outputs (b, n, D).
 
         The same function as ``project`` / ``finish`` with the same rounding points (as the backbone's fused layers,
         ``kernels.py``): this layer's RMSNorm (eps ``NORM_EPS``) normalises in fp32, rounds, then scales in the
         weights' dtype, as the kernel does (it only sums the squares in another order); the residual adds and the
         SwiGLU product round where PyTorch does; only the rotary embedding rounds once (fp32 inside the kernel) where
-        PyTorch rounds the two products and their sum, and the concatenated GEMMs may block their sums otherwise.
+        PyTorch rounds the two products and their sum, the concatenated GEMMs may block their sums otherwise, and the
+        two residual adds done by addmm round once where PyTorch rounds the product, then the sum.
 
         The cache write takes one 1-D set of slots for all rows: the b rows of the cache are seen as one
         (1, b S, nh, hd) row, sequence i's slots offset by i S."""
         from medusa_llama.decode import kernels
 
-        layer, (b, n, d) = self.layer, x.shape
+        layer, (b, n, d) = self.layer, hidden.shape
         hd = layer.head_dim
+        x = layer.inputs(hidden, next_emb, fused=True)  # (b, n, D)
         h = kernels.add_rms_norm(x, None, layer.attn_norm.weight, layer.attn_norm.eps)[1]  # (b, n, D)
         qkv = F.linear(h, self._wqkv).view(1, b * n, 3 * d)  # (1, b n, 3D): q, k, v heads in a row
         cos, sin = (table.view(-1, hd)[slots].view(1, b * n, hd) for table in (self.cos, self.sin))  # (1, b n, hd)
@@ -307,7 +326,12 @@ class BatchedPrefixCache:
         q = kernels.rope_cache_write(qkv, cos, sin, flat, k_flat, v_flat, layer.num_heads)  # (1, b n, nh, hd)
         attn = self._tree_attention(q.view(b, n, layer.num_heads, hd), k_cache, v_cache, length)  # (b, n, nh, hd)
         x, h = kernels.add_rms_norm(x, layer.o_proj(attn.flatten(-2)), layer.mlp_norm.weight, layer.mlp_norm.eps)
-        return x + layer.down_proj(kernels.silu_mul(F.linear(h, self._w13)))  # (b, n, D)
+        return _add_linear(x, kernels.silu_mul(F.linear(h, self._w13)), layer.down_proj)  # (b, n, D)
+
+
+def _add_linear(x: torch.Tensor, y: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``x + linear(y)`` as one addmm (the GEMM adds x): x (..., D), y (..., I) -> (..., D)."""
+    return torch.addmm(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), linear.weight.t()).view(x.shape)
 
 
 class PrefixCache(BatchedPrefixCache):
