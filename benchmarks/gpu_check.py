@@ -5,16 +5,16 @@
    cache length (read on the device) changes.
 2. Decoding the tiny random model in fp32: CUDA-graph steps equal eager steps, Medusa greedy equals vanilla greedy
    for both head kinds and every built-in tree, the kernel path (the GPU default) equals the PyTorch path, and
-   torch.compile'd steps over the kernels equal them too. With ``--prefix-fused``, prefix heads on the kernel path run
-   their layer's decode-step extend by the fused Triton kernels (``prefix.BatchedPrefixCache._extend_fused``, off by
-   default until this check has passed on a GPU: ``prefix.FUSED_EXTEND``).
+   torch.compile'd steps over the kernels equal them too. Prefix heads on the kernel path run their layer's decode-step
+   extend by the fused Triton kernels (``prefix.BatchedPrefixCache._extend_fused``, the default) or, with
+   ``--prefix-extend unfused``, by the PyTorch ops.
 3. Batched decoding in fp32 (3 rows, 5 prompts of 5-150 tokens joining as rows free up; and 4 rows, a group of 3
    joining a running sequence): every sequence equals its batch-size-1 output, for vanilla, sequential and prefix
    heads (with and without the token input), eager, graph steps, and graph steps with the CUDA-graph prefill.
 4. If the embedded SmolLM2 is installed: bf16 decoding of one chat prompt, each variant's agreement with vanilla
    reported (not checked: bf16 batched verification meets near-ties, see FACTS).
 
-    python benchmarks/gpu_check.py [--no-embedded] [--prefix-fused]
+    python benchmarks/gpu_check.py [--no-embedded] [--prefix-extend fused|unfused]
 """
 
 from __future__ import annotations
@@ -207,9 +207,14 @@ def report_embedded() -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-embedded", action="store_true", help="skip the embedded-model report")
-    ap.add_argument("--prefix-fused", action="store_true", help="fused prefix-layer extends")
+    ap.add_argument(
+        "--prefix-extend",
+        choices=("fused", "unfused"),
+        default="fused",
+        help="the prefix layer's decode-step extend: fused Triton kernels (the default) or the PyTorch ops",
+    )
     args = ap.parse_args()
-    prefix.FUSED_EXTEND = args.prefix_fused
+    prefix.FUSED_EXTEND = args.prefix_extend == "fused"
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 1

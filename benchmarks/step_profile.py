@@ -8,7 +8,7 @@ Prints, for prompts of new lengths:
 3. one graph replay of the vanilla and the Medusa step, and the Medusa step's kernels grouped by phase (eager, with
    ``torch.profiler``): how many kernels each phase launches and their device time.
 
-Usage (GPU): python benchmarks/step_profile.py [--tree PATH] [--heads DIR] [--prefix-fused]
+Usage (GPU): python benchmarks/step_profile.py [--tree PATH] [--heads DIR] [--prefix-extend fused|unfused]
 
 ``--count`` (any machine, no GPU needed): the kernels one Medusa step launches per phase, counted by dispatched op
 (``decode/op_count.py``) on the same shapes with a two-layer backbone (the layer count changes only the verify
@@ -97,12 +97,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--heads", default=str(HEADS))
     ap.add_argument("--tree", default=str(HEADS / "tree_cuda.json"))
-    ap.add_argument("--prefix-fused", action="store_true", help="the prefix layer's fused decode-step extend")
+    ap.add_argument(
+        "--prefix-extend",
+        choices=("fused", "unfused"),
+        default="fused",
+        help="the prefix layer's decode-step extend: fused Triton kernels (the default) or the PyTorch ops",
+    )
     ap.add_argument("--count", action="store_true", help="count kernels per phase instead (no GPU needed)")
     ap.add_argument("--path", choices=("kernel", "torch"), default="kernel", help="--count: the GPU's or the CPU's")
     ap.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="--count: the dtype (casts count too)")
     args = ap.parse_args()
-    prefix.FUSED_EXTEND = args.prefix_fused
+    prefix.FUSED_EXTEND = args.prefix_extend == "fused"
     if args.count:
         return count_kernels(args)
     print(torch.__version__, torch.cuda.get_device_name())
