@@ -14,10 +14,11 @@ of it of N nodes, built-in names) and writes the fastest per B as this device ty
 after every batch size, so a run cut short keeps what it measured; ``--budget-s`` stops starting measurements after
 that many seconds. A candidate that fails is reported and skipped.
 
-``--prefill eager|graph|both``: the batched decoder's prefill, eager (the default) or by CUDA-graph replays
-(``BatchedDecoder(graph_prefill=True)``); ``both`` measures every batch size twice, eager then graph, side by side
-(one row each, ``prefill`` names it; the server's table then takes the graph rows). Each candidate also reports its
-mean time to first token (``mean_prefill_ms``), where the joining requests' prefill shows:
+``--prefill graph|eager|both``: the batched decoder's prefill, by CUDA-graph replays (``graph_prefill``, the
+decoder's and so the server's default; on a CPU, without graphs, it is the eager one) or eager; ``both`` measures
+every batch size twice, eager then graph, side by side (one row each, ``prefill`` names it; the server's table then
+takes the graph rows). Each candidate also reports its mean time to first token (``mean_prefill_ms``), where the
+joining requests' prefill shows:
 
     python benchmarks/batch_throughput.py --batch-sizes 1,8 --prefill both --out r.json
 """
@@ -58,7 +59,7 @@ def measure(
     b: int,
     prompts: list[list[int]],
     cfg: GenerationConfig,
-    graph_prefill: bool = False,
+    graph_prefill: bool = True,
 ) -> dict:
     """Tokens/s of a batched decoder of ``b`` rows with tree ``choices`` ([] : vanilla) over ``prompts``, after a
     short warm-up (CUDA graph capture: the steps', and with ``graph_prefill`` every prefill bucket's, before the
@@ -115,6 +116,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--heads", default=None, help="Medusa heads (default: the shipped default heads)")
     ap.add_argument("--tree", default=None, help="a static tree (default: the one saved beside the heads)")
+    ap.add_argument("--prompt-file", default=None, help="a JSONL prompt file (default: the built-in held-out prompts)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-seq-len", type=int, default=1024, help="KV cache per row (prompt + new tokens + a tree)")
@@ -129,9 +131,9 @@ def main() -> None:
     ap.add_argument("--margin", type=float, default=0.03, help="a tree must beat vanilla by this fraction to be kept")
     ap.add_argument(
         "--prefill",
-        choices=("eager", "graph", "both"),
-        default="eager",
-        help="the batched prefill: eager, CUDA-graph replays (graph_prefill), or both side by side",
+        choices=("graph", "eager", "both"),
+        default="graph",
+        help="the batched prefill: CUDA-graph replays (graph_prefill, the server's default), eager, or both",
     )
     ap.add_argument(
         "--budget-s", type=float, default=0.0, help="start no measurement after this many seconds (0: none)"
@@ -155,9 +157,11 @@ def main() -> None:
     default = [list(p) for p in load_choices(pipe.tree_spec)] if pipe.tree_spec else []
     default = fit_tree(default, pipe.heads.num_heads, pipe.tree_spec or "")
     trees = {"vanilla": [], **candidate_trees(specs, default)}
-    held_out = [chat_ids(bb.tokenizer, p.text) for p in load_prompts(None)]
+    held_out = [chat_ids(bb.tokenizer, p.text) for p in load_prompts(args.prompt_file)]
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
     dev_type, dev_name = bb.device.type, device_name(bb.device)
+    if not bb.supports_cuda_graphs or dev_type != "cuda":
+        modes = ["eager"]  # no CUDA graphs here: the graph prefill is the eager one
     print(f"{dev_name} {bb.dtype}: trees {', '.join(f'{k} ({len(v) + 1})' for k, v in trees.items())}", flush=True)
 
     rows, chosen = [], {}

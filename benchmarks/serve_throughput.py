@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--tree-table", default=None, help="the server's trees per batch size (default: beside the heads)")
     ap.add_argument("--overhead-prompts", type=int, default=4, help="prompts of the one-client overhead (0: skip)")
+    ap.add_argument("--prompt-file", default=None, help="a JSONL prompt file (default: the built-in held-out prompts)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-seq-len", type=int, default=1024)
@@ -41,7 +42,7 @@ def main() -> None:
     pipe = load_pipeline(opts, need_heads=True)
     bb = pipe.backbone
     table = args.tree_table or table_path(resolve_heads_dir(None, None))
-    held_out = [chat_ids(bb.tokenizer, p.text) for p in load_prompts(None)]
+    held_out = [chat_ids(bb.tokenizer, p.text) for p in load_prompts(args.prompt_file)]
     print(f"{device_name(bb.device)} {bb.dtype}: tree table {table}", flush=True)
 
     rows = []

@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 SHIPPED_HEADS = ASSETS / "heads" / "smollm2-135m-instruct"
-SHIPPED_BATCH_HEADS = ASSETS / "heads" / "smollm2-135m-instruct-sequential"
-"""The shipped heads without prefix attention, for batched serving (its measured tree table belongs to them)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_TYPES = ("cpu", "cuda")
 
@@ -159,16 +157,6 @@ def default_heads_dir(model: str | None = None) -> Path | None:
     if is_embedded(model) and (SHIPPED_HEADS / WEIGHTS_NAME).is_file():
         return SHIPPED_HEADS
     return None
-
-
-def heads_for_batching(options: DecoderOptions) -> DecoderOptions:
-    """Batched decoding without ``--heads`` takes the shipped heads without prefix attention (``SHIPPED_BATCH_HEADS``):
-    the batched trees (``serve_trees.json``) were measured for them, and the default heads have no such table. Heads
-    the user named are kept, prefix attention or not."""
-    if options.heads is None and default_heads_dir(options.model) == SHIPPED_HEADS and SHIPPED_BATCH_HEADS.is_dir():
-        log.info("batched decoding: the shipped heads without prefix attention (%s)", SHIPPED_BATCH_HEADS.name)
-        return replace(options, heads=str(SHIPPED_BATCH_HEADS))
-    return options
 
 
 def resolve_heads_dir(spec: str | None, model: str | None = None, required: bool = False) -> Path | None:

@@ -21,7 +21,7 @@ BT_PROMPTS=${BT_PROMPTS:-16}            # held-out prompts per batch size (at le
 BT_TOKENS=${BT_TOKENS:-256}             # new tokens per prompt
 BT_CANDIDATES=${BT_CANDIDATES:-default,64,16,4}  # trees tried per B (vanilla always)
 BT_HEADS=${BT_HEADS:-}                  # heads of part 1 (empty: the shipped default heads)
-BT_PREFILL=${BT_PREFILL:-eager}         # the batched prefill of part 1: eager, graph or both
+BT_PREFILL=${BT_PREFILL:-graph}         # the batched prefill of part 1: graph (the server's), eager or both
 T_TREES=${T_TREES:-240}                 # seconds for part 1 (it stops starting measurements 45 s before)
 SV_LEVELS=${SV_LEVELS:-1,8,32}          # concurrent clients (= server batch size)
 SV_PROMPTS=${SV_PROMPTS:-8}             # requests per level (at least 2 per client)

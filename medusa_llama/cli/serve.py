@@ -9,7 +9,7 @@ from dataclasses import replace
 from medusa_llama.cli.generate import add_decoder_args
 from medusa_llama.cli.options import add_config_args, config_from_args
 from medusa_llama.errors import MedusaError
-from medusa_llama.pipeline import DecoderOptions, Pipeline, heads_for_batching, load_pipeline, resolve_heads_dir
+from medusa_llama.pipeline import DecoderOptions, Pipeline, load_pipeline, resolve_heads_dir
 from medusa_llama.serve.config import SERVE_ACCEPTANCE, ServeConfig
 from medusa_llama.serve.trees import serve_tree, table_path
 
@@ -42,7 +42,7 @@ def run_serve(args) -> int:
     from medusa_llama.serve.server import run_server
 
     options = config_from_args(DecoderOptions, args)
-    pipe = load_pipeline(heads_for_batching(options) if cfg.batch_size > 1 else options)
+    pipe = load_pipeline(options)
     if cfg.tree_table is None and pipe.heads is not None:  # default: the table saved beside the heads, if any
         found = table_path(resolve_heads_dir(pipe.options.heads, pipe.options.model))
         cfg = replace(cfg, tree_table=str(found) if found else None)

@@ -57,9 +57,9 @@ def test_rows_buckets_are_powers_of_two_capped_at_the_batch():
     assert [rows_bucket(n, 6) for n in (3, 5, 6)] == [4, 6, 6]
 
 
-def test_graph_prefill_is_opt_in_and_needs_graphs(backbone):
-    assert not BatchedDecoder(backbone, 2).padded_prefill
-    assert not BatchedDecoder(backbone, 2, graph_prefill=True).padded_prefill  # no CUDA graphs on a CPU
+def test_graph_prefill_needs_graphs(backbone):
+    assert not BatchedDecoder(backbone, 2).padded_prefill  # on by default, but no CUDA graphs on a CPU
+    assert not BatchedDecoder(backbone, 2, graph_prefill=True).padded_prefill
 
 
 @pytest.mark.parametrize("heads", list(HEADS))

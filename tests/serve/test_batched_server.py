@@ -4,7 +4,6 @@ the single-sequence decoder would (fp32, greedy)."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import openai
 import pytest
@@ -15,18 +14,12 @@ from medusa_llama.cli.serve import make_engine
 from medusa_llama.decode.decoder import GenerationConfig
 from medusa_llama.decode.heads import MedusaHeads
 from medusa_llama.errors import MedusaError
-from medusa_llama.pipeline import (
-    SHIPPED_BATCH_HEADS,
-    SHIPPED_HEADS,
-    DecoderOptions,
-    Pipeline,
-    default_heads_dir,
-    heads_for_batching,
-)
+from medusa_llama.pipeline import SHIPPED_HEADS, DecoderOptions, Pipeline, default_heads_dir
 from medusa_llama.serve.app import create_app
 from medusa_llama.serve.config import ServeConfig
 from medusa_llama.serve.engine import BatchedEngine, DecoderEngine
 from medusa_llama.serve.server import background_server
+from medusa_llama.serve.trees import read_table, table_path, trees_for_device
 
 
 def tiny_pipeline(tree: str = "tree16") -> Pipeline:
@@ -49,16 +42,18 @@ def test_batched_serving_runs_prefix_heads(caplog):
     assert engine.decoder.prefix_cache is not None and "prefix attention" not in caplog.text
 
 
-def test_batched_serving_takes_the_shipped_heads_without_prefix_attention():
-    default = DecoderOptions()
+def test_the_shipped_heads_carry_a_batched_tree_table_for_each_device_type():
+    """Batched serving without --heads takes the default heads (prefix attention and all) and the trees per batch
+    size measured for them, one table per device type."""
     if default_heads_dir(None) != SHIPPED_HEADS:
         pytest.skip("the shipped heads are not installed")
-    assert MedusaHeads.load(SHIPPED_HEADS).config.prefix_attention  # the default heads have a prefix layer ...
-    batch = heads_for_batching(default)
-    assert Path(batch.heads) == SHIPPED_BATCH_HEADS  # ... these not: the batched tree table was measured for them
-    assert not MedusaHeads.load(batch.heads).config.prefix_attention
-    mine = DecoderOptions(heads="my/heads")
-    assert heads_for_batching(mine) is mine  # heads the user named are kept
+    heads = MedusaHeads.load(SHIPPED_HEADS)
+    table = read_table(table_path(SHIPPED_HEADS))
+    for device_type in ("cuda", "cpu"):
+        trees = trees_for_device(table, device_type)
+        assert 1 in trees, device_type
+        for choices in trees.values():  # every entry decodes with these heads: no deeper than they predict
+            assert all(len(path) <= heads.num_heads for path in choices)
 
 
 def test_batch_size_refuses_a_dynamic_tree():
