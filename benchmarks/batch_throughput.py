@@ -140,7 +140,6 @@ def main() -> None:
     )
     args = ap.parse_args()
     sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    modes = ["eager", "graph"] if args.prefill == "both" else [args.prefill]
     specs = (args.candidates or ("default,64,16,4" if args.write_serve_trees else "default")).split(",")
     t_start = time.perf_counter()
 
@@ -160,7 +159,8 @@ def main() -> None:
     held_out = [chat_ids(bb.tokenizer, p.text) for p in load_prompts(args.prompt_file)]
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
     dev_type, dev_name = bb.device.type, device_name(bb.device)
-    if not bb.supports_cuda_graphs or dev_type != "cuda":
+    modes = ["eager", "graph"] if args.prefill == "both" else [args.prefill]
+    if not bb.supports_cuda_graphs:
         modes = ["eager"]  # no CUDA graphs here: the graph prefill is the eager one
     print(f"{dev_name} {bb.dtype}: trees {', '.join(f'{k} ({len(v) + 1})' for k, v in trees.items())}", flush=True)
 

@@ -12,8 +12,8 @@ Usage (GPU): python benchmarks/step_profile.py [--tree PATH] [--heads DIR] [--pr
 
 ``--count`` (any machine, no GPU needed): the kernels one Medusa step launches per phase, counted by dispatched op
 (``decode/op_count.py``) on the same shapes with a two-layer backbone (the layer count changes only the verify
-forward), fp32. ``--path kernel`` (the default) counts the GPU's path, its Triton kernels run by Triton's interpreter
-on a CPU; ``--path torch`` the PyTorch ops of the CPU path.
+forward), in ``--dtype`` (bfloat16 by default). ``--path kernel`` (the default) counts the GPU's path, its Triton
+kernels run by Triton's interpreter on a CPU; ``--path torch`` the PyTorch ops of the CPU path.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medusa_llama.decode.model import add_linear
 from medusa_llama.decode.prefix import PrefixLayer
 from medusa_llama.decode.topk import topk_indices
 from medusa_llama.errors import MedusaError
@@ -123,8 +124,7 @@ class SequentialBlock(nn.Module):
         """s, e: (..., D). ``fused`` (inference on a GPU): ``s + SiLU(.)`` by one Triton kernel instead of two ops.
 
         ``B e`` accumulates onto ``A s + b`` in the second GEMM (addmm) instead of a third op adding them."""
-        d = s.shape[-1]
-        z = torch.addmm(self.state(s).view(-1, d), e.reshape(-1, d), self.token.weight.t()).view(s.shape)  # (..., D)
+        z = add_linear(self.state(s), e, self.token)  # (..., D)
         if fused:
             from medusa_llama.decode.kernels import silu_residual
 

@@ -111,6 +111,11 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.T
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+def add_linear(x: torch.Tensor, y: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``x + linear(y)`` as one addmm (the GEMM adds x, rounding once): x (..., D), y (..., I) -> (..., D)."""
+    return torch.addmm(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), linear.weight.t()).view(x.shape)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

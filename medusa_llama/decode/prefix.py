@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medusa_llama.decode.model import put_where, sdpa
+from medusa_llama.decode.model import RMSNorm, add_linear, put_where, rotate_half, sdpa
 
 NORM_EPS = 1e-6
 KERNEL_MAX_ROWS = 128
@@ -48,22 +48,6 @@ KERNEL_MAX_ROWS = 128
 FUSED_EXTEND = True
 """The default of the caches' ``fused``: the fused decode-step extend on the kernel path (a GPU). Checked against the
 PyTorch ops by ``benchmarks/gpu_check.py`` on the GPU and by the tests through Triton's interpreter."""
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = NORM_EPS):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class PrefixLayer(nn.Module):
@@ -75,9 +59,9 @@ class PrefixLayer(nn.Module):
     def __init__(self, dim: int, num_heads: int, intermediate_size: int, rope_theta: float, token_input: bool = False):
         super().__init__()
         self.num_heads, self.head_dim, self.rope_theta = num_heads, dim // num_heads, rope_theta
-        self.attn_norm = RMSNorm(dim)
+        self.attn_norm = RMSNorm(dim, NORM_EPS)
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(dim, dim, bias=False) for _ in range(4))
-        self.mlp_norm = RMSNorm(dim)
+        self.mlp_norm = RMSNorm(dim, NORM_EPS)
         self.gate_proj = nn.Linear(dim, intermediate_size, bias=False)
         self.up_proj = nn.Linear(dim, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, dim, bias=False)
@@ -96,7 +80,7 @@ class PrefixLayer(nn.Module):
         if next_emb is None:
             raise ValueError("this prefix layer reads the next tokens' embeddings (prefix_token_input): pass next_emb")
         if fused:
-            return _add_linear(hidden, next_emb.to(hidden.dtype), self.token)
+            return add_linear(hidden, next_emb.to(hidden.dtype), self.token)
         return hidden + self.token(next_emb.to(hidden.dtype))
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,12 +311,7 @@ class BatchedPrefixCache:
         q = kernels.rope_cache_write(qkv, cos, sin, flat, k_flat, v_flat, layer.num_heads)  # (1, b n, nh, hd)
         attn = self._tree_attention(q.view(b, n, layer.num_heads, hd), k_cache, v_cache, length)  # (b, n, nh, hd)
         x, h = kernels.add_rms_norm(x, layer.o_proj(attn.flatten(-2)), layer.mlp_norm.weight, layer.mlp_norm.eps)
-        return _add_linear(x, kernels.silu_mul(F.linear(h, self._w13)), layer.down_proj)  # (b, n, D)
-
-
-def _add_linear(x: torch.Tensor, y: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """``x + linear(y)`` as one addmm (the GEMM adds x): x (..., D), y (..., I) -> (..., D)."""
-    return torch.addmm(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), linear.weight.t()).view(x.shape)
+        return add_linear(x, kernels.silu_mul(F.linear(h, self._w13)), layer.down_proj)  # (b, n, D)
 
 
 class PrefixCache(BatchedPrefixCache):
