@@ -20,7 +20,14 @@ import torch
 from torch.nn.attention import sdpa_kernel
 
 from medusa_llama.decode.cpu_linear import pack_linears
-from medusa_llama.decode.model import SDPA_BACKENDS, FastLlama, TreeMask, kernels_available, tree_attention_mask
+from medusa_llama.decode.model import (
+    SDPA_BACKENDS,
+    FastLlama,
+    TreeMask,
+    commit_cache,
+    kernels_available,
+    tree_attention_mask,
+)
 from medusa_llama.errors import MedusaError
 
 log = logging.getLogger(__name__)
@@ -117,11 +124,8 @@ class FastBackbone(Backbone):
 
     @torch.no_grad()
     def commit(self, path: torch.Tensor, n: torch.Tensor) -> None:
-        # Moving all D+1 path slots keeps shapes fixed; slots past the n+1 kept ones are beyond the new
-        # cache_len, so they are masked out and overwritten later.
-        dst = self.cache_len + torch.arange(path.shape[0], device=self.device)
-        self.model.compact(dst, self.cache_len + path.clamp(min=0))
-        self.cache_len += n + 1
+        m = self.model  # on the kernel path one Triton move and one advance (``cache_kernels.commit_path``)
+        commit_cache(m.k_cache, m.v_cache, self.cache_len, path, n, fused=m.use_fused_kernels)
 
 
 class HFBackbone(Backbone):

@@ -58,7 +58,7 @@ from medusa_llama.decode.decoder import (
     prefill_bucket,
 )
 from medusa_llama.decode.heads import MedusaHeads
-from medusa_llama.decode.model import TreeMask, batched_tree_attention_mask, put_where
+from medusa_llama.decode.model import TreeMask, batched_tree_attention_mask, commit_cache, put_where
 from medusa_llama.decode.prefix import BatchedPrefixCache, successors
 from medusa_llama.decode.proposal import propose
 from medusa_llama.decode.tree import Tree, build_tree
@@ -122,7 +122,6 @@ class BatchedBackbone:
         self.max_seq_len = backbone.max_seq_len
         self.k_cache, self.v_cache = self.model.new_cache(self.max_seq_len, batch_size)  # (L, B, S, n_kv, hd)
         self.cache_len = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # (B,)
-        self._rows = torch.arange(batch_size, device=self.device)[:, None]  # (B, 1)
         self.tree_kernel = backbone.tree_kernel  # tree steps by the Triton kernel, one cache length per row
 
     @torch.no_grad()
@@ -205,12 +204,8 @@ class BatchedBackbone:
         """Keep row b's tree nodes ``path[b, :n[b]+1]`` as its next cache entries; inactive rows do not advance.
 
         All D+1 path slots move (fixed shapes); those past the kept ones lie beyond the new cache length."""
-        d1 = path.shape[1]
-        dst = self.cache_len[:, None] + torch.arange(d1, device=self.device)  # (B, D+1)
-        src = self.cache_len[:, None] + path.clamp(min=0)  # (B, D+1)
-        for cache in (self.k_cache, self.v_cache):
-            cache[:, self._rows, dst] = cache[:, self._rows, src]  # (L, B, D+1, n_kv, hd); reads before writes
-        self.cache_len += (n + 1) * active
+        fused = self.model.use_fused_kernels  # the Triton move and advance (``cache_kernels.commit_path``)
+        commit_cache(self.k_cache, self.v_cache, self.cache_len, path, n, active, fused)
 
 
 @dataclass

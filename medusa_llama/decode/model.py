@@ -23,9 +23,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # the GPU path's Triton kernels; the CPU path needs no Triton
-    from medusa_llama.decode import attention, kernels
+    from medusa_llama.decode import attention, cache_kernels, kernels
 except ImportError:  # pragma: no cover - depends on the install
-    attention = kernels = None
+    attention = cache_kernels = kernels = None
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -286,10 +286,37 @@ class FastLlama(nn.Module):
             x = layer(x, cos, sin, mask, slots, k_cache[i], v_cache[i])
         return self.norm(x)
 
-    def compact(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Move cache slots ``src`` to ``dst`` in every layer (both (n,) long). Reads happen before writes."""
-        self.k_cache[:, :, dst] = self.k_cache[:, :, src]  # (L, B, n, n_kv, hd)
-        self.v_cache[:, :, dst] = self.v_cache[:, :, src]
+
+def commit_cache(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: torch.Tensor,
+    path: torch.Tensor,
+    n: torch.Tensor,
+    active: torch.Tensor | None = None,
+    fused: bool = False,
+) -> None:
+    """Keep each sequence's tree nodes ``path[:n+1]`` (root first) as its next n+1 cache entries, in place.
+
+    k_cache, v_cache: (L, B, S, n_kv, hd), the tree's K/V at slots cache_len .. cache_len + T - 1 of each row;
+    cache_len (B,) long, path (B, D+1) long, n (B,) long, or 0-d / (D+1,) / 0-d for one sequence; active (B,) bool:
+    rows that advance (None: all). All D+1 path slots move (fixed shapes); those past the n+1 kept ones lie beyond
+    the new cache length, masked out and overwritten later. A path of the root alone (vanilla decoding) moves nothing:
+    the root already sits in its slot. ``fused``: by two Triton launches (``cache_kernels``, a GPU)."""
+    if path.shape[-1] > 1 and fused:
+        cache_kernels.move_path(k_cache, v_cache, cache_len, path)
+    elif path.shape[-1] > 1:
+        lens = cache_len.view(-1, 1)  # (B, 1)
+        b = lens.shape[0]
+        dst = lens + torch.arange(path.shape[-1], device=path.device)  # (B, D+1)
+        src = lens + path.view(b, -1).clamp(min=0)
+        rows = slice(None) if b == 1 else torch.arange(b, device=path.device)[:, None]  # (B, 1)
+        for cache in (k_cache, v_cache):
+            cache[:, rows, dst] = cache[:, rows, src]  # (L, B, D+1, n_kv, hd); reads before writes
+    if fused:
+        cache_kernels.advance(cache_len, n, active)
+    else:
+        cache_len += n + 1 if active is None else (n + 1) * active
 
 
 def put_where(buf: torch.Tensor, index, new: torch.Tensor, keep: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ import copy
 import torch
 from conftest import tiny_llama
 
-from medusa_llama.decode.model import FastLlama, tree_attention_mask
+from medusa_llama.decode.model import FastLlama, commit_cache, tree_attention_mask
 from medusa_llama.decode.tree import build_tree, builtin_tree
 
 MAX_SEQ_LEN = 96
@@ -54,7 +54,7 @@ def test_whole_cache_span_equals_filled_span():
         path = tree.retrieve[int(torch.randint(0, tree.retrieve.shape[0], (1,), generator=g))]
         path = path[path >= 0]  # (n + 1,) root first
         for m in (filled, whole):
-            m.compact(cache_len + torch.arange(path.numel()), cache_len + path)
+            commit_cache(m.k_cache, m.v_cache, torch.tensor(cache_len), path, torch.tensor(path.numel() - 1))
         cache_len += path.numel()
     live = slice(0, cache_len)
     torch.testing.assert_close(filled.k_cache[:, :, live], whole.k_cache[:, :, live], rtol=1e-5, atol=1e-5)

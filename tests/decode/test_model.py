@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import TINY, FakeTokenizer, tiny_llama
+from test_prefix import kernel_device
 
 from medusa_llama.decode.backbone import make_backbone
 from medusa_llama.decode.model import FastLlama, ModelArgs
@@ -78,21 +79,25 @@ def test_each_tree_path_equals_sequential_decoding(backend):
         torch.testing.assert_close(tree_logits[path], ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["fast", "hf"])
+@pytest.mark.parametrize("backend", ["fast", "hf", "kernel"])
 def test_commit_keeps_later_steps_correct(backend):
-    """After compacting an accepted path into place, the next forward matches a fresh forward of the sequence."""
-    hf = tiny_llama(seed=1)
-    bb = make_backbone(hf, FakeTokenizer(), "tiny", 128, backend)
-    tree = build_tree([[0], [1], [0, 0], [1, 0], [1, 1], [1, 1, 0]])
-    prompt = torch.randint(0, 96, (7,))
-    tokens = torch.randint(0, 96, (tree.size,))
+    """After compacting an accepted path into place, the next forward matches a fresh forward of the sequence.
+    ``kernel``: the fast backbone on the GPU path (Triton kernels; interpreted on a CPU)."""
+    dev = kernel_device() if backend == "kernel" else "cpu"
+    hf = tiny_llama(seed=1).to(dev)
+    bb = make_backbone(hf, FakeTokenizer(), "tiny", 128, "fast" if backend == "kernel" else backend)
+    if backend == "kernel":
+        bb.tree_kernel = bb.model.use_fused_kernels = True
+    tree = build_tree([[0], [1], [0, 0], [1, 0], [1, 1], [1, 1, 0]]).to(dev)
+    prompt = torch.randint(0, 96, (7,), device=dev)
+    tokens = torch.randint(0, 96, (tree.size,), device=dev)
     bb.prefill(prompt)
     bb.forward_tree(tokens, tree.mask, tree.depth)
-    path = torch.tensor([0, 2, 5, 6])  # root -> [1] -> [1, 1] -> [1, 1, 0]
-    bb.commit(path, torch.tensor(2))  # keep root, [1], [1, 1]
+    path = torch.tensor([0, 2, 5, 6], device=dev)  # root -> [1] -> [1, 1] -> [1, 1, 0]
+    bb.commit(path, torch.tensor(2, device=dev))  # keep root, [1], [1, 1]
     assert int(bb.cache_len) == 10
-    nxt = torch.randint(0, 96, (3,))
-    causal = torch.ones(3, 3, dtype=torch.bool).tril()
-    ours = bb.logits(bb.forward_tree(nxt, causal, torch.arange(3)))
+    nxt = torch.randint(0, 96, (3,), device=dev)
+    causal = torch.ones(3, 3, dtype=torch.bool, device=dev).tril()
+    ours = bb.logits(bb.forward_tree(nxt, causal, torch.arange(3, device=dev)))
     seq = torch.cat([prompt, tokens[path[:3]], nxt])
     torch.testing.assert_close(ours, hf(seq[None]).logits[0, -3:], rtol=1e-4, atol=1e-4)
