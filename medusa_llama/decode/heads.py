@@ -131,6 +131,17 @@ class SequentialBlock(nn.Module):
             return silu_residual(z, s)
         return s + F.silu(z)
 
+    def gathered(
+        self, states: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, columns: torch.Tensor, table: torch.Tensor
+    ) -> torch.Tensor:
+        """``forward(states[:, rows], table[tokens[:, columns]])`` by one Triton kernel (``kernels.sequential_mix``,
+        inference on a GPU): states (B, S, D), tokens (B, C) long, rows and columns (N,) long, table (V, D) ->
+        (B, N, D)."""
+        from medusa_llama.decode.kernels import sequential_mix
+
+        lin = self.state
+        return sequential_mix(states, rows, tokens, columns, table, lin.weight, lin.bias, self.token.weight)
+
 
 class MedusaHeads(nn.Module):
     """K heads over a backbone's hidden states. See the module docstring for the two kinds."""
@@ -191,6 +202,13 @@ class MedusaHeads(nn.Module):
         if self.config.kind == "sequential":
             prev = self.mix[k](prev, token_emb.to(prev.dtype), fused)
         return self.blocks[k](prev)
+
+    def gathered_state(
+        self, k: int, states: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, columns: torch.Tensor, table
+    ) -> torch.Tensor:
+        """Sequential head ``k``'s state over gathered inputs, its mix by one kernel (``SequentialBlock.gathered``):
+        ``head_state(k, states[:, rows], table[tokens[:, columns]])``, (B, N, D)."""
+        return self.blocks[k](self.mix[k].gathered(states, rows, tokens, columns, table))
 
     def chain_states(self, hidden: torch.Tensor, path_emb: torch.Tensor | None = None) -> list[torch.Tensor]:
         """States of all K heads along one path per position (training and chain decoding).

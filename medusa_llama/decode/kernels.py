@@ -11,6 +11,14 @@ attention kernels and four of these.
 - ``rope_cache_write(qkv, cos, sin, slots, k_cache, v_cache)``: rotary embedding of q and k (Su et al., 2021) from
   the fused qkv projection, k and v written to their cache slots, q returned as (B, T, nh, hd);
 - ``silu_mul(gate_up)``: SwiGLU's ``silu(gate) * up`` from the fused gate/up projection.
+
+The Medusa proposal's (``proposal.py``) kernels, with the same arithmetic as its PyTorch path:
+
+- ``sequential_mix``: one depth of the sequential heads' mix ``s + silu(A s + b + B e)``, its inputs gathered
+  from the previous depth's states and top-k columns (six launches -> one);
+- ``tree_tokens``: the candidate tree's tokens, root included, from the depths' top-k columns (three -> one);
+- ``silu_residual``: ``s + silu(z)`` alone (the mix where ``sequential_mix`` does not apply);
+- ``greedy_accept``: greedy acceptance and the step's emitted tokens (``acceptance.py``).
 """
 
 from __future__ import annotations
@@ -255,3 +263,132 @@ def greedy_accept(
 @greedy_accept.register_fake
 def _(pred, tokens, parent, retrieve, out, root):
     return tokens.new_empty(*tokens.shape[:-1], retrieve.shape[1])
+
+
+@triton.jit
+def _sequential_mix_kernel(
+    S,  # (B * S_ROWS, D) the previous depth's head states
+    Rows,  # (N,) each output row's parent row in S (per sequence)
+    Tok,  # (B * TOK_COLS,) the previous depth's top-k columns (the root token at depth 0)
+    Cols,  # (N,) each output row's entry in Tok (per sequence)
+    Table,  # (V, D) the embedding row of each column
+    A,  # (D, D) state weight (out, in)
+    Bias,  # (D,)
+    Bt,  # (D, D) token weight (out, in)
+    Out,  # (B * N, D)
+    M,  # B * N output rows
+    N,
+    S_ROWS,
+    TOK_COLS,
+    D: tl.constexpr,  # constexpr: the K loop's trip count (and Triton's interpreter needs it so)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # output rows b * N + j
+    m_ok = m < M
+    b, j = m // N, m % N
+    src = b * S_ROWS + tl.load(Rows + j, mask=m_ok, other=0)  # (BLOCK_M,) parent state rows
+    tok = tl.load(Tok + b * TOK_COLS + tl.load(Cols + j, mask=m_ok, other=0), mask=m_ok, other=0)  # embedding rows
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's output features
+    n_ok = n < D
+    acc_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # A s
+    acc_e = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # B e
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < D
+        x_ok = m_ok[:, None] & k_ok[None, :]
+        w_ok = k_ok[:, None] & n_ok[None, :]
+        s = tl.load(S + src[:, None] * D + k[None, :], mask=x_ok, other=0.0)  # (BLOCK_M, BLOCK_K)
+        e = tl.load(Table + tok[:, None] * D + k[None, :], mask=x_ok, other=0.0).to(s.dtype)  # heads' dtype
+        a = tl.load(A + n[None, :] * D + k[:, None], mask=w_ok, other=0.0)  # (BLOCK_K, BLOCK_N): A^T's tile
+        bt = tl.load(Bt + n[None, :] * D + k[:, None], mask=w_ok, other=0.0)
+        # fp32 operands: 16-bit values are exact in tf32, so PRECISION "tf32" multiplies them exactly as a bf16
+        # GEMM does (and Triton's interpreter has no bf16 tl.dot); "ieee" for fp32 heads, as cuBLAS without tf32
+        acc_s += tl.dot(s.to(tl.float32), a.to(tl.float32), input_precision=PRECISION)
+        acc_e += tl.dot(e.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
+    dt = Out.dtype.element_ty
+    z = (acc_s + tl.load(Bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(dt)  # addmm: A s + b, rounded
+    z = (z.to(tl.float32) + acc_e).to(dt).to(tl.float32)  # the second addmm adds B e, rounding once
+    act = (z / (1.0 + tl.exp(-z))).to(dt)  # F.silu rounds to the model dtype ...
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    s = tl.load(S + src[:, None] * D + n[None, :], mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(Out + m[:, None] * D + n[None, :], (s + act.to(tl.float32)).to(dt), mask=out_ok)  # ... then + s
+
+
+MIX_BLOCK_N = 32
+"""Output features per ``sequential_mix`` program (D = 576: 18 programs a depth, each reading 2 x 32 weight rows)."""
+
+
+@torch.library.custom_op("medusa_llama::sequential_mix", mutates_args=())
+def sequential_mix(
+    states: torch.Tensor,
+    rows: torch.Tensor,
+    tokens: torch.Tensor,
+    columns: torch.Tensor,
+    table: torch.Tensor,
+    state_weight: torch.Tensor,
+    state_bias: torch.Tensor,
+    token_weight: torch.Tensor,
+) -> torch.Tensor:
+    """One depth of the sequential heads' mix with its gathers (``heads.SequentialBlock.gathered``), one launch:
+
+    ``out[b, j] = s + silu(A s + bias + B e)``, ``s = states[b, rows[j]]``, ``e = table[tokens[b, columns[j]]]``.
+
+    It replaces ``states.index_select(1, rows)``, ``tokens.index_select(1, columns)``, the embedding gather, the
+    two GEMMs (``addmm``: ``A s + bias``, then ``+ B e``) and ``silu_residual``, with their rounding (fp32
+    accumulation, the model dtype after each GEMM and after the SiLU). states (B, S, D); rows, columns (N,) long;
+    tokens (B, C) long; table (V, D) (cast to the states' dtype like ``token_emb.to``); A, B (D, D) (out, in);
+    bias (D,). Returns (B, N, D) in the states' dtype."""
+    states, tokens = states.contiguous(), tokens.contiguous()
+    batch, s_rows, d = states.shape
+    n = rows.numel()
+    out = states.new_empty(batch, n, d)
+    m = batch * n
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    block_n = min(MIX_BLOCK_N, max(16, triton.next_power_of_2(d)))
+    block_k = min(64, max(16, triton.next_power_of_2(d)))
+    _sequential_mix_kernel[(triton.cdiv(d, block_n), triton.cdiv(m, block_m))](
+        states, rows.contiguous(), tokens, columns.contiguous(), table.contiguous(), state_weight.contiguous(),
+        state_bias.contiguous(), token_weight.contiguous(), out, m, n, s_rows, tokens.shape[1], d,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION="ieee" if states.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    return out
+
+
+@sequential_mix.register_fake
+def _(states, rows, tokens, columns, table, state_weight, state_bias, token_weight):
+    return states.new_empty(states.shape[0], rows.numel(), states.shape[2])
+
+
+@triton.jit
+def _tree_tokens_kernel(Root, Top, Columns, Ids, Out, C, T, stride_out, HAS_IDS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # tree nodes
+    child = (i > 0) & (i < T)
+    col = tl.load(Top + row * C + tl.load(Columns + i - 1, mask=child, other=0), mask=child, other=0)
+    if HAS_IDS:
+        col = tl.load(Ids + col, mask=child, other=0)
+    token = tl.where(i == 0, tl.load(Root + row), col)
+    tl.store(Out + row * stride_out + i, token, mask=i < T)
+
+
+@torch.library.custom_op("medusa_llama::tree_tokens", mutates_args=("out",))
+def tree_tokens(
+    root: torch.Tensor, top: torch.Tensor, columns: torch.Tensor, ids: torch.Tensor | None, out: torch.Tensor
+) -> None:
+    """The candidate trees' tokens in one launch (``proposal.propose``): ``out[b, 0] = root[b]`` and, for node
+    i >= 1, ``out[b, i] = ids[top[b, columns[i - 1]]]`` (``top[...]`` itself where ``ids`` is None).
+
+    It replaces ``top.index_select(1, columns)``, the draft vocabulary's ``ids[...]`` and the ``torch.cat`` with the
+    root. root (B,) long; top (B, C) long, the depths' top-k columns; columns (T-1,) long; ids (N,) long or None;
+    out (B, T) long with a unit last stride, written in place."""
+    batch, t = out.shape
+    block = min(1024, triton.next_power_of_2(t))
+    top = top.contiguous()
+    _tree_tokens_kernel[(batch, triton.cdiv(t, block))](
+        root.contiguous(), top, columns.contiguous(), top if ids is None else ids, out, top.shape[1], t,
+        out.stride(0), HAS_IDS=ids is not None, BLOCK=block, num_warps=1,
+    )  # fmt: skip

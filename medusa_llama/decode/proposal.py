@@ -13,8 +13,11 @@ chosen columns map back to token ids: the tree then holds only tokens of the dra
 
 On a GPU the step's cost outside the verify forward is its kernel count, so each depth gathers with the tree's
 static indices (``Tree.expander_rows`` / ``expander_columns`` / ``node_columns``, built once) and the chosen
-columns' embeddings come from the draft vocabulary's own rows: a depth is two gathers, the embedding, the head (two
-GEMMs and, ``fused``, one Triton kernel), the projection and the top-k; the tree's tokens are one gather at the end.
+columns' embeddings come from the draft vocabulary's own rows. On the PyTorch path a depth is two gathers, the
+embedding, the head (two GEMMs and the SiLU residual), the projection and the top-k, and the tree's tokens a gather,
+the draft ids and a concatenation at the end. ``fused`` (the GPU path) does each depth's gathers, embedding and head
+in one Triton kernel (``kernels.sequential_mix``) and the end in another (``kernels.tree_tokens``): a depth is
+three launches (mix, projection, top-k).
 
 The functions are tensor-only with fixed shapes and no host syncs, so a whole decoding step (proposal included)
 can be captured in one CUDA graph. Leading dimensions are a batch of sequences (``batch.py``), each its own tree.
@@ -52,40 +55,62 @@ def propose(
     embed: token ids (n,) -> (n, D), the backbone's input embedding (read by ``sequential`` heads only).
     lm_head: the backbone's LM head (used by heads with ``lm_head="shared"``).
     draft: a draft vocabulary to propose from (None: the full vocabulary).
-    fused: the sequential heads' Triton kernel (``heads.SequentialBlock``; the decoders' GPU path).
+    fused: the Triton kernels (the decoders' GPU path; see the module docstring).
     """
     h, r = hidden.reshape(-1, hidden.shape[-1]), root.reshape(-1)  # (B, D), (B,)
     if heads.config.kind == "medusa":
-        children = _parallel_children(heads, h, tree, lm_head, draft)
+        top, columns = _parallel_top(heads, h, tree, lm_head, draft), tree.parallel_columns
     else:
-        children = _sequential_children(heads, h, r, tree, embed, lm_head, draft, fused)
+        top, columns = _sequential_top(heads, h, r, tree, embed, lm_head, draft, fused), tree.node_columns
     if out is None:
         out = r.new_empty(*root.shape, tree.size)
-    torch.cat([r[:, None], children], dim=1, out=out.view(-1, tree.size))  # (B, T): the root, then its tree
+    trees = out.view(-1, tree.size)  # (B, T): the root, then node i's column of ``top`` as a token
+    if fused:
+        from medusa_llama.decode.kernels import tree_tokens
+
+        tree_tokens(r, top, columns, None if draft is None else draft.ids, trees)
+    else:
+        torch.cat([r[:, None], draft_tokens(top.index_select(1, columns), draft)], dim=1, out=trees)
     return out
 
 
-def _parallel_children(heads: MedusaHeads, hidden: torch.Tensor, tree: Tree, lm_head, draft=None) -> torch.Tensor:
+def _parallel_top(heads: MedusaHeads, hidden: torch.Tensor, tree: Tree, lm_head, draft=None) -> torch.Tensor:
     """``medusa`` heads: one top-k list per depth; node i takes entry ``rank[i]`` of its depth's list.
-    hidden (B, D) -> (B, T-1) token ids of nodes 1 ..."""
+    hidden (B, D) -> (B, depth * k) columns, by (depth - 1, rank): ``Tree.parallel_columns`` indexes them."""
     states = heads.chain_states(hidden)  # K x (B, D), all read h_t
     logits = torch.stack([project_draft(heads, d, states[d], lm_head, draft) for d in range(tree.max_depth)], 1)
-    top = topk_indices(logits, max(tree.level_topk)).flatten(1)  # (B, depth * k) from (B, depth, V|N)
-    return draft_tokens(top.index_select(1, tree.parallel_columns), draft)  # (B, T-1) by (depth - 1, rank)
+    return topk_indices(logits, max(tree.level_topk)).flatten(1)  # from (B, depth, V|N)
 
 
-def _sequential_children(
+def _sequential_top(
     heads: MedusaHeads, hidden: torch.Tensor, root: torch.Tensor, tree: Tree, embed, lm_head, draft, fused: bool
 ) -> torch.Tensor:
     """``sequential`` heads: depth by depth, each child's head reads its parent's state and its parent's token.
-    hidden (B, D), root (B,) -> (B, T-1) token ids of nodes 1 ..."""
-    prev, emb = hidden[:, None], embed(root)[:, None]  # (B, 1, D): the root's state and token (any of the vocabulary)
+    hidden (B, D), root (B,) -> (B, sum of n_d * k_d) the depths' top-k columns, row j of depth d's children at
+    j * k_d ...: ``Tree.node_columns`` indexes them."""
+    tables = _mix_tables(embed, draft) if fused else None
+    states, tokens = hidden[:, None], root[:, None]  # (B, 1, D), (B, 1): depth 0 reads the root's state and token
     tops = []
     for d in range(tree.max_depth):  # one batched head call over the n_d expanders of depth d
-        state = heads.head_state(d, prev, emb, fused)  # (B, n_d, D)
-        top = topk_indices(project_draft(heads, d, state, lm_head, draft), tree.level_topk[d]).flatten(1)
-        tops.append(top)  # (B, n_d * k_d) columns: row j's children j * k_d ...
-        if d + 1 < tree.max_depth:  # the next depth's expanders: each one's parent state and its own token
-            prev = state.index_select(1, tree.expander_rows[d + 1])  # (B, n_{d+1}, D)
-            emb = draft_embed(top.index_select(1, tree.expander_columns[d + 1]), embed, draft)  # (B, n_{d+1}, D)
-    return draft_tokens(torch.cat(tops, 1).index_select(1, tree.node_columns), draft)  # (B, T-1)
+        rows, columns = tree.expander_rows[d], tree.expander_columns[d]  # each one's parent state and token
+        if tables is not None:  # the gathers, the embedding and the mix in one kernel
+            states = heads.gathered_state(d, states, rows, tokens, columns, tables[min(d, 1)])
+        elif d == 0:
+            states = heads.head_state(0, states, embed(root)[:, None], fused)
+        else:
+            prev, emb = states.index_select(1, rows), draft_embed(tokens.index_select(1, columns), embed, draft)
+            states = heads.head_state(d, prev, emb, fused)  # (B, n_d, D)
+        tokens = topk_indices(project_draft(heads, d, states, lm_head, draft), tree.level_topk[d]).flatten(1)
+        tops.append(tokens)  # (B, n_d * k_d) columns: row j's children j * k_d ...
+    return torch.cat(tops, 1)
+
+
+def _mix_tables(embed, draft: DraftVocab | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The embedding tables ``kernels.sequential_mix`` reads: the root token's (the input embedding's weight) and
+    the top-k columns' (the draft vocabulary's rows, or that weight again); None where the kernel cannot read them
+    (an embedding that is not a plain ``nn.Embedding`` lookup, a draft vocabulary without its rows)."""
+    if type(embed) is not nn.Embedding or embed.max_norm is not None:
+        return None
+    if draft is None:
+        return embed.weight, embed.weight
+    return None if draft.embeddings is None else (embed.weight, draft.embeddings)

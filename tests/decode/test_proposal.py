@@ -8,9 +8,12 @@ of its head's logits. The decoder's proposal must agree token for token.
 import pytest
 import torch
 from conftest import FakeTokenizer, random_heads, tiny_llama
+from test_prefix import kernel_device
 
 from medusa_llama.decode.backbone import make_backbone
 from medusa_llama.decode.decoder import MedusaDecoder
+from medusa_llama.decode.op_count import OpCounter
+from medusa_llama.decode.proposal import propose
 from medusa_llama.decode.tree import build_tree, builtin_tree
 
 # Deep and wide: ranks up to 3 below depth 1, every depth of four heads, several expanders per depth.
@@ -46,10 +49,7 @@ def backbone():
 )
 @pytest.mark.parametrize("choices", [WIDE, builtin_tree("tree32")], ids=["wide", "tree32"])
 def test_proposal_is_the_brute_force_top_k(backbone, kind, lm_head, choices):
-    heads = random_heads(kind, lm_head=lm_head, num_layers=2, std=0.1)
-    if kind == "sequential":
-        for mix in heads.mix:  # the tiny model's embeddings are small (std 0.02): make the path token matter
-            torch.nn.init.normal_(mix.token.weight, std=30.0)
+    heads = path_heads(kind, lm_head)
     tree = build_tree(choices, heads.num_heads)
     dec = MedusaDecoder(backbone, heads, tree)
     hidden = backbone.prefill(torch.tensor([3, 14, 15, 92, 65, 35]))[-1]  # (D,) a real backbone state
@@ -61,6 +61,41 @@ def test_proposal_is_the_brute_force_top_k(backbone, kind, lm_head, choices):
         assert dec.tokens.tolist() == ref
         if kind == "sequential":  # siblings' subtrees differ: the path really conditions deeper heads
             assert any(ref[i] != ref[j] for i, j in _cousin_pairs(tree))
+
+
+def path_heads(kind: str, lm_head: str):
+    heads = random_heads(kind, lm_head=lm_head, num_layers=2, std=0.1)
+    if kind == "sequential":
+        for mix in heads.mix:  # the tiny model's embeddings are small (std 0.02): make the path token matter
+            torch.nn.init.normal_(mix.token.weight, std=30.0)
+    return heads
+
+
+@pytest.mark.parametrize("kind,lm_head", [("sequential", "shared"), ("sequential", "own"), ("medusa", "own")])
+@pytest.mark.parametrize("draft_size", [None, 40], ids=["full-vocab", "draft-vocab"])
+def test_fused_proposal_equals_the_torch_path(backbone, kind, lm_head, draft_size):
+    """The GPU path's kernels (``fused``: ``kernels.sequential_mix`` per depth, ``kernels.tree_tokens``; Triton's
+    interpreter here) propose the same trees as the PyTorch path, for a batch of three rows (two of one root), into
+    ``out`` and not, with and without a draft vocabulary; the sequential heads' depths are one mix kernel each."""
+    kernel_device()
+    heads = path_heads(kind, lm_head)
+    heads.draft_vocab = torch.randperm(96, generator=torch.Generator().manual_seed(1))[:48]
+    draft = heads.draft(backbone.lm_head, draft_size, backbone.embed) if draft_size else None
+    tree = build_tree(WIDE, heads.num_heads)
+    hidden = backbone.prefill(torch.tensor([3, 14, 15, 92, 65, 35]))[-3:]  # (3, D) real backbone states
+    root = torch.tensor([7, 42, 7])
+    args = (heads, hidden, root, tree, backbone.embed, backbone.lm_head, draft)
+    ref = propose(*args, fused=False)
+    counter = OpCounter()
+    with counter:
+        got = propose(*args, fused=True)
+    assert torch.equal(got, ref)
+    out = torch.full_like(ref, -1)
+    assert propose(*args, fused=True, out=out) is out and torch.equal(out, ref)
+    assert counter.pending["tree_tokens"] == 1 and counter.pending["cat"] <= 1
+    if kind == "sequential":
+        assert counter.pending["sequential_mix"] == tree.max_depth
+        assert not {"index_select", "embedding", "index"} & set(counter.pending)
 
 
 def _cousin_pairs(tree) -> list[tuple[int, int]]:

@@ -1,6 +1,7 @@
 """The decode step's small Triton kernels equal their PyTorch references (on a CPU through Triton's interpreter):
-the sequential heads' ``s + silu(z)``, greedy acceptance with the step's emitted tokens, and the whole batched
-decoder on the kernel path; and the kernel path cuts the step's launches (``op_count``)."""
+the sequential heads' ``s + silu(z)`` and their whole mix with its gathers, the tree's tokens, greedy acceptance
+with the step's emitted tokens, and the whole batched decoder on the kernel path; and the kernel path cuts the
+step's launches (``op_count``)."""
 
 import pytest
 import torch
@@ -27,6 +28,60 @@ def test_silu_residual_equals_torch(shape, dtype):
     dev = kernel_device()
     z, s = (torch.randn(shape, generator=torch.Generator().manual_seed(i)).to(dev, dtype) for i in (1, 2))
     torch.testing.assert_close(silu_residual(z, s), s + torch.nn.functional.silu(z))  # exp: last-bit differences
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "batch,states,tokens,n,d",
+    [(1, 1, 1, 1, 32), (3, 5, 15, 7, 48), (5, 4, 12, 16, 33), (2, 9, 36, 70, 80)],
+    ids=["root", "depth", "odd-width", "many-rows"],
+)
+def test_sequential_mix_equals_the_torch_head(batch, states, tokens, n, d, dtype):
+    """``SequentialBlock.gathered`` (one kernel) = the PyTorch path's gathers, embedding and head: random parent rows
+    and columns, a table in another dtype than the head (cast like ``token_emb.to``), several row and feature
+    blocks (70 x 2 rows, 80 or 33 features). bf16 to a few of its steps: Triton's interpreter rounds fp32 to bf16
+    toward zero (a GPU to nearest, as PyTorch), so on a CPU each of the kernel's four roundings may differ."""
+    from medusa_llama.decode.heads import SequentialBlock
+
+    dev = kernel_device()
+    g = torch.Generator().manual_seed(n)
+    block = SequentialBlock(d)
+    for p in block.parameters():
+        p.data = torch.randn(p.shape, generator=g) * d**-0.5
+    block = block.to(dev, dtype)
+    table = torch.randn(50, d, generator=g).to(dev, torch.float16)
+    x = torch.randn(batch, states, d, generator=g).to(dev, dtype)
+    top = torch.randint(0, 50, (batch, tokens), generator=g).to(dev)
+    rows = torch.randint(0, states, (n,), generator=g).to(dev)
+    columns = torch.randint(0, tokens, (n,), generator=g).to(dev)
+    with torch.no_grad():
+        emb = torch.nn.functional.embedding(top.index_select(1, columns), table).to(dtype)
+        ref = block(x.index_select(1, rows), emb)
+        got = block.gathered(x, rows, top, columns, table)
+    assert got.shape == (batch, n, d) and got.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]  # fp16: an ulp or two of the max
+    torch.testing.assert_close(got, ref, atol=tol * float(ref.abs().max()), rtol=tol)
+
+
+@pytest.mark.parametrize("draft", [False, True])
+@pytest.mark.parametrize("batch,t", [(1, 2), (3, 64), (2, 1100)])
+def test_tree_tokens_equals_the_gather(batch, t, draft):
+    """``kernels.tree_tokens`` writes the root and every node's column (as a draft token id) like the PyTorch path's
+    ``index_select``, ``ids[...]`` and ``cat``; only into ``out``'s rows (a wider buffer's leading columns here)."""
+    from medusa_llama.decode.kernels import tree_tokens
+
+    dev = kernel_device()
+    g = torch.Generator().manual_seed(t)
+    top = torch.randint(0, 300, (batch, 40), generator=g).to(dev)
+    columns = torch.randint(0, 40, (t - 1,), generator=g).to(dev)
+    ids = torch.randperm(300, generator=g).to(dev) if draft else None
+    root = torch.randint(0, 300, (batch,), generator=g).to(dev)
+    buffer = torch.full((batch, t + 3), -7, device=dev)
+    tree_tokens(root, top, columns, ids, buffer[:, :t])
+    children = top.index_select(1, columns)
+    ref = torch.cat([root[:, None], children if ids is None else ids[children]], dim=1)
+    assert torch.equal(buffer[:, :t], ref)
+    assert (buffer[:, t:] == -7).all()
 
 
 def trees():
