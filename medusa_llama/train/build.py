@@ -120,7 +120,7 @@ def build_model(config: TrainConfig, device: torch.device, process_index: int):
     heads = MedusaHeads(heads_config, base_lm_head=base.get_output_embeddings()).to(device=device, dtype=torch.float32)
     if config.init_heads:
         init_heads(heads, config.init_heads)
-    heads.requires_grad_(True)
+    heads.requires_grad_(config.head_lr_mult > 0)  # 0: frozen heads (their loss still reaches the adapter)
     return model, peft_model, heads
 
 
@@ -140,16 +140,23 @@ TOKEN_INPUT_WEIGHT = "prefix.token.weight"
 
 def init_heads(heads: MedusaHeads, path: str) -> None:
     """Copy the heads at ``path`` into ``heads``; their configs must match, except that heads without prefix attention
-    may start heads with it (the new prefix layer keeps its identity init, so they start proposing the same), and
-    prefix heads without the token input heads with it (the new ``prefix.token`` stays zero: the same again)."""
+    may start heads with it (the new prefix layer keeps its identity init, so they start proposing the same), prefix
+    heads without the token input heads with it (the new ``prefix.token`` stays zero: the same again), and heads
+    sharing the base LM head heads with their own (``--lm-head own``: each own LM head keeps its init, a copy of the
+    base LM head: the same once more)."""
     start = MedusaHeads.load(path)
     mine, theirs = asdict(heads.config), asdict(start.config)
+    ignored: list[str] = []
+    new: list[str] = []
     if not start.config.prefix_attention:
-        ignored, new = PREFIX_FIELDS, [k for k in heads.state_dict() if k.startswith("prefix.")]
+        ignored += PREFIX_FIELDS
+        new += [k for k in heads.state_dict() if k.startswith("prefix.")]
     elif heads.config.prefix_token_input and not start.config.prefix_token_input:
-        ignored, new = ("prefix_token_input",), [TOKEN_INPUT_WEIGHT]
-    else:
-        ignored, new = (), []
+        ignored.append("prefix_token_input")
+        new.append(TOKEN_INPUT_WEIGHT)
+    if heads.config.lm_head == "own" and start.config.lm_head == "shared":
+        ignored.append("lm_head")
+        new += [k for k in heads.state_dict() if k.startswith("lm_heads.")]
     changed = [k for k in mine if k not in ("base_model", *ignored) and mine[k] != theirs[k]]
     if changed:
         raise MedusaError(f"--init-heads {path} differ in {', '.join(changed)} from the head flags")
@@ -175,10 +182,13 @@ class Batches:
 
 
 def build_optimizer(config: TrainConfig, model, heads, total: int, m1_steps: int, device: torch.device):
-    """AdamW over the heads (at ``lr x head_lr_mult``) and the LoRA tensors, with their LambdaLR schedule."""
+    """AdamW over the heads (at ``lr x head_lr_mult``; none when 0: frozen) and the LoRA tensors, with their LambdaLR
+    schedule."""
     lora_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    groups = [{"params": list(heads.parameters()), "lr": config.lr * config.head_lr_mult}]
-    lambdas = [WarmupCosine(0, config.warmup_steps, total)]
+    groups, lambdas = [], []
+    if config.head_lr_mult > 0:
+        groups.append({"params": list(heads.parameters()), "lr": config.lr * config.head_lr_mult})
+        lambdas.append(WarmupCosine(0, config.warmup_steps, total))
     if lora_params:
         groups.append({"params": lora_params, "lr": config.lr})
         lambdas.append(WarmupCosine(m1_steps, config.warmup_steps, total))

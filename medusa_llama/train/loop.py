@@ -79,8 +79,9 @@ class TrainConfig:
     one, known before the heads run, so decoding stays lossless. Not exportable either."""
     init_heads: str | None = None
     """Start from these trained heads (e.g. the Medusa-1 heads before a Medusa-2 run); must match the head flags
-    (heads without prefix attention may start heads with it, and prefix heads without the token input heads with
-    it: the new prefix layer, or its new token input, starts as the identity)."""
+    (heads without prefix attention may start heads with it, prefix heads without the token input heads with it,
+    and shared-LM-head heads ``--lm-head own`` heads: the new prefix layer, or its new token input, starts as the
+    identity, each new own LM head as a copy of the base one)."""
     stage: str = "medusa1"
     """``medusa1`` (frozen backbone), ``medusa2`` (joint LoRA), or ``both`` (medusa1 warm-up, then medusa2)."""
     medusa1_steps: int | None = None
@@ -96,7 +97,8 @@ class TrainConfig:
     lr: float = 5e-4
     """Peak learning rate of the LoRA adapters (reference QLoRA recipe)."""
     head_lr_mult: float = 4.0
-    """Heads learn at ``lr x head_lr_mult``."""
+    """Heads learn at ``lr x head_lr_mult``; 0 (``--stage medusa2`` only) freezes them: the adapter alone learns,
+    from the heads' loss and the LM KL."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 50
@@ -148,7 +150,7 @@ class TrainConfig:
             "--batch-size": self.batch_size >= 1,
             "--grad-accum": self.grad_accum >= 1,
             "--lr": self.lr > 0,
-            "--head-lr-mult": self.head_lr_mult > 0,
+            "--head-lr-mult": self.head_lr_mult >= 0,
             "--warmup-steps": self.warmup_steps >= 0,
             "--lambda-decay": 0 < self.lambda_decay <= 1,
             "--lora-r": self.lora_r >= 1,
@@ -173,6 +175,8 @@ class TrainConfig:
             raise ValueError(f"--lm-head must be one of {LM_HEAD_MODES}, got {self.lm_head!r}")
         if self.prefix_token_input and not self.prefix_attention:
             raise ValueError("--prefix-token-input needs --prefix-attention (it is an input of the prefix layer)")
+        if self.head_lr_mult == 0 and self.stage != "medusa2":
+            raise ValueError("--head-lr-mult 0 (frozen heads) needs --stage medusa2 (the adapter is all that trains)")
         if self.qlora and self.stage == "medusa1":
             raise ValueError("--qlora needs --stage medusa2 or both (medusa1 trains no adapter)")
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from conftest import random_heads, tiny_llama
 
 from medusa_llama.decode.heads import HeadsConfig, MedusaHeads
 from medusa_llama.errors import MedusaError
@@ -299,6 +299,58 @@ def test_init_heads_start_from_trained_heads(tiny_dir, data_dir, tmp_path):
     wrong = config(tiny_dir, data_dir, tmp_path / "run2", head_kind="medusa", init_heads=str(tmp_path / "start"))
     with pytest.raises(MedusaError, match="--init-heads .* differ in kind"):
         train(wrong)
+
+
+def test_shared_lm_head_heads_start_own_lm_head_heads(tiny_dir, data_dir, tmp_path):
+    """``--lm-head own --init-heads SHARED``: the shared heads' tensors copied, each own LM head the base LM head."""
+    start = random_heads("sequential", std=0.2)
+    start.save(tmp_path / "shared")
+    cfg = config(tiny_dir, data_dir, tmp_path / "own", max_steps=2, lr=1e-12, lm_head="own")
+    train(dataclasses.replace(cfg, init_heads=str(tmp_path / "shared")))
+    got = MedusaHeads.load(tmp_path / "own" / "best")
+    assert got.config.lm_head == "own"
+    state = got.state_dict()
+    assert all(torch.allclose(state[k], v, atol=1e-8) for k, v in start.state_dict().items())
+    base = tiny_llama(seed=0).lm_head.weight
+    for k in range(4):
+        torch.testing.assert_close(state[f"lm_heads.{k}.weight"], base, atol=1e-6, rtol=0)
+    # the other way would drop trained LM heads: refused
+    wrong = config(tiny_dir, data_dir, tmp_path / "shared_again", init_heads=str(tmp_path / "own" / "best"))
+    with pytest.raises(MedusaError, match="--init-heads .* differ in lm_head"):
+        train(wrong)
+
+
+def test_head_lr_mult_zero_freezes_the_heads_and_trains_the_adapter(tiny_dir, data_dir, tmp_path):
+    start = random_heads("sequential", std=0.2)
+    start.save(tmp_path / "start")
+    seen = {}
+
+    def record(step, objective):
+        seen["trainable"] = {n for n, p in objective.named_parameters() if p.requires_grad}
+        seen["lora_B"] = {n: p.detach().clone() for n, p in objective.named_parameters() if "lora_B" in n}
+
+    cfg = config(
+        tiny_dir, data_dir, tmp_path / "run", stage="medusa2", head_lr_mult=0.0, lr=1e-2, max_steps=3,
+        init_heads=str(tmp_path / "start"), lm_loss_weight=0.0,
+    )  # fmt: skip
+    train(cfg, on_step=record)
+    assert seen["trainable"] and all(".lora_A." in n or ".lora_B." in n for n in seen["trainable"])
+    assert any(v.abs().sum() > 0 for v in seen["lora_B"].values())  # lora_B starts at zero: the heads' loss moved it
+    for slot in ("best", "last"):
+        got = MedusaHeads.load(tmp_path / "run" / slot).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in start.state_dict().items()), slot
+    assert (tmp_path / "run" / "best" / "adapter_config.json").is_file()
+    for stage in ("medusa1", "both"):
+        with pytest.raises(ValueError, match="--head-lr-mult 0 .* needs --stage medusa2"):
+            config(tiny_dir, data_dir, tmp_path / "x", stage=stage, head_lr_mult=0.0)
+    with pytest.raises(ValueError, match="--head-lr-mult"):
+        config(tiny_dir, data_dir, tmp_path / "x", stage="medusa2", head_lr_mult=-1.0)
+    from medusa_llama.cli.train import add_train_args, train_config
+
+    parser = argparse.ArgumentParser()
+    add_train_args(parser)
+    assert train_config(parser.parse_args(["--stage", "medusa2", "--head-lr-mult", "0"])).head_lr_mult == 0
+    assert "freezes" in parser.format_help()
 
 
 def test_resume_never_runs_a_pickle(tiny_dir, data_dir, tmp_path):
