@@ -69,7 +69,7 @@ def _split_kernel(
     K,  # (B, S, n_kv, hd): the cache, tree tokens included
     V,
     CacheLen,  # (B,) int64, stride stride_cl: committed slots of each sequence (stride 0: one for all)
-    TreeMask,  # (T, T) int8: tree_mask[i, j] = 1 if node i sees node j
+    TreeMask,  # (T, T) bool or int8: tree_mask[i, j] != 0 if node i sees node j
     O_part,  # (B * n_kv, NUM_SPLITS, T * G, hd) float32: each split's normalised output
     L_part,  # (B * n_kv, NUM_SPLITS, T * G) float32: each split's log2-sum-exp2
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
@@ -243,11 +243,10 @@ def _launch(q, k_cache, v_cache, cache_len, tree_mask, c: KernelConfig) -> torch
     block_d = max(16, triton.next_power_of_2(hd))
     o_part = torch.empty(b * n_kv, num_splits, rows, hd, dtype=torch.float32, device=q.device)
     l_part = torch.empty(b * n_kv, num_splits, rows, dtype=torch.float32, device=q.device)
-    mask = tree_mask if tree_mask.dtype == torch.int8 else tree_mask.to(torch.int8)
     out = torch.empty(b, t, nh, hd, dtype=q.dtype, device=q.device)
     stride_cl = cache_len.stride(0) if cache_len.dim() else 0  # 0-d: every sequence reads the one length
     _split_kernel[(num_splits, triton.cdiv(rows, c.block_m), b * n_kv)](
-        q, k_cache, v_cache, cache_len, mask.contiguous(), o_part, l_part,
+        q, k_cache, v_cache, cache_len, tree_mask.contiguous(), o_part, l_part,
         math.log2(math.e) / math.sqrt(hd), t, stride_cl,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

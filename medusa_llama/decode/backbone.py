@@ -88,12 +88,13 @@ class FastBackbone(Backbone):
         kernels = self.device.type == "cuda" and kernels_available()
         self.tree_kernel = kernels
         self.model.use_fused_kernels = kernels
+        self._offsets = torch.arange(self.max_seq_len, device=self.device)  # sliced: a step launches no arange
 
     def _run(self, tokens, positions, tree_mask, prefill: bool = False) -> torch.Tensor:
         t = tokens.shape[0]
-        slots = self.cache_len + torch.arange(t, device=self.device)  # (T,)
+        slots = self.cache_len + self._offsets[:t]  # (T,)
         if self.tree_kernel and not prefill:  # the prefill (eager, long) keeps SDPA
-            mask = TreeMask(self.cache_len, tree_mask.to(torch.int8))
+            mask = TreeMask(self.cache_len, tree_mask)  # the kernel reads the bool mask as it is
         else:
             # On a GPU shapes stay fixed (CUDA graphs, torch.compile), so attention spans the whole cache; on the
             # CPU it spans only the filled slots (reading cache_len there costs no device sync).

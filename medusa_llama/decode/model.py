@@ -40,7 +40,7 @@ class TreeMask(NamedTuple):
     dense additive mask."""
 
     cache_len: torch.Tensor  # 0-d long, on the device; or (B,), one length per sequence (batched decoding)
-    mask: torch.Tensor  # (T, T) int8
+    mask: torch.Tensor  # (T, T) bool or int8
 
 
 @dataclass(frozen=True)
@@ -211,6 +211,7 @@ class FastLlama(nn.Module):
         self.rope_scale = 1.0
         self.k_cache: torch.Tensor | None = None  # (L, B, S, n_kv, hd)
         self.v_cache: torch.Tensor | None = None
+        self.rope_table: torch.Tensor | None = None  # (2, S, hd): cos, sin of every cache position (``setup_cache``)
         self.use_fused_kernels = False  # the Triton RMSNorm / rotary / SwiGLU kernels (GPU only; the backbone sets it)
 
     @classmethod
@@ -247,7 +248,12 @@ class FastLlama(nn.Module):
         return m.eval()
 
     def setup_cache(self, max_seq_len: int, batch_size: int = 1) -> None:
+        """The model's own KV cache of ``max_seq_len`` slots, and the rotary tables of as many positions: a forward
+        then gathers its positions' cos and sin in one launch instead of computing them in nine (the same values:
+        ``rope`` computes each element alone)."""
         self.k_cache, self.v_cache = self.new_cache(max_seq_len, batch_size)
+        w = self.tok_embeddings.weight
+        self.rope_table = torch.stack(self.rope(torch.arange(max_seq_len, device=w.device), w.dtype))
 
     def new_cache(self, max_seq_len: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A zeroed (k, v) cache pair, each (L, B, S, n_kv, hd), in the model's dtype and device."""
@@ -274,7 +280,10 @@ class FastLlama(nn.Module):
         hidden states (B, T, D)."""
         k_cache, v_cache = cache if cache is not None else (self.k_cache, self.v_cache)
         x = self.tok_embeddings(tokens)  # (B, T, D)
-        cos, sin = self.rope(positions, x.dtype)
+        if self.rope_table is None:
+            cos, sin = self.rope(positions, x.dtype)
+        else:
+            cos, sin = self.rope_table[:, positions]  # (B, T, hd) each, positions < S
         if self.use_fused_kernels:
             layers = self.layers
             _, h = kernels.add_rms_norm(x, None, layers[0].attention_norm.weight, layers[0].attention_norm.eps)

@@ -158,7 +158,8 @@ class BatchedPrefixCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (B, S, nh, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (B, S, nh, hd)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
-        self.cos, self.sin = layer.rope(torch.arange(max_seq_len, device=device), dtype)  # (S, 1, hd): once
+        # (2, S, 1, hd): cos and sin of every position, once; a step gathers both in one launch
+        self.rope_table = torch.stack(layer.rope(torch.arange(max_seq_len, device=device), dtype))
         self._rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1)
         # Decode steps attend by the backbone's split-K Triton kernel over the filled slots only, one length per row
         # (the new rows are its "tree", under a causal mask); the eager prefill and CPU steps use SDPA.
@@ -204,7 +205,7 @@ class BatchedPrefixCache:
         p = hidden.shape[1]
         index = torch.as_tensor(rows, dtype=torch.long, device=hidden.device)  # (b,)
         x = self.layer.inputs(hidden, next_emb)  # (b, P, D)
-        q, k, v = self.layer.project(self.layer.attn_norm(x), self.cos[:p], self.sin[:p])  # (b, P, nh, hd)
+        q, k, v = self.layer.project(self.layer.attn_norm(x), *self.rope_table[:, :p])  # (b, P, nh, hd)
         if keep is None:
             self.k[index, :p] = k
             self.v[index, :p] = v
@@ -238,7 +239,7 @@ class BatchedPrefixCache:
             length += count
             return out
         x = self.layer.inputs(hidden, next_emb)  # (b, n, D)
-        q, k, v = self.layer.project(self.layer.attn_norm(x), self.cos[slots], self.sin[slots])  # (b, n, nh, hd)
+        q, k, v = self.layer.project(self.layer.attn_norm(x), *self.rope_table[:, slots])  # (b, n, nh, hd)
         k_cache[self._rows[:b], slots] = k
         v_cache[self._rows[:b], slots] = v
         if kernel:
@@ -272,7 +273,7 @@ class BatchedPrefixCache:
 
         n = q.shape[1]
         if n not in self._causal:
-            self._causal[n] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            self._causal[n] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()  # the kernel reads bool
         return tree_attention(q, k_cache, v_cache, length, self._causal[n])
 
     def _extend_fused(
@@ -305,7 +306,7 @@ class BatchedPrefixCache:
         x = layer.inputs(hidden, next_emb, fused=True)  # (b, n, D)
         h = kernels.add_rms_norm(x, None, layer.attn_norm.weight, layer.attn_norm.eps)[1]  # (b, n, D)
         qkv = F.linear(h, self._wqkv).view(1, b * n, 3 * d)  # (1, b n, 3D): q, k, v heads in a row
-        cos, sin = (table.view(-1, hd)[slots].view(1, b * n, hd) for table in (self.cos, self.sin))  # (1, b n, hd)
+        cos, sin = self.rope_table.view(2, -1, hd)[:, slots].view(2, 1, b * n, hd)  # (1, b n, hd) each
         flat = slots.view(-1) if b == 1 else (slots + self._slot_base[:b]).view(-1)  # (b n,) slots of the flat row
         k_flat, v_flat = (cache.view(1, -1, layer.num_heads, hd) for cache in (k_cache, v_cache))  # (1, b S, nh, hd)
         q = kernels.rope_cache_write(qkv, cos, sin, flat, k_flat, v_flat, layer.num_heads)  # (1, b n, nh, hd)

@@ -38,6 +38,17 @@ def test_fast_forward_equals_hf(overrides):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_rope_table_holds_what_rope_computes():
+    """A forward gathers its positions' cos and sin from the table ``setup_cache`` made: the values ``rope`` computes
+    for those positions alone, bit for bit (it rounds each element on its own)."""
+    m = FastLlama.from_hf(tiny_llama())
+    m.setup_cache(300)
+    positions = torch.tensor([[0, 5, 17, 299, 128, 3, 3]])
+    for got, want in zip(m.rope_table[:, positions], m.rope(positions, torch.float32), strict=True):
+        assert torch.equal(got, want)
+    assert not torch.equal(m.rope_table[0, 5], m.rope_table[0, 6])  # the check above can fail: positions differ
+
+
 def test_qwen2_biases_are_used():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
