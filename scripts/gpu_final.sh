@@ -3,9 +3,6 @@
 # held-out prompts decoded with each setting in BENCHES (one `bench` report each).
 #   bash scripts/gpu_final.sh     (repo root, GPU machine, embedded model staged; results: $OUT/final.tgz)
 # BENCHES: lines "name|bench flags"; TREE_OPT=1 also reruns the tree optimizer for the shipped heads first.
-# CAL=1 first measures the heads' path frequencies on the calibration prompts ($CAL_PROMPTS: the built-in held-out
-# prompts after the 20 benchmark ones, exported to JSONL) and grows trees from them: $W/tree_paths64.json (64 nodes)
-# and $W/tree_paths_auto.json (the optimizer's size); bench them with BENCHES lines such as "paths64|--tree \$W/...".
 set -o pipefail
 source scripts/device_setup.sh
 OUT=${OUT:-/tmp/out}; W=${W:-/tmp/w_final}; mkdir -p "$OUT" "$W"
@@ -22,17 +19,7 @@ if [ "${TREE_OPT:-0}" = 1 ]; then
   timeout 150 $M tree --heads $NEW --accuracy $NEW/heads_accuracy_h200.json --prompts "$P" \
     --sizes "${SIZES:-1,4,8,16,32,48,64,96,128}" --out "$W/tree_cuda.json" 2>&1 | grep -v Loading | tail -14 | tee "$W/tree.txt"
 fi
-if [ "${CAL:-0}" = 1 ]; then
-  timeout 300 $M heads-accuracy --heads $NEW --prompts "${CAL_PROMPTS:-.prompts/calib161.jsonl}" --limit 161 \
-    --max-new-tokens 256 --out "$W/acc_cal.json" 2>&1 | grep -v Loading | tail -7 | tee "$W/acc_cal.txt"
-  timeout 100 $M tree --heads $NEW --accuracy "$W/acc_cal.json" --prompts "$P" --sizes 1,64 \
-    --out "$W/tree_paths64.json" 2>&1 | grep -v Loading | tail -6 | tee "$W/tree_paths64.txt"
-  timeout 150 $M tree --heads $NEW --accuracy "$W/acc_cal.json" --prompts "$P" \
-    --sizes "${SIZES:-1,4,8,16,32,48,64,96,128}" --out "$W/tree_paths_auto.json" 2>&1 | grep -v Loading | tail -14 \
-    | tee "$W/tree_paths_auto.txt"
-fi
 while IFS='|' read -r name flags; do
-  flags=$(eval echo "$flags")  # lets a line name files written above ($W/...)
   [ -n "$name" ] || continue
   timeout 120 $M bench $flags --prompts "$P" --limit 20 --max-new-tokens 256 --out "$W/bench_$name/report.json" 2>&1 \
     | grep -v Loading | tail -2 | head -1 | tee "$W/bench_$name.txt"

@@ -310,10 +310,10 @@ class BenchConfig(DecoderOptions):
         GenerationConfig(self.max_new_tokens, self.temperature, self.acceptance).acceptance_config()  # checks flags
 
 
-def read_accuracy(cfg: BenchConfig):
-    """The acceptance model for the expected accepted length (``tree_opt.load_accuracy``): --accuracy, else the one
-    a --tree file (an optimizer tree) was chosen with. Read before any model loads."""
-    from medusa_llama.eval.tree_opt import acceptance_model, load_accuracy
+def read_accuracy(cfg: BenchConfig) -> list[list[float]] | None:
+    """Head accuracies for the expected accepted length: --accuracy, else the "accuracy" key of a --tree file (an
+    optimizer tree). Read before any model loads."""
+    from medusa_llama.eval.tree_opt import load_accuracy
 
     if cfg.accuracy:
         return load_accuracy(cfg.accuracy)
@@ -323,20 +323,20 @@ def read_accuracy(cfg: BenchConfig):
         except json.JSONDecodeError:
             return None  # the tree loader says what is wrong with the file
         if isinstance(saved, dict) and isinstance(saved.get("accuracy"), list):
-            try:
-                return acceptance_model(saved)
-            except (KeyError, TypeError, ValueError):
-                return None
+            return saved["accuracy"]
     return None
 
 
-def tree_info(tree, spec: str, accuracy) -> dict:
-    """The tree's name and, when an acceptance model is known, its expected accepted length (as ``tree_opt``)."""
+def tree_info(tree, spec: str, accuracy: list[list[float]] | None) -> dict:
+    """The tree's name and, when head accuracies are known, its expected accepted length (as ``tree_opt``)."""
+    from medusa_llama.decode.tree import expected_accept_length
+    from medusa_llama.eval.tree_opt import monotone_accuracy
+
     info: dict = {"tree": spec}
     if accuracy is not None:
-        if accuracy.depth < tree.max_depth:
-            raise MedusaError(f"--accuracy covers {accuracy.depth} heads but the tree {spec} is {tree.max_depth} deep")
-        info["expected_accept_length"] = accuracy.expected(tree.paths)
+        if len(accuracy) < tree.max_depth:
+            raise MedusaError(f"--accuracy covers {len(accuracy)} heads but the tree {spec} is {tree.max_depth} deep")
+        info["expected_accept_length"] = expected_accept_length(tree.paths, monotone_accuracy(accuracy))
     return info
 
 
@@ -348,7 +348,7 @@ def auto_tree(cfg: BenchConfig, pipe, accuracy, bench_prompts):
     from medusa_llama.decode.tree import build_tree
     from medusa_llama.eval.head_accuracy import decoding_draft, measure_head_accuracy
     from medusa_llama.eval.prompts import chat_ids, load_prompts
-    from medusa_llama.eval.tree_opt import TreeOptConfig, acceptance_model, optimize_for_device
+    from medusa_llama.eval.tree_opt import TreeOptConfig, optimize_for_device
 
     backbone, heads = pipe.backbone, pipe.heads
     opt = TreeOptConfig(**{f.name: getattr(cfg, f.name) for f in fields(DecoderOptions)})
@@ -357,7 +357,7 @@ def auto_tree(cfg: BenchConfig, pipe, accuracy, bench_prompts):
         skip = 0 if cfg.prompts else len(bench_prompts)
         acc_prompts = load_prompts(None, limit=opt.accuracy_prompts, skip=skip)
         ids = [chat_ids(backbone.tokenizer, p.text) for p in acc_prompts]
-        accuracy = acceptance_model(measure_head_accuracy(backbone, heads, ids, opt.accuracy_tokens, draft=draft))
+        accuracy = measure_head_accuracy(backbone, heads, ids, opt.accuracy_tokens, draft=draft)["accuracy"]
     probe = [chat_ids(backbone.tokenizer, p.text) for p in bench_prompts[: opt.probe_prompts]]
     choices, info = optimize_for_device(backbone, heads, accuracy, probe, opt)
     info["draft_vocab"] = 0 if draft is None else draft.size

@@ -4,10 +4,7 @@ For each prompt: the backbone's greedy continuation (what greedy acceptance comp
 forward over prompt + continuation for the final hidden states h_t. At each continuation position t, head k
 (1-based) ranks its candidates for token t+k+1; sequential heads walk the true continuation as their path (in a
 tree, the accepted path is exactly the true tokens). ``accuracy[d][r]`` = P(head d+1's rank-r token is the true
-token): per rank, not cumulative, the input of ``tree.grow_tree`` (Medusa, Sec. 2.3.3). The report also counts
-``paths``: how often each path of ranks (``"0,1"``: head 1's best, then head 2's second best) is the true one, the
-joint statistic from which the tree optimizer picks trees (``tree_opt.PathModel``) where the product of per-rank
-accuracies misjudges heads whose depths are not independent.
+token): per rank, not cumulative, the input of ``tree.grow_tree`` and the tree optimizer (Medusa, Sec. 2.3.3).
 
 With a draft vocabulary (FR-Spec, ``heads.DraftVocab``) the heads are ranked as the decoder's proposal ranks them:
 over the draft's N columns only (``heads.draft_topk``), so a true token outside the N is never a hit and ranks past
@@ -18,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +27,6 @@ from medusa_llama.pipeline import DecoderOptions, check_output_file, device_name
 log = logging.getLogger(__name__)
 
 MAX_TOPK = 10
-MISS, UNSCORED = -1, -2
-"""``head_ranks`` entries: the true token is not among the head's top-k; the position has no target for the head."""
 
 
 def _decoder_body(hf_model):
@@ -42,24 +36,25 @@ def _decoder_body(hf_model):
 
 
 @torch.inference_mode()
-def head_ranks(
+def head_rank_hits(
     hf_model,
     heads: MedusaHeads,
     ids: list[int],
     prompt_len: int,
     topk: int = MAX_TOPK,
     draft: DraftVocab | None = None,
-) -> torch.Tensor:
-    """(K, N) long: at each continuation position t with a head-1 target (N of them), the rank of the true token
-    x_{t+k+2} among head k+1's ``topk`` candidates: 0 .. topk-1, ``MISS`` (-1) when not among them, ``UNSCORED`` (-2)
-    past the end. ``ids`` = prompt + greedy continuation (``prompt_len`` prompt tokens).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hit counts of one sequence: ``hits[d, r]`` = positions where head d+1's rank-r token was the true one,
+    ``n[d]`` = positions scored for head d+1. ``ids`` = prompt + greedy continuation (``prompt_len`` prompt tokens).
 
     ``draft``: rank over this draft vocabulary's tokens only, as the decoder proposes (None: the full vocabulary).
     """
     k_heads, length = heads.num_heads, len(ids)
+    hits = torch.zeros(k_heads, topk, dtype=torch.long)
+    n = torch.zeros(k_heads, dtype=torch.long)
     first, last = prompt_len - 1, length - 2  # h_t for t in [first, last) has a target for head 1 (t + 2 < L)
     if last <= first:
-        return torch.full((k_heads, 0), UNSCORED, dtype=torch.long)
+        return hits, n
     device = next(hf_model.parameters()).device
     seq = torch.tensor([ids], device=device)  # (1, L)
     hidden = _decoder_body(hf_model)(input_ids=seq).last_hidden_state  # (1, L, D)
@@ -75,7 +70,6 @@ def head_ranks(
     path_idx = (pos[None, :] + torch.arange(1, k_heads + 1, device=device)[:, None]).clamp(max=length - 1)  # (K, N)
     path_emb = emb(seq[0][path_idx]).to(hidden.dtype)  # (K, N, D)
     states = heads.chain_states(hidden, path_emb)  # K x (N, D)
-    ranks = torch.full((k_heads, pos.numel()), UNSCORED, dtype=torch.long)
     for k, state in enumerate(states):
         target_idx = pos + k + 2  # (N,) head k+1 predicts x_{t+k+2} (0-based k)
         valid = target_idx < length
@@ -83,39 +77,9 @@ def head_ranks(
             continue
         top = draft_topk(heads, k, state[valid], lm_head, ranked, draft)  # (N_k, ranked) token ids, best first
         match = top == seq[0][target_idx[valid]][:, None]  # (N_k, ranked): at most one True per row
-        rank = torch.where(match.any(1), match.int().argmax(1), MISS)  # (N_k,)
-        ranks[k, valid.cpu()] = rank.cpu()
-    return ranks
-
-
-def head_rank_hits(hf_model, heads, ids, prompt_len, topk=MAX_TOPK, draft=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hit counts of one sequence: ``hits[d, r]`` = positions where head d+1's rank-r token was the true one,
-    ``n[d]`` = positions scored for head d+1 (``head_ranks``'s arguments)."""
-    return rank_hits(head_ranks(hf_model, heads, ids, prompt_len, topk, draft), topk)
-
-
-def rank_hits(ranks: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``head_ranks`` (K, N) -> hits (K, topk) per rank, scored positions n (K,)."""
-    hits = torch.zeros(ranks.shape[0], topk, dtype=torch.long)
-    for k, row in enumerate(ranks):
-        hits[k] = torch.bincount(row[row >= 0], minlength=topk)[:topk]
-    return hits, (ranks != UNSCORED).sum(1)
-
-
-def path_counts(ranks: torch.Tensor) -> Counter[tuple[int, ...]]:
-    """How often each tree path is accepted: ``counts[p]`` = positions (scored by every head) whose true continuation
-    has the ranks ``p`` under heads 1 .. len(p). A tree node is accepted exactly when its path is such a prefix
-    (sequential heads are scored along the true path, which is the accepted one), so this is the joint statistic
-    the per-rank accuracies' product model approximates (``tree_opt.PathModel``)."""
-    counts: Counter[tuple[int, ...]] = Counter()
-    for column in ranks[:, (ranks != UNSCORED).all(0)].t().tolist():
-        path: tuple[int, ...] = ()
-        for r in column:
-            if r < 0:
-                break
-            path += (r,)
-            counts[path] += 1
-    return counts
+        hits[k, :ranked] += match.sum(0).cpu()
+        n[k] += int(valid.sum())
+    return hits, n
 
 
 def measure_head_accuracy(
@@ -142,17 +106,13 @@ def measure_head_accuracy(
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     hits = torch.zeros(heads.num_heads, topk, dtype=torch.long)
     n = torch.zeros(heads.num_heads, dtype=torch.long)
-    paths: Counter[tuple[int, ...]] = Counter()
-    new_tokens, path_positions = 0, 0
+    new_tokens = 0
     for ids in tqdm(prompt_ids, desc="head accuracy", unit="prompt", disable=not progress):
         cont = decoder.generate(list(ids), gen).tokens
         new_tokens += len(cont)
-        ranks = head_ranks(backbone.hf_model, heads, list(ids) + list(cont), len(ids), topk, draft)
-        h, c = rank_hits(ranks, topk)
+        h, c = head_rank_hits(backbone.hf_model, heads, list(ids) + list(cont), len(ids), topk, draft)
         hits += h
         n += c
-        paths += path_counts(ranks)
-        path_positions += int((ranks != UNSCORED).all(0).sum())
     if int(n.min()) == 0:
         raise MedusaError("too few continuation tokens to score every head: use more prompts or --max-new-tokens")
     acc = hits.double() / n.double()[:, None]  # (K, topk) per rank
@@ -164,8 +124,6 @@ def measure_head_accuracy(
         "new_tokens": new_tokens,
         "topk": topk,
         "draft_vocab": 0 if draft is None else draft.size,
-        "paths": {",".join(map(str, p)): c for p, c in sorted(paths.items(), key=lambda pc: (-pc[1], pc[0]))},
-        "path_positions": path_positions,
     }
 
 

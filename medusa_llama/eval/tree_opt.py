@@ -6,24 +6,15 @@ A bigger tree accepts more tokens per step but costs more per step; how much mor
 1. ``measure_latency_curve``: the real time of a whole decode step of ``MedusaDecoder`` (the heads' proposal, the
    verify forward, the LM head over the tree, acceptance and the KV commit) for trees of several sizes (size 1 is
    vanilla decoding), median over a few short generations on this device.
-2. ``optimize_tree`` (pure): for every size n the best tree under an acceptance model, its expected speed
-   ``expected accepted length / latency(n)``, the latency interpolated between measured sizes. Pick the fastest,
+2. ``optimize_tree`` (pure): for every size n the best tree under the product model of per-depth, per-rank head
+   accuracies is ``grow_tree(accuracy, n - 1)`` (Medusa, Sec. 2.3.3); its expected speed is
+   ``expected_accept_length / latency(n)``, the latency interpolated between measured sizes. Pick the fastest,
    vanilla decoding (size 1, the empty tree ``[]``) included: where no tree pays, as on a slow CPU, none is used.
-
-Two acceptance models, both read from a ``heads-accuracy`` report (``load_accuracy``):
-
-- ``RankModel``: the product of per-depth, per-rank accuracies (Medusa, Sec. 2.3.3; ``tree.grow_tree``). It treats
-  the depths as independent, which heads that read the path before them (``sequential``) are not: after a rank-3
-  guess at depth 1 the next depth is less often right than after a rank-0 one.
-- ``PathModel``: measured path frequencies (the report's ``paths``). A node is accepted exactly when its path is a
-  prefix of the true continuation's ranks, so a tree's expected accepted length is 1 + the summed frequencies of
-  its paths, and the best tree of n nodes is the n most frequent paths. The optimizer uses it where the report has it.
 """
 
 from __future__ import annotations
 
 import bisect
-import heapq
 import json
 import logging
 import statistics
@@ -65,101 +56,6 @@ def monotone_accuracy(accuracy: list[list[float]]) -> list[list[float]]:
     return out
 
 
-Choices = list[list[int]]
-
-
-@dataclass(frozen=True)
-class RankModel:
-    """The product model: a path is accepted with the product of its ranks' accuracies (``accuracy[d][r]``: head d+1's
-    rank-r token is the true one), made monotone in rank (``monotone_accuracy``)."""
-
-    accuracy: list[list[float]]
-
-    def __post_init__(self):
-        object.__setattr__(self, "accuracy", monotone_accuracy(self.accuracy))
-
-    @property
-    def depth(self) -> int:
-        return len(self.accuracy)
-
-    def grow(self, size: int) -> Choices:
-        """The best tree of ``size`` non-root nodes (``tree.grow_tree``)."""
-        return grow_tree(self.accuracy, size)
-
-    def expected(self, choices) -> float:
-        """Expected tokens per step of a tree (its bonus token included)."""
-        return expected_accept_length(choices, self.accuracy)
-
-    def truncated(self, depth: int) -> RankModel:
-        return RankModel(self.accuracy[:depth])
-
-    def to_json(self) -> dict:
-        return {"accuracy": self.accuracy}
-
-
-@dataclass(frozen=True)
-class PathModel:
-    """Measured path frequencies: ``counts[p]`` of ``positions`` continuation positions had the true tokens at the
-    ranks ``p`` under heads 1 .. len(p) (``head_accuracy.path_counts``). ``ranks`` (a ``RankModel``) only orders paths
-    of equal count, so that trees larger than the measured paths still grow sensibly."""
-
-    counts: dict[tuple[int, ...], int]
-    positions: int
-    ranks: RankModel
-
-    @property
-    def depth(self) -> int:
-        return self.ranks.depth
-
-    def grow(self, size: int) -> Choices:
-        """The ``size`` most frequent paths: best-first over the children of the chosen nodes. A path is never more
-        frequent (nor, under ``ranks``, more likely) than its parent, so the chosen set is always a tree, and it
-        maximises the summed frequency, i.e. ``expected``."""
-        top = max(len(row) for row in self.ranks.accuracy)
-
-        def key(path: tuple[int, ...]) -> tuple:
-            return (-self.counts.get(path, 0), -self.ranks.expected([path]), len(path), path)
-
-        frontier = [key((r,)) for r in range(top)]
-        heapq.heapify(frontier)
-        chosen: Choices = []
-        while frontier and len(chosen) < size:
-            path = heapq.heappop(frontier)[-1]
-            chosen.append(list(path))
-            if len(path) < self.depth:
-                for r in range(top):
-                    heapq.heappush(frontier, key(path + (r,)))
-        return chosen
-
-    def expected(self, choices) -> float:
-        return 1.0 + sum(self.counts.get(tuple(p), 0) for p in choices) / max(self.positions, 1)
-
-    def truncated(self, depth: int) -> PathModel:
-        counts = {p: c for p, c in self.counts.items() if len(p) <= depth}
-        return PathModel(counts, self.positions, self.ranks.truncated(depth))
-
-    def to_json(self) -> dict:
-        paths = {",".join(map(str, p)): c for p, c in sorted(self.counts.items(), key=lambda pc: (-pc[1], pc[0]))}
-        return {"accuracy": self.ranks.accuracy, "paths": paths, "path_positions": self.positions}
-
-
-AcceptanceModel = RankModel | PathModel
-
-
-def acceptance_model(source) -> AcceptanceModel:
-    """A model from per-depth accuracies (a list: ``RankModel``), a model (itself), or a report dict: ``PathModel``
-    where it holds ``paths`` and ``path_positions``, else ``RankModel`` of its ``accuracy``. Raises ``ValueError``."""
-    if isinstance(source, (RankModel, PathModel)):
-        return source
-    if isinstance(source, dict):
-        ranks = RankModel([[float(x) for x in row] for row in source["accuracy"]])
-        if source.get("paths") and source.get("path_positions"):
-            counts = {tuple(int(r) for r in p.split(",")): int(c) for p, c in source["paths"].items()}
-            return PathModel(counts, int(source["path_positions"]), ranks)
-        return ranks
-    return RankModel([[float(x) for x in row] for row in source])
-
-
 def interpolate_latency(curve: dict[int, float], n: int) -> float:
     """Seconds per step for a tree of ``n`` tokens (root included), piecewise linear between measured sizes.
 
@@ -180,23 +76,22 @@ def interpolate_latency(curve: dict[int, float], n: int) -> float:
     return curve[lo] * (1 - w) + curve[hi] * w
 
 
-def tree_table(accuracy, latency_curve: dict[int, float], sizes=None) -> list[dict]:
+def tree_table(accuracy: list[list[float]], latency_curve: dict[int, float], sizes=None) -> list[dict]:
     """One row per tree size n (tokens, root included): expected accepted length, latency, expected tokens/s.
 
-    ``accuracy``: an acceptance model or what ``acceptance_model`` takes. ``sizes`` defaults to every n from 1 to the
-    largest measured size. Both models grow best-first, so the best tree of n - 1 nodes is a prefix of the best tree
-    of more nodes: one growth serves every size.
+    ``sizes`` defaults to every n from 1 to the largest measured size. ``grow_tree`` adds nodes best-first, so the
+    best tree of n - 1 nodes is a prefix of the best tree of more nodes: one growth serves every size.
     """
-    model = acceptance_model(accuracy)
+    accuracy = monotone_accuracy(accuracy)
     sizes = sorted(set(sizes if sizes is not None else range(1, max(latency_curve) + 1)))
     if not sizes or sizes[0] < 1:
         raise ValueError(f"tree sizes must be >= 1, got {sizes}")
-    grown = model.grow(sizes[-1] - 1)
+    grown = grow_tree(accuracy, sizes[-1] - 1)
     rows = []
     for n in sizes:
         if n - 1 > len(grown):
             break  # the heads cannot fill a tree this big (every rank of every depth is used)
-        eal = model.expected(grown[: n - 1])
+        eal = expected_accept_length(grown[: n - 1], accuracy)
         latency = interpolate_latency(latency_curve, n)
         rows.append(
             {
@@ -209,15 +104,16 @@ def tree_table(accuracy, latency_curve: dict[int, float], sizes=None) -> list[di
     return rows
 
 
-def optimize_tree(accuracy, latency_curve: dict[int, float], sizes=None) -> tuple[Choices, list[dict]]:
-    """Pure: the tree with the highest expected tokens/s, and the table it was chosen from (``accuracy`` as for
-    ``tree_table``).
+def optimize_tree(
+    accuracy: list[list[float]], latency_curve: dict[int, float], sizes=None
+) -> tuple[list[list[int]], list[dict]]:
+    """Pure: the tree with the highest expected tokens/s, and the table it was chosen from.
 
     Returns ``(choices, table)``. When vanilla decoding (size 1) is expected to be fastest, ``choices`` is ``[]``,
     the root-only tree, which ``MedusaDecoder`` decodes as ``VanillaDecoder`` does.
     """
-    model = acceptance_model(accuracy)
-    table = tree_table(model, latency_curve, sizes)
+    accuracy = monotone_accuracy(accuracy)
+    table = tree_table(accuracy, latency_curve, sizes)
     if not any(r["size"] >= 2 for r in table):
         raise ValueError("no tree size >= 2 to choose from: measure the latency of larger trees")
     best = max(table, key=lambda r: r["expected_tokens_per_s"])  # the first, smallest, of equals
@@ -228,7 +124,7 @@ def optimize_tree(accuracy, latency_curve: dict[int, float], sizes=None) -> tupl
             "%.1f tok/s expected), so the tree is the root alone",
             best["expected_tokens_per_s"], tree["size"], tree["expected_tokens_per_s"],
         )  # fmt: skip
-    return model.grow(best["size"] - 1), table
+    return grow_tree(accuracy, best["size"] - 1), table
 
 
 def step_time(result) -> float:
@@ -239,13 +135,12 @@ def step_time(result) -> float:
 
 
 def measure_latency_curve(
-    backbone, heads, accuracy, prompt_ids: list[list[int]], sizes=DEFAULT_SIZES,
+    backbone, heads, accuracy: list[list[float]], prompt_ids: list[list[int]], sizes=DEFAULT_SIZES,
     max_new_tokens: int = 32, progress: bool = True, compile: bool = False, draft_vocab: int | None = None,
 ) -> dict[int, float]:  # fmt: skip
     """Median seconds per decode step of the real decoders for trees of each size (1 = ``VanillaDecoder``).
 
-    Each tree is the acceptance model's (``accuracy``, as for ``tree_table``) tree of that size, the one the
-    optimizer would pick, and the time is that
+    Each tree is ``grow_tree(accuracy, n - 1)``, the tree the optimizer would pick at that size, and the time is that
     of the whole step as generation runs it (wall clock of the decode loop / steps): the heads' proposal, the verify
     forward, the LM head over the tree, acceptance and the KV commit. Every decoder is warmed up (and on a GPU its
     step captured) first; then sizes are interleaved per prompt, so load drifting over time hits all sizes alike.
@@ -257,7 +152,7 @@ def measure_latency_curve(
 
     if not prompt_ids:
         raise MedusaError("the latency probe needs at least one prompt")
-    model = acceptance_model(accuracy)
+    accuracy = monotone_accuracy(accuracy)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, acceptance="greedy")
     warm = GenerationConfig(max_new_tokens=min(8, max_new_tokens), temperature=0.0, acceptance="greedy")
     decoders = {}
@@ -265,7 +160,7 @@ def measure_latency_curve(
         if n == 1:
             decoders[n] = VanillaDecoder(backbone, compile=compile)
         else:
-            tree = build_tree(model.grow(n - 1), heads.num_heads)
+            tree = build_tree(grow_tree(accuracy, n - 1), heads.num_heads)
             decoders[n] = MedusaDecoder(backbone, heads, tree, compile=compile, draft_vocab=draft_vocab)
         decoders[n].generate(prompt_ids[0], warm)
     times: dict[int, list[float]] = {n: [] for n in decoders}
@@ -278,7 +173,7 @@ def measure_latency_curve(
 
 
 def profile_trees(
-    backbone, heads, accuracy, prompt_ids: list[int], sizes, steps: int = 8,
+    backbone, heads, accuracy: list[list[float]], prompt_ids: list[int], sizes, steps: int = 8,
     draft_vocab: int | None = None,
 ) -> dict[int, dict[str, float]]:  # fmt: skip
     """Per tree size (tokens with the root; 1 = vanilla): milliseconds per step of each phase of the step
@@ -286,11 +181,11 @@ def profile_trees(
     ``draft_vocab`` as for ``measure_latency_curve``."""
     from medusa_llama.decode.decoder import GenerationConfig, MedusaDecoder
 
-    model = acceptance_model(accuracy)
+    accuracy = monotone_accuracy(accuracy)
     gen = GenerationConfig(temperature=0.0, acceptance="greedy")
     out = {}
     for n in sorted(set(sizes)):
-        tree = model.grow(n - 1)  # n = 1: the root alone, vanilla decoding
+        tree = grow_tree(accuracy, n - 1)  # n = 1: the root alone, vanilla decoding
         dec = MedusaDecoder(backbone, heads, tree, draft_vocab=draft_vocab)
         dec.profile(prompt_ids, gen, steps=2)  # warm-up
         out[n] = dec.profile(prompt_ids, gen, steps=steps)
@@ -338,24 +233,20 @@ class TreeOptConfig(DecoderOptions):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
-def load_accuracy(path: str | Path) -> AcceptanceModel:
-    """The acceptance model of a ``heads-accuracy`` report or an optimizer tree file: ``PathModel`` where the file
-    holds path frequencies, else ``RankModel`` of its per-depth, per-rank accuracies (``acceptance_model``)."""
+def load_accuracy(path: str | Path) -> list[list[float]]:
+    """Per-depth, per-rank head accuracies from a ``heads-accuracy`` report or an optimizer tree file."""
     path = Path(path)
     if not path.is_file():
         raise MedusaError(f"--accuracy file not found: {path}")
     try:
         data = json.loads(path.read_text())
-        data = data if isinstance(data, dict) else {"accuracy": data}
-        acc = [[float(x) for x in row] for row in data["accuracy"]]
+        acc = data["accuracy"] if isinstance(data, dict) else data
+        acc = [[float(x) for x in row] for row in acc]
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise MedusaError(f"--accuracy file {path} holds no per-depth accuracy table ({exc})") from exc
     if not acc or not all(acc) or any(not 0.0 <= x <= 1.0 for row in acc for x in row):
         raise MedusaError(f"--accuracy file {path}: accuracies must be non-empty rows of probabilities")
-    try:
-        return acceptance_model(data)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise MedusaError(f"--accuracy file {path}: malformed path frequencies ({exc})") from exc
+    return acc
 
 
 def check_accuracy_draft(path: str | Path, draft_size: int) -> None:
@@ -371,10 +262,9 @@ def check_accuracy_draft(path: str | Path, draft_size: int) -> None:
         )  # fmt: skip
 
 
-def optimize_for_device(backbone, heads, accuracy, prompt_ids: list[list[int]], cfg: TreeOptConfig):
-    """Measure the latency curve here, optimise, and return ``(choices, info)`` (info = the saved extra keys).
-    ``accuracy``: an acceptance model or what ``acceptance_model`` takes."""
-    accuracy = acceptance_model(accuracy).truncated(heads.num_heads)
+def optimize_for_device(backbone, heads, accuracy: list[list[float]], prompt_ids: list[list[int]], cfg: TreeOptConfig):
+    """Measure the latency curve here, optimise, and return ``(choices, info)`` (info = the saved extra keys)."""
+    accuracy = [row for row in accuracy[: heads.num_heads]]
     curve = measure_latency_curve(
         backbone, heads, accuracy, prompt_ids, cfg.sizes, cfg.probe_tokens, compile=getattr(cfg, "compile", False),
         draft_vocab=getattr(cfg, "draft_vocab", None),
@@ -394,8 +284,7 @@ def optimize_for_device(backbone, heads, accuracy, prompt_ids: list[list[int]], 
         "measured_sizes": sorted(curve),
         "table": [r for r in table if r["size"] in curve or r["size"] == best["size"]],
         "step_breakdown_ms": {str(n): ms for n, ms in breakdown.items()},
-        "acceptance_model": type(accuracy).__name__,
-        **accuracy.to_json(),
+        "accuracy": accuracy,
         "device": device_name(backbone.device),
         "model": backbone.name,
     }
@@ -426,11 +315,11 @@ def run_tree_opt(cfg: TreeOptConfig) -> dict:
     if accuracy is None:
         acc_prompts = load_prompts(cfg.prompts, limit=cfg.accuracy_prompts)
         ids = [chat_ids(backbone.tokenizer, p.text) for p in acc_prompts]
-        accuracy = acceptance_model(measure_head_accuracy(backbone, heads, ids, cfg.accuracy_tokens, draft=draft))
+        accuracy = measure_head_accuracy(backbone, heads, ids, cfg.accuracy_tokens, draft=draft)["accuracy"]
     else:
         check_accuracy_draft(cfg.accuracy, draft_size)
-    if accuracy.depth < heads.num_heads:
-        raise MedusaError(f"the accuracy table covers {accuracy.depth} heads but the heads have {heads.num_heads}")
+    if len(accuracy) < heads.num_heads:
+        raise MedusaError(f"the accuracy table covers {len(accuracy)} heads but the heads have {heads.num_heads}")
     choices, info = optimize_for_device(
         backbone, heads, accuracy, [chat_ids(backbone.tokenizer, p.text) for p in probe], cfg
     )

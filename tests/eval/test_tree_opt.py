@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest
@@ -13,9 +12,6 @@ from medusa_llama.decode.tree import BUILTIN_TREE_NAMES, builtin_tree, expected_
 from medusa_llama.errors import MedusaError
 from medusa_llama.eval.tree_opt import (
     DEFAULT_SIZES,
-    PathModel,
-    RankModel,
-    acceptance_model,
     interpolate_latency,
     load_accuracy,
     measure_latency_curve,
@@ -91,56 +87,6 @@ def test_measured_accuracies_are_made_monotone_and_positive():
     assert choices and table[-1]["expected_accept_length"] >= 1.0
 
 
-# Heads whose depths depend on each other: after head 1's best guess head 2 is usually right, after its second
-# guess almost never. The product of per-rank accuracies cannot see that; measured path frequencies do.
-DEPENDENT_PATHS = {(0,): 500, (0, 0): 400, (0, 0, 0): 300, (1,): 200, (1, 0): 5, (1, 1): 4, (0, 1): 40, (2,): 100}
-DEPENDENT = PathModel(DEPENDENT_PATHS, 1000, RankModel([[0.5, 0.2, 0.1], [0.405, 0.044, 0.0], [0.3, 0.0, 0.0]]))
-
-
-def test_path_model_grows_the_most_frequent_paths():
-    assert DEPENDENT.grow(4) == [[0], [0, 0], [0, 0, 0], [1]]
-    assert DEPENDENT.expected(DEPENDENT.grow(4)) == pytest.approx(1 + (500 + 400 + 300 + 200) / 1000)
-    assert DEPENDENT.expected([[1], [1, 0]]) == pytest.approx(1.205)
-    # best-first: every prefix of the growth is the best tree of its size (exhaustively, over trees of 3 nodes)
-    nodes = sorted(DEPENDENT_PATHS) + [(3,), (2, 0)]
-    trees = [t for t in itertools.combinations(nodes, 3) if all(len(p) == 1 or p[:-1] in t for p in t)]
-    best = max(DEPENDENT.expected(t) for t in trees)
-    assert DEPENDENT.expected(DEPENDENT.grow(3)) == pytest.approx(best)
-    # the product model spends a node on (1, 0) (0.2 * 0.405 = 0.081 > (0, 1)'s 0.022); measured, it is rare
-    product = RankModel(DEPENDENT.ranks.accuracy).grow(6)
-    assert [1, 0] in product and [1, 0] not in DEPENDENT.grow(6) and [0, 1] in DEPENDENT.grow(6)
-    assert DEPENDENT.expected(DEPENDENT.grow(6)) > DEPENDENT.expected(product)
-
-
-def test_path_model_grows_past_the_measured_paths_as_a_valid_tree():
-    from medusa_llama.decode.tree import validate_choices
-
-    grown = DEPENDENT.grow(30)  # 8 measured paths; the rest ordered by the rank model, never a child before its parent
-    assert len(grown) == 30 and validate_choices(grown, num_heads=3)
-    assert len(DEPENDENT.grow(100)) == 3 + 9 + 27  # every node of 3 ranks x 3 depths
-    assert grown[:8] == DEPENDENT.grow(8)
-    assert DEPENDENT.truncated(1).grow(5) == [[0], [1], [2]]  # depth 1 only, 3 ranks: no more nodes exist
-    choices, table = optimize_tree(DEPENDENT, {1: 1e-3, 4: 1e-3, 64: 2e-3})
-    assert choices == DEPENDENT.grow(len(choices))
-    assert table[1]["expected_accept_length"] == pytest.approx(DEPENDENT.expected(DEPENDENT.grow(1)))
-
-
-def test_path_counts_follow_each_position_until_its_first_miss():
-    from medusa_llama.eval.head_accuracy import MISS, UNSCORED, path_counts, rank_hits
-
-    ranks = torch.tensor(
-        [  # (K=3 heads, N=5 positions)
-            [0, 0, 1, MISS, 0],
-            [0, MISS, 0, 0, 2],
-            [2, 0, MISS, 0, UNSCORED],  # the last position has no head-3 target: no path counted there
-        ]
-    )
-    counts = path_counts(ranks)
-    assert counts == {(0,): 2, (0, 0): 1, (0, 0, 2): 1, (1,): 1, (1, 0): 1}
-    hits, n = rank_hits(ranks, topk=3)
-    assert hits.tolist() == [[3, 1, 0], [3, 0, 1], [2, 0, 1]] and n.tolist() == [5, 5, 4]
-
-
 def test_interpolate_latency():
     curve = {1: 1.0, 5: 2.0, 9: 4.0}
     assert interpolate_latency(curve, 3) == pytest.approx(1.5)
@@ -154,16 +100,7 @@ def test_interpolate_latency():
 def test_accuracy_and_tree_files(tmp_path):
     good = tmp_path / "acc.json"
     good.write_text(json.dumps({"accuracy": ACCURACY, "positions": [1, 2, 3, 4]}))
-    assert load_accuracy(good) == RankModel(ACCURACY)
-    paths = tmp_path / "paths.json"
-    paths.write_text(json.dumps({"accuracy": ACCURACY, "paths": {"0": 5, "0,1": 2, "1": 3}, "path_positions": 10}))
-    model = load_accuracy(paths)
-    assert isinstance(model, PathModel) and model.counts == {(0,): 5, (0, 1): 2, (1,): 3} and model.positions == 10
-    assert load_accuracy(paths).to_json()["paths"] == {"0": 5, "1": 3, "0,1": 2}  # round trip, most frequent first
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"accuracy": ACCURACY, "paths": {"0,x": 5}, "path_positions": 10}))
-    with pytest.raises(MedusaError, match="malformed path frequencies"):
-        load_accuracy(bad)
+    assert load_accuracy(good) == ACCURACY
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"accuracy": [[1.5]]}))
     with pytest.raises(MedusaError, match="probabilities"):
@@ -300,12 +237,6 @@ def test_measure_head_accuracy_and_latency_curve(tiny):
     assert report["top_k_cumulative"][0][-1] == pytest.approx(sum(acc[0]))
     assert report["positions"][0] == 3 * (24 - 1)  # continuation positions with a head-1 target
     assert "top-1" in format_accuracy(report) and report["draft_vocab"] == 0
-    paths = {tuple(map(int, p.split(","))): c for p, c in report["paths"].items()}
-    assert report["path_positions"] == 3 * (24 - 4)  # positions with a target for every one of the 4 heads
-    for path, count in paths.items():  # a path is never more frequent than its parent, nor than its head's rank hits
-        assert 0 < count <= (paths[path[:-1]] if len(path) > 1 else report["path_positions"])
-    for r in range(10):
-        assert paths.get((r,), 0) <= round(acc[0][r] * report["positions"][0])
     half = DraftVocab.build(heads, backbone.lm_head, torch.arange(48))  # tokens 48.. are never proposed
     drafted = measure_head_accuracy(backbone, heads, prompts, max_new_tokens=24, progress=False, draft=half)
     assert drafted["draft_vocab"] == 48 and drafted["positions"] == report["positions"]
@@ -336,13 +267,12 @@ def test_expected_accept_length_matches_a_real_run():
     encode = [chat_ids(backbone.tokenizer, p.text) for p in load_prompts(None, limit=20)]
     draft = decoding_draft(pipe)  # the draft vocabulary the decoder below proposes from (the stored one)
     accuracy = measure_head_accuracy(backbone, heads, encode[:10], max_new_tokens=96, progress=False, draft=draft)
-    curve = measure_latency_curve(backbone, heads, accuracy["accuracy"], encode[:2], sizes=(1, 4, 16, 64),
-                                  max_new_tokens=16, progress=False)  # fmt: skip
-    paths = acceptance_model(accuracy)  # the measured path frequencies
-    ranks = RankModel(accuracy["accuracy"])  # the product model of the same report
-    choices, _ = optimize_tree(ranks, curve)
-    for model, tree in ((ranks, choices), (paths, paths.grow(len(choices)))):
-        decoder = MedusaDecoder(backbone, heads, build_tree(tree, heads.num_heads))
-        results = [decoder.generate(ids, GenerationConfig(max_new_tokens=96)) for ids in encode[10:]]
-        measured = sum(len(r.tokens) - 1 for r in results) / sum(r.steps for r in results)
-        assert measured == pytest.approx(model.expected(tree), rel=0.10), type(model).__name__
+    accuracy = accuracy["accuracy"]
+    curve = measure_latency_curve(backbone, heads, accuracy, encode[:2], sizes=(1, 4, 16, 64), max_new_tokens=16,
+                                  progress=False)  # fmt: skip
+    choices, _ = optimize_tree(accuracy, curve)
+    expected = expected_accept_length(choices, accuracy)
+    decoder = MedusaDecoder(backbone, heads, build_tree(choices, heads.num_heads))
+    results = [decoder.generate(ids, GenerationConfig(max_new_tokens=96)) for ids in encode[10:]]
+    measured = sum(len(r.tokens) - 1 for r in results) / sum(r.steps for r in results)
+    assert measured == pytest.approx(expected, rel=0.10)
