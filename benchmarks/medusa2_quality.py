@@ -1,6 +1,6 @@
 """How close a Medusa-2 (LoRA-adapted) backbone stays to the original model.
 
-    python benchmarks/medusa2_quality.py --data DATA_DIR --adapter RUN/best [--prompts 40] [--new-tokens 128]
+    python benchmarks/medusa2_quality.py --data DATA_DIR --adapter RUN/best|medusa2 [--prompts 40] [--new-tokens 128]
 
 Prints one JSON line: validation perplexity of the original and the adapted model on the prepared validation split
 (loss-masked tokens), and the greedy token agreement: the original model's greedy continuation of held-out prompts,
@@ -17,7 +17,7 @@ import torch
 
 from medusa_llama.decode.decoder import GenerationConfig, VanillaDecoder
 from medusa_llama.eval.prompts import chat_ids, load_prompts
-from medusa_llama.pipeline import load_pipeline_backbone
+from medusa_llama.pipeline import load_pipeline_backbone, resolve_adapter
 from medusa_llama.train.blocks import TokenBlocks
 
 
@@ -37,14 +37,14 @@ def perplexity(hf, blocks: TokenBlocks, batches: int, batch_size: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--adapter", required=True)
+    ap.add_argument("--adapter", required=True, help="an adapter directory, or a shipped one by name (medusa2)")
     ap.add_argument("--prompts", type=int, default=40)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--val-batches", type=int, default=40)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     base = load_pipeline_backbone(None, args.device, "float32")
-    adapted = load_pipeline_backbone(None, args.device, "float32", adapter=args.adapter)
+    adapted = load_pipeline_backbone(None, args.device, "float32", adapter=resolve_adapter(args.adapter))
     blocks = TokenBlocks(args.data, "val")
     result = {
         "val_ppl_original": perplexity(base.hf_model, blocks, args.val_batches, 8),

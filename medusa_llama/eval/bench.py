@@ -413,6 +413,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         device=device_name(backbone.device),
         model=backbone.name,
         heads=str(cfg.heads or "default"),
+        adapter=str(pipe.adapter) if pipe.adapter else None,  # not None: lossless to the adapted model only
         backend=type(backbone).__name__,
         dtype=str(backbone.dtype).removeprefix("torch."),
         acceptance=gen.acceptance_config().rule,

@@ -31,7 +31,7 @@ def markdown(report: dict) -> str:
         "# Medusa benchmark",
         "",
         f"- model: `{report.get('model')}`, heads: `{report.get('heads')}`, backend {report.get('backend')}, "
-        f"dtype {report.get('dtype')}",
+        f"dtype {report.get('dtype')}" + (f", LoRA adapter `{report['adapter']}`" if report.get("adapter") else ""),
         f"- device: {report.get('device')}",
         f"- tree: {report.get('tree')} ({report.get('tree_size')} tokens, depth {report.get('tree_depth')}), "
         f"acceptance {report.get('acceptance')}, {len(report['prompts'])} prompts x {report.get('max_new_tokens')} "
