@@ -18,7 +18,9 @@ The Medusa proposal's (``proposal.py``) kernels, with the same arithmetic as its
   from the previous depth's states and top-k columns (six launches -> one);
 - ``tree_tokens``: the candidate tree's tokens, root included, from the depths' top-k columns (three -> one);
 - ``silu_residual``: ``s + silu(z)`` alone (the mix where ``sequential_mix`` does not apply);
-- ``greedy_accept``: greedy acceptance and the step's emitted tokens (``acceptance.py``).
+- ``greedy_accept``: greedy acceptance and the step's emitted tokens (``acceptance.py``);
+- ``path_inputs``: the prefix layer's inputs after a step (the accepted path's hidden states, its successors'
+  embeddings, slots, rotary tables) and its cache length's advance (``prefix.PrefixCache.extend_path``; six -> one).
 """
 
 from __future__ import annotations
@@ -269,7 +271,7 @@ def _(pred, tokens, parent, retrieve, out, root):
 def _sequential_mix_kernel(
     S,  # (B * S_ROWS, D) the previous depth's head states
     Rows,  # (N,) each output row's parent row in S (per sequence)
-    Tok,  # (B * TOK_COLS,) the previous depth's top-k columns (the root token at depth 0)
+    Tok,  # (B, C) the previous depth's top-k columns (the root token at depth 0), row b at b * TOK_STRIDE
     Cols,  # (N,) each output row's entry in Tok (per sequence)
     Table,  # (V, D) the embedding row of each column
     A,  # (D, D) state weight (out, in)
@@ -279,18 +281,19 @@ def _sequential_mix_kernel(
     M,  # B * N output rows
     N,
     S_ROWS,
-    TOK_COLS,
+    TOK_STRIDE,
     D: tl.constexpr,  # constexpr: the K loop's trip count (and Triton's interpreter needs it so)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # output rows b * N + j
     m_ok = m < M
     b, j = m // N, m % N
     src = b * S_ROWS + tl.load(Rows + j, mask=m_ok, other=0)  # (BLOCK_M,) parent state rows
-    tok = tl.load(Tok + b * TOK_COLS + tl.load(Cols + j, mask=m_ok, other=0), mask=m_ok, other=0)  # embedding rows
+    tok = tl.load(Tok + b * TOK_STRIDE + tl.load(Cols + j, mask=m_ok, other=0), mask=m_ok, other=0)  # embedding rows
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's output features
     n_ok = n < D
     acc_s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # A s
@@ -304,10 +307,14 @@ def _sequential_mix_kernel(
         e = tl.load(Table + tok[:, None] * D + k[None, :], mask=x_ok, other=0.0).to(s.dtype)  # heads' dtype
         a = tl.load(A + n[None, :] * D + k[:, None], mask=w_ok, other=0.0)  # (BLOCK_K, BLOCK_N): A^T's tile
         bt = tl.load(Bt + n[None, :] * D + k[:, None], mask=w_ok, other=0.0)
-        # fp32 operands: 16-bit values are exact in tf32, so PRECISION "tf32" multiplies them exactly as a bf16
-        # GEMM does (and Triton's interpreter has no bf16 tl.dot); "ieee" for fp32 heads, as cuBLAS without tf32
-        acc_s += tl.dot(s.to(tl.float32), a.to(tl.float32), input_precision=PRECISION)
-        acc_e += tl.dot(e.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
+        if USE_DOT:
+            # fp32 operands: 16-bit values are exact in tf32, so PRECISION "tf32" multiplies them exactly as a bf16
+            # GEMM does (and Triton's interpreter has no bf16 tl.dot); "ieee" for fp32 heads, as cuBLAS without tf32
+            acc_s += tl.dot(s.to(tl.float32), a.to(tl.float32), input_precision=PRECISION)
+            acc_e += tl.dot(e.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
+        else:  # fp32 multiply and reduce over the K tile: no 16-row minimum, no padding rows (few output rows)
+            acc_s += tl.sum(s.to(tl.float32)[:, :, None] * a.to(tl.float32)[None, :, :], 1)
+            acc_e += tl.sum(e.to(tl.float32)[:, :, None] * bt.to(tl.float32)[None, :, :], 1)
     dt = Out.dtype.element_ty
     z = (acc_s + tl.load(Bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(dt)  # addmm: A s + b, rounded
     z = (z.to(tl.float32) + acc_e).to(dt).to(tl.float32)  # the second addmm adds B e, rounding once
@@ -319,6 +326,18 @@ def _sequential_mix_kernel(
 
 MIX_BLOCK_N = 32
 """Output features per ``sequential_mix`` program (D = 576: 18 programs a depth, each reading 2 x 32 weight rows)."""
+MIX_DOT = True
+"""``sequential_mix``'s products: ``tl.dot`` on tiles of at least 16 rows (padded), or (False) an fp32 multiply and
+reduce over (rows, BLOCK_K, BLOCK_N) tiles of as many rows as there are (a power of two, at most ``MIX_REDUCE_M``).
+Both accumulate in fp32; ``benchmarks/mix_sweep.py`` times them and the tiles below on a GPU."""
+MIX_BLOCK_K = 64
+"""The K tile of the ``tl.dot`` form."""
+MIX_REDUCE_K = 16
+"""The K tile of the multiply-reduce form (its (rows, K, N) product lives in registers)."""
+MIX_REDUCE_M = 16
+"""The most output rows one program of the multiply-reduce form handles (more rows: more programs)."""
+MIX_NUM_WARPS = 4
+"""Warps per ``sequential_mix`` program."""
 
 
 @torch.library.custom_op("medusa_llama::sequential_mix", mutates_args=())
@@ -339,21 +358,28 @@ def sequential_mix(
     It replaces ``states.index_select(1, rows)``, ``tokens.index_select(1, columns)``, the embedding gather, the
     two GEMMs (``addmm``: ``A s + bias``, then ``+ B e``) and ``silu_residual``, with their rounding (fp32
     accumulation, the model dtype after each GEMM and after the SiLU). states (B, S, D); rows, columns (N,) long;
-    tokens (B, C) long; table (V, D) (cast to the states' dtype like ``token_emb.to``); A, B (D, D) (out, in);
-    bias (D,). Returns (B, N, D) in the states' dtype."""
-    states, tokens = states.contiguous(), tokens.contiguous()
+    tokens (B, C) long (any row stride); table (V, D) (cast to the states' dtype like ``token_emb.to``);
+    A, B (D, D) (out, in); bias (D,). Returns (B, N, D) in the states' dtype."""
+    states = states.contiguous()
+    if tokens.stride(-1) != 1:  # rows may be apart (a slice of the proposal's top-k buffer): no copy
+        tokens = tokens.contiguous()
     batch, s_rows, d = states.shape
     n = rows.numel()
     out = states.new_empty(batch, n, d)
     m = batch * n
-    block_m = min(64, max(16, triton.next_power_of_2(m)))
-    block_n = min(MIX_BLOCK_N, max(16, triton.next_power_of_2(d)))
-    block_k = min(64, max(16, triton.next_power_of_2(d)))
+    if MIX_DOT:  # tl.dot needs at least 16 in every dimension
+        block_m = min(64, max(16, triton.next_power_of_2(m)))
+        block_n = min(MIX_BLOCK_N, max(16, triton.next_power_of_2(d)))
+        block_k = min(MIX_BLOCK_K, max(16, triton.next_power_of_2(d)))
+    else:
+        block_m = min(MIX_REDUCE_M, triton.next_power_of_2(m))
+        block_n = min(MIX_BLOCK_N, triton.next_power_of_2(d))
+        block_k = min(MIX_REDUCE_K, triton.next_power_of_2(d))
     _sequential_mix_kernel[(triton.cdiv(d, block_n), triton.cdiv(m, block_m))](
         states, rows.contiguous(), tokens, columns.contiguous(), table.contiguous(), state_weight.contiguous(),
-        state_bias.contiguous(), token_weight.contiguous(), out, m, n, s_rows, tokens.shape[1], d,
+        state_bias.contiguous(), token_weight.contiguous(), out, m, n, s_rows, tokens.stride(0), d,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION="ieee" if states.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if states.dtype == torch.float32 else "tf32", USE_DOT=MIX_DOT, num_warps=MIX_NUM_WARPS,
     )  # fmt: skip
     return out
 
@@ -392,3 +418,94 @@ def tree_tokens(
         root.contiguous(), top, columns.contiguous(), top if ids is None else ids, out, top.shape[1], t,
         out.stride(0), HAS_IDS=ids is not None, BLOCK=block, num_warps=1,
     )  # fmt: skip
+
+
+@triton.jit
+def _path_inputs_kernel(
+    Hidden,  # (T, D) the verify forward's hidden states
+    Path,  # (D1,) the accepted path's nodes (clamped; rows past n are padding)
+    Tok,  # (D1,) the emitted tokens: each path row's successor
+    N,  # (1,) the accepted length n
+    Table,  # (V, D) the input embedding (read with HAS_TABLE)
+    Rope,  # (2, S, HD) cos and sin of every position
+    Len,  # (1,) the prefix cache's length, advanced by n + 1 in place
+    HOut,  # (D1, D) hidden[path]
+    EOut,  # (D1, D) table[tokens]
+    CsOut,  # (2, D1, HD) cos and sin at the new rows' positions
+    Slots,  # (D1,) the new rows' slots: length .. length + D1 - 1
+    Start,  # (1,) the length before the extend
+    D,
+    S,
+    D1: tl.constexpr,
+    HD: tl.constexpr,
+    HAS_TABLE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_HD: tl.constexpr,
+):
+    length = tl.load(Len)
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < D1
+    c = tl.arange(0, BLOCK_D)
+    ok = r_ok[:, None] & (c < D)[None, :]
+    node = tl.load(Path + r, mask=r_ok, other=0)
+    tl.store(HOut + r[:, None] * D + c[None, :], tl.load(Hidden + node[:, None] * D + c[None, :], mask=ok), mask=ok)
+    if HAS_TABLE:
+        tok = tl.load(Tok + r, mask=r_ok, other=0)
+        tl.store(EOut + r[:, None] * D + c[None, :], tl.load(Table + tok[:, None] * D + c[None, :], mask=ok), mask=ok)
+    slot = length + r
+    tl.store(Slots + r, slot, mask=r_ok)
+    h = tl.arange(0, BLOCK_HD)
+    rope_ok = (r_ok & (slot < S))[:, None] & (h < HD)[None, :]
+    at = slot[:, None] * HD + h[None, :]
+    out = r[:, None] * HD + h[None, :]
+    tl.store(CsOut + out, tl.load(Rope + at, mask=rope_ok, other=0.0), mask=rope_ok)
+    tl.store(CsOut + D1 * HD + out, tl.load(Rope + S * HD + at, mask=rope_ok, other=0.0), mask=rope_ok)
+    tl.store(Start, length)
+    advanced = length + tl.load(N) + 1
+    tl.debug_barrier()  # every thread has read the old length before it is overwritten
+    tl.store(Len, advanced)
+
+
+@torch.library.custom_op("medusa_llama::path_inputs", mutates_args=("length",))
+def path_inputs(
+    hidden: torch.Tensor,
+    path: torch.Tensor,
+    tokens: torch.Tensor,
+    n: torch.Tensor,
+    table: torch.Tensor | None,
+    rope: torch.Tensor,
+    length: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prefix layer's inputs after a Medusa step, in one launch (``prefix.PrefixCache.extend_path``):
+
+    ``rows = hidden[path]`` (D1, D), ``emb = table[tokens]`` (D1, D; (0, D) where ``table`` is None),
+    ``cos_sin = rope[:, slots]`` (2, D1, hd), ``slots = length + arange(D1)``, ``start`` = the length before, and
+    ``length += n + 1`` in place. It replaces ``hidden[path]``, the embedding, ``n + 1``, the slots' add, the rotary
+    gather and the length's add. hidden (T, D); path, tokens (D1,) long; n (1,) or 0-d long; table (V, D);
+    rope (2, S, hd) (any trailing size-1 dimensions); length (1,) long, written in place."""
+    hidden, path, tokens = hidden.contiguous(), path.contiguous(), tokens.contiguous()
+    d1, d = path.numel(), hidden.shape[-1]
+    s = rope.shape[1]
+    rope = rope.reshape(2, s, -1).contiguous()
+    hd = rope.shape[-1]
+    rows = hidden.new_empty(d1, d)
+    emb = hidden.new_empty(0, d) if table is None else table.new_empty(d1, d)
+    cos_sin = rope.new_empty(2, d1, hd)
+    slots = torch.empty(d1, dtype=torch.long, device=hidden.device)
+    start = torch.empty(1, dtype=torch.long, device=hidden.device)
+    _path_inputs_kernel[(1,)](
+        hidden, path, tokens, n, hidden if table is None else table.contiguous(), rope, length,
+        rows, emb, cos_sin, slots, start, d, s, D1=d1, HD=hd, HAS_TABLE=table is not None,
+        BLOCK_R=triton.next_power_of_2(d1), BLOCK_D=triton.next_power_of_2(d), BLOCK_HD=triton.next_power_of_2(hd),
+    )  # fmt: skip
+    return rows, emb, cos_sin, slots, start
+
+
+@path_inputs.register_fake
+def _(hidden, path, tokens, n, table, rope, length):
+    d1, d = path.numel(), hidden.shape[-1]
+    hd = rope.numel() // (2 * rope.shape[1])
+    emb = hidden.new_empty(0, d) if table is None else table.new_empty(d1, d)
+    long = torch.empty(d1, dtype=torch.long, device=hidden.device)
+    return hidden.new_empty(d1, d), emb, rope.new_empty(2, d1, hd), long, long.new_empty(1)

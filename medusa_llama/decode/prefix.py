@@ -31,6 +31,8 @@ embedding + K/V cache write, residual add + RMSNorm, one gate/up GEMM and the Sw
 of the PyTorch form (``BatchedPrefixCache._extend_fused``; 18 launches an extend instead of 41-47). It is on by
 default (``FUSED_EXTEND``): on an H200, ``benchmarks/gpu_check.py`` with it decoded exactly as the reference and
 ``benchmarks/step_profile.py`` cut the Medusa step from 1.434 to 1.366 ms (``results/gpu/issue8/``).
+The decoder's step extends by its accepted path through ``PrefixCache.extend_path``: the gathers of the path's
+states and its tokens' embeddings, the slots, the rotary tables and the length's advance in one launch.
 The CPU, training, the prefill and the reference keep the PyTorch ops.
 """
 
@@ -235,7 +237,8 @@ class BatchedPrefixCache:
         slots = length[:, None] + self._arange(n, dev)  # (b, n) positions, and cache slots, of the new rows
         kernel = self.kernel and count is not None and n <= KERNEL_MAX_ROWS
         if kernel and self.fused:
-            out = self._extend_fused(hidden, next_emb, slots, k_cache, v_cache, length)
+            cos_sin = self.rope_table.view(2, -1, self.layer.head_dim)[:, slots]  # (2, b, n, hd)
+            out = self._extend_fused(hidden, next_emb, slots, cos_sin, length)
             length += count
             return out
         x = self.layer.inputs(hidden, next_emb)  # (b, n, D)
@@ -281,11 +284,12 @@ class BatchedPrefixCache:
         hidden: torch.Tensor,
         next_emb: torch.Tensor | None,
         slots: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cos_sin: torch.Tensor,
         length: torch.Tensor,
     ) -> torch.Tensor:
-        """The layer over the new rows hidden (b, n, D) by the fused Triton kernels: the token input added in the
+        """The layer over the new rows hidden (b, n, D) at ``slots`` (b, n) (their positions: ``length`` (b,), the
+        filled slots before them, onwards), with their rotary tables ``cos_sin`` (2, b n, hd), by the fused Triton
+        kernels: the token input added in the
         token GEMM (addmm), ``attn_norm``, one q/k/v GEMM, rotary + K/V cache write, attention, ``o_proj``, residual
         add + ``mlp_norm``, one gate/up GEMM, SwiGLU product, ``down_proj`` with its residual add (addmm). Returns the
         outputs (b, n, D).
@@ -302,11 +306,11 @@ class BatchedPrefixCache:
         from medusa_llama.decode import kernels
 
         layer, (b, n, d) = self.layer, hidden.shape
-        hd = layer.head_dim
+        hd, k_cache, v_cache = layer.head_dim, self.k, self.v
         x = layer.inputs(hidden, next_emb, fused=True)  # (b, n, D)
         h = kernels.add_rms_norm(x, None, layer.attn_norm.weight, layer.attn_norm.eps)[1]  # (b, n, D)
         qkv = F.linear(h, self._wqkv).view(1, b * n, 3 * d)  # (1, b n, 3D): q, k, v heads in a row
-        cos, sin = self.rope_table.view(2, -1, hd)[:, slots].view(2, 1, b * n, hd)  # (1, b n, hd) each
+        cos, sin = cos_sin.view(2, 1, b * n, hd)  # (1, b n, hd) each
         flat = slots.view(-1) if b == 1 else (slots + self._slot_base[:b]).view(-1)  # (b n,) slots of the flat row
         k_flat, v_flat = (cache.view(1, -1, layer.num_heads, hd) for cache in (k_cache, v_cache))  # (1, b S, nh, hd)
         q = kernels.rope_cache_write(qkv, cos, sin, flat, k_flat, v_flat, layer.num_heads)  # (1, b n, nh, hd)
@@ -346,3 +350,27 @@ class PrefixCache(BatchedPrefixCache):
         ``next_emb`` (n, D) as for ``BatchedPrefixCache.extend``. Tensor-only, no host sync on a GPU.
         """
         return super().extend(hidden[None], count, None if next_emb is None else next_emb[None])[0]
+
+    @torch.no_grad()
+    def extend_path(
+        self,
+        hidden: torch.Tensor,
+        path: torch.Tensor,
+        n: torch.Tensor,
+        emitted: torch.Tensor,
+        table: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """A decode step's extend by its accepted path: ``extend(hidden[path], n + 1, table[emitted])``, the
+        gathers, the slots, the rotary tables and the length's advance in one launch (``kernels.path_inputs``).
+
+        hidden (T, D): the verify forward's states; path (D1,) long: the accepted path, clamped (rows past n are
+        padding); n (1,) or 0-d long: the accepted nodes; emitted (D1,) long: each path row's successor token;
+        table (V, D): the input embedding for the token input (None: a layer without it). Returns (D1, D). Only
+        for a ``fused`` cache (the kernel path) and at most ``KERNEL_MAX_ROWS`` rows."""
+        from medusa_llama.decode import kernels
+
+        rows, emb, cos_sin, slots, start = kernels.path_inputs(
+            hidden, path, emitted, n, table if self.layer.token is not None else None, self.rope_table, self.lengths
+        )
+        token = self.layer.token is not None
+        return self._extend_fused(rows[None], emb[None] if token else None, slots[None], cos_sin, start)[0]

@@ -91,6 +91,9 @@ def _sequential_top(
     tables = _mix_tables(embed, draft) if fused else None
     states, tokens = hidden[:, None], root[:, None]  # (B, 1, D), (B, 1): depth 0 reads the root's state and token
     tops = []
+    widths = [rows.numel() * k for rows, k in zip(tree.expander_rows, tree.level_topk, strict=True)]
+    # fused: the depths' top-k columns written into one buffer (B, sum of widths), not concatenated after
+    top = root.new_empty(root.shape[0], sum(widths)) if fused else None
     for d in range(tree.max_depth):  # one batched head call over the n_d expanders of depth d
         rows, columns = tree.expander_rows[d], tree.expander_columns[d]  # each one's parent state and token
         if tables is not None:  # the gathers, the embedding and the mix in one kernel
@@ -100,9 +103,15 @@ def _sequential_top(
         else:
             prev, emb = states.index_select(1, rows), draft_embed(tokens.index_select(1, columns), embed, draft)
             states = heads.head_state(d, prev, emb, fused)  # (B, n_d, D)
-        tokens = topk_indices(project_draft(heads, d, states, lm_head, draft), tree.level_topk[d]).flatten(1)
-        tops.append(tokens)  # (B, n_d * k_d) columns: row j's children j * k_d ...
-    return torch.cat(tops, 1)
+        logits, k = project_draft(heads, d, states, lm_head, draft), tree.level_topk[d]
+        if top is not None:
+            at = sum(widths[:d])
+            tokens = top[:, at : at + widths[d]]  # (B, n_d * k_d)
+            topk_indices(logits, k, out=tokens.view(*logits.shape[:-1], k))
+        else:
+            tokens = topk_indices(logits, k).flatten(1)
+            tops.append(tokens)  # (B, n_d * k_d) columns: row j's children j * k_d ...
+    return top if top is not None else torch.cat(tops, 1)
 
 
 def _mix_tables(embed, draft: DraftVocab | None) -> tuple[torch.Tensor, torch.Tensor] | None:

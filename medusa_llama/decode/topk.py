@@ -56,13 +56,25 @@ def _keys(X, stride_row, row, cols, N):
 
 @_jit
 def _chunk_topk_kernel(
-    X, Out, N, stride_row, num_chunks, K: tl.constexpr, BLOCK: tl.constexpr, WRITE_KEYS: tl.constexpr
+    X,
+    Out,
+    N,
+    stride_row,
+    num_chunks,
+    inner,
+    stride_outer,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    WRITE_KEYS: tl.constexpr,
 ):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     keys = _keys(X, stride_row, row, cols, N)
-    out = Out + (row * num_chunks + chunk) * K
+    if WRITE_KEYS:  # the candidates' buffer
+        out = Out + (row * num_chunks + chunk) * K
+    else:  # row = outer * inner + j: its k columns at outer * stride_outer + j * K (contiguous: stride_outer = inner K)
+        out = Out + (row // inner) * stride_outer + (row % inner) * K
     for i in tl.static_range(K):
         best = tl.max(keys, 0)
         keys = tl.where(keys == best, _DEAD, keys)
@@ -73,26 +85,30 @@ def _chunk_topk_kernel(
 
 
 @_jit
-def _merge_kernel(Keys, Out, C, K: tl.constexpr, BLOCK: tl.constexpr):
+def _merge_kernel(Keys, Out, C, inner, stride_outer, K: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     c = tl.arange(0, BLOCK)
     keys = tl.load(Keys + row * C + c, mask=c < C, other=_DEAD)
+    out = Out + (row // inner) * stride_outer + (row % inner) * K
     for i in tl.static_range(K):
         best = tl.max(keys, 0)
         keys = tl.where(keys == best, _DEAD, keys)
-        tl.store(Out + row * K + i, (best & _LOW) ^ _LOW)
+        tl.store(out + i, (best & _LOW) ^ _LOW)
 
 
-def triton_topk_indices(x: torch.Tensor, k: int, chunk: int = CHUNK) -> torch.Tensor:
+def triton_topk_indices(x: torch.Tensor, k: int, chunk: int = CHUNK, out: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton path of ``topk_indices`` on any device Triton runs on (its interpreter too); ``chunk``: columns
-    per stage-1 program, a power of two."""
+    per stage-1 program, a power of two. ``out``: where to write, as ``_out_layout`` allows (a slice of a wider
+    buffer; default a new tensor)."""
     n = x.shape[-1]
     if not 0 <= k <= n:
         raise ValueError(f"k = {k} must be within 0..{n} (the row length)")
     if n >= 2**31:
         raise ValueError(f"rows of {n} columns: at most 2**31 - 1")
     rows = x.numel() // n if n else 0
-    out = torch.empty(*x.shape[:-1], k, dtype=torch.long, device=x.device)
+    if out is None:
+        out = torch.empty(*x.shape[:-1], k, dtype=torch.long, device=x.device)
+    inner, stride_outer = _out_layout(out, k)
     if rows == 0 or k == 0:
         return out
     x2 = x.reshape(rows, n)
@@ -102,15 +118,32 @@ def triton_topk_indices(x: torch.Tensor, k: int, chunk: int = CHUNK) -> torch.Te
     num_chunks = triton.cdiv(n, block)
     warps = max(1, min(16, block // 512))
     if num_chunks == 1:
-        _chunk_topk_kernel[(rows, 1)](x2, out, n, x2.stride(0), 1, K=k, BLOCK=block, WRITE_KEYS=False, num_warps=warps)
+        _chunk_topk_kernel[(rows, 1)](
+            x2, out, n, x2.stride(0), 1, inner, stride_outer, K=k, BLOCK=block, WRITE_KEYS=False, num_warps=warps
+        )
         return out
     cand = torch.empty(rows, num_chunks * k, dtype=torch.long, device=x.device)
     _chunk_topk_kernel[(rows, num_chunks)](
-        x2, cand, n, x2.stride(0), num_chunks, K=k, BLOCK=block, WRITE_KEYS=True, num_warps=warps
+        x2, cand, n, x2.stride(0), num_chunks, 1, k, K=k, BLOCK=block, WRITE_KEYS=True, num_warps=warps
     )
     c = num_chunks * k
-    _merge_kernel[(rows,)](cand, out, c, K=k, BLOCK=max(16, triton.next_power_of_2(c)), num_warps=1 if c <= 256 else 4)
+    _merge_kernel[(rows,)](
+        cand, out, c, inner, stride_outer, K=k, BLOCK=max(16, triton.next_power_of_2(c)), num_warps=1 if c <= 256 else 4
+    )
     return out
+
+
+def _out_layout(out: torch.Tensor, k: int) -> tuple[int, int]:
+    """(inner, stride_outer) of an ``out`` (..., k) long whose rows ``outer * inner + j`` (its leading dimensions
+    but the first flattened into ``inner``) start at ``outer * stride_outer + j * k``: contiguous but for its first
+    stride (a slice of a wider (B, C) buffer viewed (B, n, k)). Raises ValueError for other layouts."""
+    if out.dtype != torch.long or out.dim() == 0 or out.shape[-1] != k:
+        raise ValueError(f"out must be a (..., {k}) long tensor, got {tuple(out.shape)} {out.dtype}")
+    if out.dim() == 1 or out.numel() == 0:  # nothing to write to: any layout
+        return 1, k
+    if not out[0].is_contiguous():
+        raise ValueError("out must be contiguous but for its first stride")
+    return max(out[0].numel() // k, 1), out.stride(0)
 
 
 # A custom op: opaque to torch.compile, which then calls the launch as it is instead of tracing into it.
@@ -124,9 +157,27 @@ def _(x, k):
     return x.new_empty(*x.shape[:-1], k, dtype=torch.long)
 
 
-def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+@torch.library.custom_op("medusa_llama::topk_indices_into", mutates_args=("out",))
+def _topk_indices_into_op(x: torch.Tensor, k: int, out: torch.Tensor) -> None:
+    triton_topk_indices(x, k, out=out)
+
+
+@_topk_indices_into_op.register_fake
+def _(x, k, out):
+    return None
+
+
+def topk_indices(x: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """x: (..., N) float32 / bfloat16 / float16. Returns (..., k) int64: the columns of each row's k largest values,
-    best first, equal values lowest column first; 0 <= k <= N. By the Triton kernels on CUDA, else ``torch.topk``."""
+    best first, equal values lowest column first; 0 <= k <= N. By the Triton kernels on CUDA, else ``torch.topk``.
+    ``out`` (..., k) long: written in place and returned; on CUDA it may be a slice of a wider buffer (contiguous
+    but for its first stride, ``_out_layout``: the proposal's depths write into one buffer, no concatenation)."""
     if x.is_cuda and triton is not None:
-        return _topk_indices_op(x, k)
-    return x.topk(k, dim=-1).indices
+        if out is None:
+            return _topk_indices_op(x, k)
+        _topk_indices_into_op(x, k, out)
+        return out
+    if out is None:
+        return x.topk(k, dim=-1).indices
+    torch.topk(x, k, dim=-1, out=(x.new_empty(out.shape), out))
+    return out

@@ -342,7 +342,35 @@ def test_prefix_heads_on_the_kernel_path_greedy_equals_vanilla(one_thread, token
     ref = VanillaDecoder(bb).generate(prompt, GenerationConfig(max_new_tokens=30, stop_at_eos=False)).tokens
     bb.tree_kernel = bb.model.use_fused_kernels = True
     dec = MedusaDecoder(bb, prefix_heads(std=0.05, prefix_token_input=token_input), builtin_tree("tree16"))
-    assert dec.prefix_cache.kernel and dec.prefix_cache.fused
+    assert dec.prefix_cache.kernel and dec.prefix_cache.fused and dec._path_table is not False  # extend_path
     out = dec.generate(prompt, cfg)
     assert out.tokens == ref[:6] and out.steps >= 3 and int(dec.prefix_cache.length) == int(bb.cache_len)
     torch.testing.assert_close(dec.hidden, expected_head_input(bb, dec.heads, prompt, ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, LOW])
+@pytest.mark.parametrize("token_input", [False, True])
+def test_extend_path_equals_the_gathered_extend(token_input, dtype):
+    """``PrefixCache.extend_path`` (the step's gathers, slots, rotary tables and length advance in one kernel,
+    ``kernels.path_inputs``) equals ``extend(hidden[path], n + 1, table[emitted])`` on the fused path: the same
+    outputs, K/V cache contents and lengths over several steps (paths with repeated padding nodes, n from 0 up)."""
+    dev = kernel_device()
+    layer = prefix_heads(prefix_token_input=token_input).prefix.to(device=dev, dtype=dtype)
+    g = torch.Generator().manual_seed(2)
+    table = torch.randn(50, 64, generator=g).to(device=dev, dtype=dtype)
+    caches = [PrefixCache(layer, 48, torch.device(dev), dtype, kernel=True, fused=True) for _ in range(2)]
+    start = torch.randn(2, 9, 64, generator=g).to(device=dev, dtype=dtype)
+    for cache in caches:  # a prefill
+        cache.extend(start[0], None, start[1])
+    for n, path in ((2, [0, 3, 5, 5, 5]), (0, [0, 0, 0, 0, 0]), (4, [0, 1, 4, 6, 7]), (1, [0, 2, 2, 2, 2])):
+        hidden = torch.randn(8, 64, generator=g).to(device=dev, dtype=dtype)  # the verify forward's states
+        path = torch.tensor(path, device=dev)
+        emitted = torch.randint(0, 50, (5,), generator=g).to(dev)
+        out = torch.tensor([n], device=dev)
+        ref = caches[0].extend(hidden[path], out[0] + 1, table[emitted] if token_input else None)
+        got = caches[1].extend_path(hidden, path, out, emitted, table)
+        assert torch.equal(got[: n + 1], ref[: n + 1]), n
+        assert torch.equal(caches[1].lengths, caches[0].lengths)
+    assert int(caches[1].length) == 9 + 2 + 0 + 4 + 1 + 4
+    for a, b in ((caches[1].k, caches[0].k), (caches[1].v, caches[0].v)):
+        assert torch.equal(a[:, :22], b[:, :22])

@@ -36,14 +36,19 @@ def test_silu_residual_equals_torch(shape, dtype):
     [(1, 1, 1, 1, 32), (3, 5, 15, 7, 48), (5, 4, 12, 16, 33), (2, 9, 36, 70, 80)],
     ids=["root", "depth", "odd-width", "many-rows"],
 )
-def test_sequential_mix_equals_the_torch_head(batch, states, tokens, n, d, dtype):
+@pytest.mark.parametrize("variant", [(True, 32), (False, 32), (False, 16)], ids=["dot", "reduce", "reduce-n16"])
+def test_sequential_mix_equals_the_torch_head(batch, states, tokens, n, d, dtype, variant, monkeypatch):
     """``SequentialBlock.gathered`` (one kernel) = the PyTorch path's gathers, embedding and head: random parent rows
     and columns, a table in another dtype than the head (cast like ``token_emb.to``), several row and feature
     blocks (70 x 2 rows, 80 or 33 features). bf16 to a few of its steps: Triton's interpreter rounds fp32 to bf16
-    toward zero (a GPU to nearest, as PyTorch), so on a CPU each of the kernel's four roundings may differ."""
+    toward zero (a GPU to nearest, as PyTorch), so on a CPU each of the kernel's four roundings may differ. Both
+    forms of the products (``kernels.MIX_DOT``: tl.dot, or multiply-reduce) and two feature tiles."""
+    from medusa_llama.decode import kernels
     from medusa_llama.decode.heads import SequentialBlock
 
     dev = kernel_device()
+    monkeypatch.setattr(kernels, "MIX_DOT", variant[0])
+    monkeypatch.setattr(kernels, "MIX_BLOCK_N", variant[1])
     g = torch.Generator().manual_seed(n)
     block = SequentialBlock(d)
     for p in block.parameters():
@@ -59,6 +64,10 @@ def test_sequential_mix_equals_the_torch_head(batch, states, tokens, n, d, dtype
         ref = block(x.index_select(1, rows), emb)
         got = block.gathered(x, rows, top, columns, table)
     assert got.shape == (batch, n, d) and got.dtype == dtype
+    wide = torch.zeros(batch, tokens + 3, dtype=torch.long, device=dev)  # the columns as a slice of a wider buffer
+    wide[:, 2 : 2 + tokens] = top
+    with torch.no_grad():
+        assert torch.equal(block.gathered(x, rows, wide[:, 2 : 2 + tokens], columns, table), got)
     tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]  # fp16: an ulp or two of the max
     torch.testing.assert_close(got, ref, atol=tol * float(ref.abs().max()), rtol=tol)
 

@@ -105,3 +105,26 @@ def test_custom_op_and_fallback():
     with FakeTensorMode():
         out = torch.ops.medusa_llama.topk_indices(torch.empty(2, 5, 1000), 6)
     assert out.shape == (2, 5, 6) and out.dtype == torch.long
+
+
+@pytest.mark.parametrize("n", [100, 8193])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_out_slices_of_one_buffer(batch, n):
+    """``out``: each call writes its (batch, rows, k) columns into a slice of one (batch, C) buffer (the proposal's
+    depths, contiguous but for the first stride); one chunk or two (the merge kernel) per row. The rest of the
+    buffer is untouched; the CPU path (torch.topk) writes the same."""
+    torch.manual_seed(n)
+    xs = [distinct(batch * rows, n, torch.float32).view(batch, rows, n) for rows in (1, 4, 3)]
+    ks = [3, 2, 5]
+    width = sum(x.shape[1] * k for x, k in zip(xs, ks, strict=True))
+    for fn in (lambda x, k, out: topk.triton_topk_indices(x, k, chunk=CHUNK, out=out), topk.topk_indices):
+        buf = torch.full((batch, width + 2), -7, dtype=torch.long)
+        at = 1
+        for x, k in zip(xs, ks, strict=True):
+            part = buf[:, at : at + x.shape[1] * k].view(batch, x.shape[1], k)
+            assert fn(x, k, out=part) is part
+            assert torch.equal(part, stable_topk(x, k))
+            at += x.shape[1] * k
+        assert (buf[:, 0] == -7).all() and (buf[:, -1] == -7).all()
+    with pytest.raises(ValueError, match="contiguous"):
+        topk.triton_topk_indices(xs[1], 2, out=torch.empty(batch, 2, 4, dtype=torch.long).transpose(1, 2))
