@@ -401,14 +401,13 @@ class MedusaDecoder(_Decoder):
                 getattr(backbone, "tree_kernel", False),
             )
         # The decode step's extend by one kernel for its inputs (PrefixCache.extend_path): on a fused cache, whose
-        # token input (if any) reads a plain embedding table. False: the PyTorch gathers.
-        self._path_table: torch.Tensor | None | bool = False
-        if self.prefix_cache is not None and self.prefix_cache.fused:
-            embed = backbone.embed
-            if not self.heads.config.prefix_token_input:
-                self._path_table = None
-            elif type(embed) is torch.nn.Embedding and embed.max_norm is None:
-                self._path_table = embed.weight
+        # token input (if any) reads a plain embedding table (``_path_table``: that table, None without the input).
+        embed = backbone.embed
+        token_input = self.heads.config.prefix_token_input
+        plain = type(embed) is torch.nn.Embedding and embed.max_norm is None
+        fused = self.prefix_cache is not None and self.prefix_cache.fused
+        self._path_inputs = fused and (plain or not token_input)
+        self._path_table = embed.weight if self._path_inputs and token_input else None
 
     def propose(self) -> None:
         """Fill ``self.tokens`` (the candidate tree) from ``self.hidden`` and ``self.root`` with the heads."""
@@ -464,7 +463,7 @@ class MedusaDecoder(_Decoder):
                 mark("commit")
             if self.prefix_cache is not None:  # the accepted path (root + n nodes) joins the prefix layer's cache
                 # its tokens' successors (the token input): the next accepted token, the bonus token after the last
-                if self._path_table is False:
+                if not self._path_inputs:
                     rows = self.prefix_cache.extend(hidden[path], n + 1, self._next_emb(emitted))  # (D+1, D)
                 else:  # the same in one launch for the inputs
                     rows = self.prefix_cache.extend_path(hidden, path, self.out[:1], emitted, self._path_table)

@@ -342,7 +342,7 @@ def test_prefix_heads_on_the_kernel_path_greedy_equals_vanilla(one_thread, token
     ref = VanillaDecoder(bb).generate(prompt, GenerationConfig(max_new_tokens=30, stop_at_eos=False)).tokens
     bb.tree_kernel = bb.model.use_fused_kernels = True
     dec = MedusaDecoder(bb, prefix_heads(std=0.05, prefix_token_input=token_input), builtin_tree("tree16"))
-    assert dec.prefix_cache.kernel and dec.prefix_cache.fused and dec._path_table is not False  # extend_path
+    assert dec.prefix_cache.kernel and dec.prefix_cache.fused and dec._path_inputs  # extend_path
     out = dec.generate(prompt, cfg)
     assert out.tokens == ref[:6] and out.steps >= 3 and int(dec.prefix_cache.length) == int(bb.cache_len)
     torch.testing.assert_close(dec.hidden, expected_head_input(bb, dec.heads, prompt, ref), rtol=1e-4, atol=1e-4)
