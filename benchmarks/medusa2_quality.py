@@ -38,7 +38,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--adapter", required=True, help="an adapter directory, or a shipped one by name (medusa2)")
-    ap.add_argument("--prompts", type=int, default=40)
+    ap.add_argument("--prompts", type=int, default=40, help="how many prompts")
+    ap.add_argument("--prompt-file", default=None, help="a JSONL prompt file (default: the built-in held-out prompts)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--val-batches", type=int, default=40)
     ap.add_argument("--device", default="auto")
@@ -52,7 +53,7 @@ def main() -> None:
     }
     agree = total = 0
     same_text = 0
-    prompts = load_prompts(None, limit=args.prompts)
+    prompts = load_prompts(args.prompt_file, limit=args.prompts)
     cfg = GenerationConfig(max_new_tokens=args.new_tokens)
     for p in prompts:
         ids = chat_ids(base.tokenizer, p.text)

@@ -78,12 +78,13 @@ accuracy() {  # NAME HEADS-DIR (an adapter/ beside the heads is merged)
 }
 
 chain_a() {  # NAME flags...: a Medusa-2 run, its quality and heads-accuracy (the adapter merged)
+  # its quality reads the built-in held-out prompts (the sharegpt wheel, .whlsg, must travel) or Q_PROMPT_FILE
   local name=$1; shift
   train_run "$name" "$A_STEPS" "${TMAX_A:-210}" --stage medusa2 $A_FLAGS "$@"
   if [ -f "$RUNS/$name/best/adapter_config.json" ]; then
     TAIL=2 stage "quality_$name" "${EMAX:-100}" "$T_CHAINS" python3 benchmarks/medusa2_quality.py \
       --data "$DATA" --adapter "$RUNS/$name/best" --prompts "${Q_PROMPTS:-40}" \
-      --new-tokens "${Q_NEW:-128}" --val-batches "${Q_VAL:-40}"
+      --new-tokens "${Q_NEW:-128}" --val-batches "${Q_VAL:-40}" ${Q_PROMPT_FILE:+--prompt-file "$Q_PROMPT_FILE"}
   fi
   accuracy "$name" "$RUNS/$name/best"
 }
