@@ -60,7 +60,10 @@ stage() {  # NAME MAX DEADLINE command...: one timed stage, its output's tail in
 
 train_run() {  # NAME STEPS MAX flags...: one training run into $RUNS/NAME, evaluated twice, saved at the end
   local name=$1 steps=$2 max=$3; shift 3
-  rm -rf "${RUNS:?}/$name"
+  if [ -e "$RUNS/$name" ]; then  # never deleted here: it may hold a run worth keeping
+    echo "train_$name: $RUNS/$name exists, not trained again (set RUNS to a new directory)" | tee -a "$W/times.txt"
+    return
+  fi
   stage "train_$name" "$max" "$T_CHAINS" $M train --data "$DATA" --init-heads "$SHIPPED" $RECIPE --batch-size "$BS" \
     --max-steps "$steps" --eval-every $(( (steps + 1) / 2 )) --eval-batches "${EVAL_BATCHES:-50}" --save-every "$steps" \
     --log-every 10 --save-dir "$RUNS/$name" "$@"

@@ -125,7 +125,7 @@ class FastBackbone(Backbone):
 
     @torch.no_grad()
     def commit(self, path: torch.Tensor, n: torch.Tensor) -> None:
-        m = self.model  # on the kernel path one Triton move and one advance (``cache_kernels.commit_path``)
+        m = self.model  # on the kernel path one Triton move and one advance (``model.commit_cache``)
         commit_cache(m.k_cache, m.v_cache, self.cache_len, path, n, fused=m.use_fused_kernels)
 
 

@@ -204,7 +204,7 @@ class BatchedBackbone:
         """Keep row b's tree nodes ``path[b, :n[b]+1]`` as its next cache entries; inactive rows do not advance.
 
         All D+1 path slots move (fixed shapes); those past the kept ones lie beyond the new cache length."""
-        fused = self.model.use_fused_kernels  # the Triton move and advance (``cache_kernels.commit_path``)
+        fused = self.model.use_fused_kernels  # the Triton move and advance (``model.commit_cache``)
         commit_cache(self.k_cache, self.v_cache, self.cache_len, path, n, active, fused)
 
 

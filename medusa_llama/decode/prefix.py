@@ -289,10 +289,9 @@ class BatchedPrefixCache:
     ) -> torch.Tensor:
         """The layer over the new rows hidden (b, n, D) at ``slots`` (b, n) (their positions: ``length`` (b,), the
         filled slots before them, onwards), with their rotary tables ``cos_sin`` (2, b n, hd), by the fused Triton
-        kernels: the token input added in the
-        token GEMM (addmm), ``attn_norm``, one q/k/v GEMM, rotary + K/V cache write, attention, ``o_proj``, residual
-        add + ``mlp_norm``, one gate/up GEMM, SwiGLU product, ``down_proj`` with its residual add (addmm). Returns the
-        outputs (b, n, D).
+        kernels: the token input added in the token GEMM (addmm), ``attn_norm``, one q/k/v GEMM, rotary + K/V cache
+        write, attention, ``o_proj``, residual add + ``mlp_norm``, one gate/up GEMM, SwiGLU product, ``down_proj`` with
+        its residual add (addmm). Returns the outputs (b, n, D).
 
         The same function as ``project`` / ``finish`` with the same rounding points (as the backbone's fused layers,
         ``kernels.py``): this layer's RMSNorm (eps ``NORM_EPS``) normalises in fp32, rounds, then scales in the
@@ -369,8 +368,8 @@ class PrefixCache(BatchedPrefixCache):
         for a ``fused`` cache (the kernel path) and at most ``KERNEL_MAX_ROWS`` rows."""
         from medusa_llama.decode import kernels
 
-        rows, emb, cos_sin, slots, start = kernels.path_inputs(
-            hidden, path, emitted, n, table if self.layer.token is not None else None, self.rope_table, self.lengths
-        )
         token = self.layer.token is not None
+        rows, emb, cos_sin, slots, start = kernels.path_inputs(
+            hidden, path, emitted, n, table if token else None, self.rope_table, self.lengths
+        )
         return self._extend_fused(rows[None], emb[None] if token else None, slots[None], cos_sin, start)[0]
