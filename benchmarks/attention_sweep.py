@@ -3,6 +3,11 @@
 check it against SDPA, and keep the fastest. ``--write`` rewrites the ``TUNED`` table of ``attention.py``.
 
     python benchmarks/attention_sweep.py [--budget-s 200] [--write medusa_llama/decode/attention.py] [--out sweep.json]
+
+``--merge-rows``: the same cases, split + merge tiles with merge programs of several rows (``merge_rows``).
+``--one-launch``: SmolLM2's shape at several tree sizes and cache lengths, the table's split + merge pair against
+the one-launch kernel's tiles (``KernelConfig.one_launch``; both loop kinds, ``attention.DYNAMIC_LOOP``): the
+fastest of each, per case.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ def candidates(rows: int) -> list[KernelConfig]:
     for bm, bn, bps in itertools.product((16, 32, 64), (32, 64), (1, 2, 4)):
         if bm <= top:
             for warps in (4, 8) if bm == 64 else (4,):
-                out.append(KernelConfig(bm, bn, bps, warps, 3))
+                for merge_rows in (1, 4) if rows >= 16 else (1,):
+                    out.append(KernelConfig(bm, bn, bps, warps, 3, merge_rows))
     return out
 
 
@@ -66,10 +72,12 @@ def time_config(q, caches, cache_len, mask, n_layers: int, config: KernelConfig,
 
 
 def write_table(path: str, best: dict[tuple[int, int], KernelConfig]) -> None:
+    from medusa_llama.decode.attention import TUNED
+
     lines = ["TUNED: dict[tuple[int, int], KernelConfig] = {"]
-    for (hd, rows), c in sorted(best.items()):
+    for (hd, rows), c in sorted({**TUNED, **best}.items()):  # cases not swept keep their entries
         lines.append(f"    ({hd}, {rows}): KernelConfig({c.block_m}, {c.block_n}, {c.blocks_per_split}, {c.num_warps}, "
-                     f"{c.num_stages}),")  # fmt: skip
+                     f"{c.num_stages}{f', {c.merge_rows}' if c.merge_rows != 1 else ''}),")  # fmt: skip
     lines.append("}")
     text = open(path).read()
     table = "\n".join(lines) + "\n"
@@ -77,17 +85,76 @@ def write_table(path: str, best: dict[tuple[int, int], KernelConfig]) -> None:
     open(path, "w").write(new)
 
 
+def variant_sweep(max_seq_len: int, out_path: str | None, kind: str) -> None:
+    """``--one-launch`` and ``--merge-rows`` (see the module docstring)."""
+    from medusa_llama.decode import attention
+
+    n_layers, nh, n_kv, hd = 30, 9, 3, 64
+    if kind == "one-launch":
+        configs = [
+            KernelConfig(bm, bn, bps, 4, 3, one_launch=True)
+            for bm, bn, bps in itertools.product((16, 32, 64), (32, 64), (1, 2, 4, 8, 32))
+            if bn * bps <= max_seq_len
+        ]
+        loops = (False, True)
+    else:
+        configs = [
+            KernelConfig(bm, 64, bps, 4, 3, merge_rows=mr)
+            for bm, bps, mr in itertools.product((16, 32, 64), (1, 2), (1, 4, 8, 16, 32, 64))
+        ]
+        loops = (False,)
+    torch.manual_seed(0)
+    caches = torch.randn(2, n_layers, 1, max_seq_len, n_kv, hd, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for t, cached in itertools.product((1, 16, 64, 128), (300, 700, 1500)):
+        q = torch.randn(1, t, nh, hd, device="cuda", dtype=torch.bfloat16)
+        mask = ((torch.rand(t, t, device="cuda") < 0.3) | torch.eye(t, dtype=torch.bool, device="cuda")).tril()
+        cache_len = torch.tensor(cached, device="cuda")
+        ref = tree_attention_sdpa(q.double(), caches[0, 0].double(), caches[1, 0].double(), cache_len, mask)
+        default = kernel_config(hd, t * nh // n_kv)
+        timed = [(time_config(q, caches, cache_len, mask, n_layers, default), "split+merge", vars(default))]
+        for dynamic in loops:
+            attention.DYNAMIC_LOOP = dynamic
+            for c in configs:
+                out = tree_attention(q, caches[0, 0], caches[1, 0], cache_len, mask, c)
+                err = float((out.double() - ref).norm() / ref.norm())
+                again = tree_attention(q, caches[0, 0], caches[1, 0], cache_len, mask, c)
+                if err > 1.5e-2 or not torch.equal(out, again):
+                    print(f"T={t} cached={cached} {c} dynamic={dynamic}: WRONG err {err:.3g}", flush=True)
+                    continue
+                ms = time_config(q, caches, cache_len, mask, n_layers, c)
+                timed.append((ms, f"one-launch dynamic={dynamic}" if c.one_launch else "variant", vars(c)))
+        timed.sort(key=lambda x: x[0])
+        base = next(m for m, k, _ in timed if k == "split+merge")
+        print(f"T={t:4d} cached={cached:5d}: split+merge {base * 1e3 / n_layers:6.2f} us/layer; best:", flush=True)
+        for ms, kind, c in timed[:4]:
+            print(f"    {ms * 1e3 / n_layers:6.2f} us/layer {kind} {c}", flush=True)
+        results.append(dict(t=t, cached=cached, all=[(round(m * 1e3 / n_layers, 3), k, c) for m, k, c in timed]))
+    attention.DYNAMIC_LOOP = False
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cached", type=int, default=512)
+    ap.add_argument("--cached", default="512", help="cached tokens; several (300,700,1500): the mean time is ranked")
+    ap.add_argument("--only", default="", help="cases to sweep, as name:T (smollm2:64,llama7b:1); default all")
     ap.add_argument("--max-seq-len", type=int, default=2048)
     ap.add_argument("--budget-s", type=float, default=200, help="stop starting new cases after this many seconds")
     ap.add_argument("--write", default=None, help="attention.py whose TUNED table to rewrite")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--one-launch", action="store_true", help="the one-launch kernel against split + merge")
+    ap.add_argument("--merge-rows", action="store_true", help="split + merge tiles with merge_rows, against the table")
     args = ap.parse_args()
+    if args.one_launch or args.merge_rows:
+        return variant_sweep(args.max_seq_len, args.out, "one-launch" if args.one_launch else "merge-rows")
     t0 = time.perf_counter()
     results, best = [], {}
+    lengths = [int(x) for x in str(args.cached).split(",")]
     for name, n_layers, nh, n_kv, hd, t in CASES:
+        if args.only and f"{name}:{t}" not in args.only.split(","):
+            continue
         if time.perf_counter() - t0 > args.budget_s:
             print("budget spent: remaining cases keep their defaults")
             break
@@ -97,22 +164,29 @@ def main():
         q = torch.randn(1, t, nh, hd, device="cuda", dtype=torch.bfloat16)
         mask = ((torch.rand(t, t, device="cuda") < 0.3) | torch.eye(t, dtype=torch.bool, device="cuda")).tril()
         mask8 = mask.to(torch.int8)
-        cache_len = torch.tensor(args.cached, device="cuda")
-        ref = tree_attention_sdpa(q.double(), caches[0, 0].double(), caches[1, 0].double(), cache_len, mask)
+        cache_lens = [torch.tensor(n, device="cuda") for n in lengths]
+        k64, v64 = caches[0, 0].double(), caches[1, 0].double()
+        refs = [tree_attention_sdpa(q.double(), k64, v64, n, mask) for n in cache_lens]
+
+        def mean_ms(c: KernelConfig, q=q, caches=caches, mask8=mask8, n_layers=n_layers, lens=cache_lens) -> float:
+            """The mean over the cache lengths: a decode's cache grows through them."""
+            return statistics.mean(time_config(q, caches, n, mask8, n_layers, c) for n in lens)
+
         default = kernel_config(hd, rows)
         timed = []
         for c in [default] + [c for c in candidates(rows) if c != default]:
             if timed and time.perf_counter() - t0 > args.budget_s:
                 break
-            out = tree_attention(q, caches[0, 0], caches[1, 0], cache_len, mask8, c)
-            err = float((out.double() - ref).norm() / ref.norm())
-            ms = time_config(q, caches, cache_len, mask8, n_layers, c) if err < 1.5e-2 else float("inf")
-            timed.append((ms, c, err))
+            err = max(
+                float((tree_attention(q, caches[0, 0], caches[1, 0], n, mask8, c).double() - ref).norm() / ref.norm())
+                for n, ref in zip(cache_lens, refs, strict=True)
+            )
+            timed.append((mean_ms(c) if err < 1.5e-2 else float("inf"), c, err))
         timed.sort(key=lambda x: x[0])
         ms, c, _ = timed[0]
         for stages in (1, 2):  # pipelining depth, on the best tiles only
-            alt = KernelConfig(c.block_m, c.block_n, c.blocks_per_split, c.num_warps, stages)
-            timed.append((time_config(q, caches, cache_len, mask8, n_layers, alt), alt, 0.0))
+            alt = KernelConfig(c.block_m, c.block_n, c.blocks_per_split, c.num_warps, stages, c.merge_rows)
+            timed.append((mean_ms(alt), alt, 0.0))
         timed.sort(key=lambda x: x[0])
         best_ms, best_c, _ = timed[0]
         default_ms = next(m for m, cc, _ in timed if cc == default)
@@ -124,7 +198,7 @@ def main():
         results.append(r)
         print(f"{r['case']}: default {r['default_ms']} ms -> best {r['best_ms']} ms {r['best']}; wrong: {wrong}",
               flush=True)  # fmt: skip
-        del caches
+        del caches, k64, v64
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

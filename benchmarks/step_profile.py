@@ -8,7 +8,11 @@ Prints, for prompts of new lengths:
 3. one graph replay of the vanilla and the Medusa step, and the Medusa step's kernels grouped by phase (eager, with
    ``torch.profiler``): how many kernels each phase launches and their device time.
 
-Usage (GPU): python benchmarks/step_profile.py [--tree PATH] [--heads DIR] [--prefix-extend fused|unfused]
+Usage (GPU): python benchmarks/step_profile.py [--tree PATH] [--heads DIR] [--prefix-extend fused|unfused] [--detail]
+
+``--detail`` adds: 5. the vanilla step's kernels beside the Medusa step's, by phase and by kernel name (what the
+Medusa step adds); 6. every kernel outside the verify forward, in launch order, with its device time; 7. graph
+replays of the verify forward alone at several tree sizes (chain masks) and of the LM head + argmax.
 
 ``--count`` (any machine, no GPU needed): the kernels one Medusa step launches per phase, counted by dispatched op
 (``decode/op_count.py``) on the same shapes with a two-layer backbone (the layer count changes only the verify
@@ -103,6 +107,7 @@ def main() -> None:
         default="fused",
         help="the prefix layer's decode-step extend: fused Triton kernels (the default) or the PyTorch ops",
     )
+    ap.add_argument("--detail", action="store_true", help="also sections 5-7 (see the module docstring)")
     ap.add_argument("--count", action="store_true", help="count kernels per phase instead (no GPU needed)")
     ap.add_argument("--path", choices=("kernel", "torch"), default="kernel", help="--count: the GPU's or the CPU's")
     ap.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="--count: the dtype (casts count too)")
@@ -171,6 +176,106 @@ def main() -> None:
     print(f"\n{total:.0f} kernels per step, {busy:.3f} ms of kernel time per step; top kernels (ms/step, count/step):")
     for e in kernels[:40]:
         print(f"{e.device_time_total / 1e4:8.4f} {e.count / 10:5.1f}  {e.key[:110]}")
+    if args.detail:
+        detail(bb, van, med, cfg, prompt)
+
+
+def phase_kernels(dec, cfg, steps: int = 10) -> dict[str, list[tuple[str, float]]]:
+    """One decoder's eager step under the profiler: its kernels by phase, in launch order, as (name, device us) per
+    step (the mean of ``steps`` steps). Phases are the step's ``mark()`` calls, found on the GPU's timeline."""
+    order = ["verify_forward", "lm_head", "acceptance", "commit", "proposal"]
+    state = {}
+
+    def mark(phase: str) -> None:
+        state["rf"].__exit__(None, None, None)
+        nxt = order.index(phase) + 1
+        if nxt < len(order) and not (phase == "commit" and isinstance(dec, VanillaDecoder)):
+            state["rf"] = record_function(order[nxt])
+            state["rf"].__enter__()
+
+    fn = dec._make_step(cfg, mark)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            state["rf"] = record_function(order[0])
+            state["rf"].__enter__()
+            fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    ranges = sorted(
+        (e.time_range.start, e.time_range.end, e.key) for e in events if e.key in order and e.device_type.name == "CUDA"
+    )
+    kernels = sorted(
+        (e.time_range.start, e.key, e.device_time)
+        for e in events
+        if e.device_type.name == "CUDA" and e.key not in order
+    )
+    by_phase: dict[str, list[tuple[str, float]]] = {p: [] for p in order}
+    for start, name, us in kernels:
+        phase = next((p for s, t, p in ranges if s <= start <= t), "?")
+        by_phase.setdefault(phase, []).append((name, us / steps))
+    return by_phase
+
+
+def detail(bb, van, med, cfg, prompt) -> None:
+    """Sections 5-7 (``--detail``)."""
+    from collections import defaultdict
+
+    from medusa_llama.decode.decoder import StepRunner
+
+    one = GenerationConfig(max_new_tokens=1, stop_at_eos=False)
+    phases = {}
+    for name, dec in (("vanilla", van), ("medusa", med)):
+        dec.generate(prompt(300), one)
+        phases[name] = phase_kernels(dec, cfg)
+    print("\n## 5. vanilla vs Medusa step, eager kernels (us per step; count)")
+    for phase in ["verify_forward", "lm_head", "acceptance", "commit", "proposal", "?"]:
+        v, m = phases["vanilla"].get(phase, []), phases["medusa"].get(phase, [])
+        vs, ms = sum(u for _, u in v), sum(u for _, u in m)
+        print(f"{phase:16s} vanilla {vs:8.1f} us {len(v) / 10:5.1f} | medusa {ms:8.1f} us {len(m) / 10:5.1f}")
+    for name in ("vanilla", "medusa"):
+        agg = defaultdict(lambda: [0.0, 0])
+        for _, ks in phases[name].items():
+            for k, us in ks:
+                agg[k][0] += us
+                agg[k][1] += 1
+        phases[name + "_agg"] = agg
+    va, ma = phases["vanilla_agg"], phases["medusa_agg"]
+    print("\nby kernel name: medusa us (count) | vanilla us (count) | difference us")
+    rows = sorted(set(va) | set(ma), key=lambda k: -(ma[k][0] - va[k][0]))
+    for k in rows:
+        m, v = ma[k], va[k]
+        print(f"{m[0]:8.1f} ({m[1] / 10:5.1f}) | {v[0]:8.1f} ({v[1] / 10:5.1f}) | {m[0] - v[0]:+8.1f}  {k[:90]}")
+    print("\n## 6. kernels outside the verify forward, launch order (us per step)")
+    for name in ("vanilla", "medusa"):
+        print(f"-- {name}")
+        for phase in ["lm_head", "acceptance", "commit", "proposal"]:
+            ks = phases[name].get(phase, [])
+            # the profiler saw 10 steps (each entry's us already divided by 10): launch i's mean over the steps
+            per = len(ks) // 10
+            for i in range(per):
+                us = sum(ks[i + j * per][1] for j in range(10))
+                print(f"  {phase:12s} {us:7.2f}  {ks[i][0][:100]}")
+    print("\n## 7. graph replays: the verify forward alone by tree size (chain mask), LM head + argmax")
+    dev = bb.device
+    bb.prefill(torch.tensor(prompt(300), device=dev))
+    for t in (1, 4, 16, 32, 64, 128):
+        tokens = torch.randint(0, 49152, (t,), device=dev)
+        mask = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+        depth = torch.arange(t, device=dev)
+        r = StepRunner(lambda tokens=tokens, mask=mask, depth=depth: bb.forward_tree(tokens, mask, depth), True)
+        r.capture()
+        print(f"T={t:4d}: forward {timed(r, 200):.3f} ms")
+    for t in (1, 64):
+        h = torch.randn(t, bb.hidden_size, device=dev, dtype=bb.dtype)
+        r1 = StepRunner(lambda h=h: bb.logits(h), True)
+        r2 = StepRunner(lambda h=h: bb.logits(h).argmax(-1), True)
+        r3 = StepRunner(lambda h=h: bb.lm_head(h), True)
+        for r in (r1, r2, r3):
+            r.capture()
+        print(
+            f"T={t:4d}: lm_head bf16 {timed(r3, 500) * 1e3:.1f} us, + float() {timed(r1, 500) * 1e3:.1f} us, "
+            f"+ argmax {timed(r2, 500) * 1e3:.1f} us"
+        )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,12 @@ class KernelConfig:
     """Blocks per split: a split is block_n * blocks_per_split keys (128: 5 splits per KV head at 512 cached)."""
     num_warps: int = 4
     num_stages: int = 3
+    merge_rows: int = 1
+    """Query rows per merge program: 1, one row each (``_merge_kernel``); more, a tile of rows whose splits are read
+    in one unrolled pass (``_merge_rows_kernel``): fewer, fuller programs where T is large."""
+    one_launch: bool = False
+    """Merge in the split kernel itself (``_one_launch_kernel``): the last program of a query tile to finish merges
+    its splits, and a tile whose live slots fit one split writes its output directly. No merge launch."""
 
 
 # The fastest configurations measured on an H200 by benchmarks/attention_sweep.py (which rewrites this block), by
@@ -48,9 +54,9 @@ class KernelConfig:
 TUNED: dict[tuple[int, int], KernelConfig] = {
     (64, 4): KernelConfig(16, 64, 1, 4, 3),
     (64, 16): KernelConfig(16, 64, 1, 4, 2),
-    (64, 64): KernelConfig(16, 64, 1, 4, 3),
-    (64, 256): KernelConfig(64, 64, 1, 4, 3),
-    (64, 512): KernelConfig(64, 64, 2, 8, 3),
+    (64, 64): KernelConfig(16, 64, 1, 4, 2),
+    (64, 256): KernelConfig(32, 64, 2, 4, 3),
+    (64, 512): KernelConfig(64, 64, 2, 4, 1, 4),
     (128, 1): KernelConfig(16, 32, 1, 4, 2),
     (128, 64): KernelConfig(64, 32, 4, 4, 3),
 }
@@ -61,6 +67,61 @@ def kernel_config(head_dim: int, rows: int) -> KernelConfig:
     """The split kernel's tiles for ``rows`` = T * (query heads per KV head) query rows."""
     rows_p2 = triton.next_power_of_2(rows)
     return TUNED.get((head_dim, rows_p2)) or KernelConfig(block_m=min(64, max(16, rows_p2)))
+
+
+@triton.jit
+def _attend_block(
+    q, m_i, l_i, acc, Kb, Vb, TreeMask, n0, cache_len, total, T, t, row_ok, d, d_ok, stride_ks, stride_vs, qk_scale,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """The online softmax (m_i, l_i, acc) of the query tile ``q`` (rows of tree token ``t``) over the BLOCK_N keys
+    from slot ``n0``: Kb, Vb point at this sequence's and KV head's slot 0. Keys past ``total`` are masked off, tree
+    keys (slots at or past ``cache_len``) by the tree mask; every row sees the prefix keys."""
+    n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key slots
+    n_ok = n < total
+    kv_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(Kb + n[:, None] * stride_ks + d[None, :], mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(Vb + n[:, None] * stride_vs + d[None, :], mask=kv_ok, other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = (s * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_N), log2 units (fp32 also where qk_scale is fp64)
+    rel = n - cache_len  # key's index in the tree (< 0: prefix)
+    in_tree = (rel >= 0) & n_ok
+    tm = tl.load(
+        TreeMask + t[:, None] * T + rel[None, :], mask=row_ok[:, None] & in_tree[None, :], other=0
+    )  # (BLOCK_M, BLOCK_N): predicated off for prefix-only blocks, so they read no mask bytes
+    allowed = ((rel < 0) & n_ok)[None, :] | (tm != 0)
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key yet: exp2(-inf) = 0
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _load_tile(Q, b, kvh, pid_m, T, stride_qb, stride_qt, stride_qh, G: tl.constexpr, HD: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """Query tile ``pid_m`` of KV head ``kvh``: rows r = t * G + g (query token t, head kvh * G + g)."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T * G
+    t = rows // G
+    head = kvh * G + rows % G
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HD
+    q = tl.load(
+        Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
+    return q, rows, row_ok, t, head, d, d_ok
 
 
 @triton.jit
@@ -103,57 +164,108 @@ def _split_kernel(
     total = cache_len + T
     start = pid_s * (BLOCK_N * BLOCKS_PER_SPLIT)
     if start < total:  # splits past the live slots do nothing (the merge does not read them)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row r = t * G + g: query token t, head kvh * G + g
-        row_ok = rows < T * G
-        t = rows // G
-        head = kvh * G + rows % G
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < HD
-        q = tl.load(
-            Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )  # (BLOCK_M, BLOCK_D)
+        q, rows, row_ok, t, head, d, d_ok = _load_tile(
+            Q, b, kvh, pid_m, T, stride_qb, stride_qt, stride_qh, G, HD, BLOCK_M, BLOCK_D
+        )
+        Kb = K + b * stride_kb + kvh * stride_kh
+        Vb = V + b * stride_vb + kvh * stride_vh
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for j in range(BLOCKS_PER_SPLIT):
-            n = start + j * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key slots
-            n_ok = n < total
-            kv_ok = n_ok[:, None] & d_ok[None, :]
-            k_ptrs = K + b * stride_kb + n[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-            v_ptrs = V + b * stride_vb + n[:, None] * stride_vs + kvh * stride_vh + d[None, :]
-            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = (s * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_N), log2 units (fp32 also where qk_scale is fp64)
-            rel = n - cache_len  # key's index in the tree (< 0: prefix)
-            in_tree = (rel >= 0) & n_ok
-            tm = tl.load(
-                TreeMask + t[:, None] * T + rel[None, :], mask=row_ok[:, None] & in_tree[None, :], other=0
-            )  # (BLOCK_M, BLOCK_N): predicated off for prefix-only blocks, so they read no mask bytes
-            allowed = ((rel < 0) & n_ok)[None, :] | (tm != 0)
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key yet: exp2(-inf) = 0
-            p = tl.math.exp2(s - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _attend_block(
+                q, m_i, l_i, acc, Kb, Vb, TreeMask, start + j * BLOCK_N, cache_len, total, T, t, row_ok, d, d_ok,
+                stride_ks, stride_vs, qk_scale, BLOCK_N, IEEE,
+            )  # fmt: skip
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         o = acc / safe_l[:, None]
         lse = tl.where(l_i > 0, m_i + tl.math.log2(safe_l), float("-inf"))
         base = pid_bh * NUM_SPLITS + pid_s
         tl.store(O_part + (base * T * G + rows[:, None]) * HD + d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
         tl.store(L_part + base * T * G + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _one_launch_kernel(
+    Q, K, V, CacheLen, TreeMask,
+    Out,  # (B, T, nh, hd)
+    O_part, L_part,  # as _split_kernel's
+    Count,  # (B * n_kv * M_TILES,) int32, zero between launches: splits of each query tile done
+    qk_scale, T, stride_cl,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_ot, stride_oh,
+    N_KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    DYNAMIC_LOOP: tl.constexpr,
+):  # fmt: skip
+    """``_split_kernel`` and ``_merge_kernel`` in one launch. A query tile whose live slots fit one split
+    (cache_len + T <= BLOCK_N * BLOCKS_PER_SPLIT) is one program that writes its output directly. Otherwise each
+    split writes its partial as the split kernel does and counts itself done on the tile's counter; the program that
+    counts last merges the tile's splits (their partials were published before their counts: the store, a barrier,
+    then an acquire-release atomic) and sets the counter back to zero for the next launch."""
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // N_KV
+    kvh = pid_bh % N_KV
+    cache_len = tl.load(CacheLen + b * stride_cl).to(tl.int32)
+    total = cache_len + T
+    split_n = BLOCK_N * BLOCKS_PER_SPLIT
+    live = (total + split_n - 1) // split_n
+    start = pid_s * split_n
+    if start < total:
+        q, rows, row_ok, t, head, d, d_ok = _load_tile(
+            Q, b, kvh, pid_m, T, stride_qb, stride_qt, stride_qh, G, HD, BLOCK_M, BLOCK_D
+        )
+        Kb = K + b * stride_kb + kvh * stride_kh
+        Vb = V + b * stride_vb + kvh * stride_vh
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if DYNAMIC_LOOP:  # (Triton's interpreter takes no loop bound read from memory)
+            for n0 in range(start, tl.minimum(start + split_n, total), BLOCK_N):
+                m_i, l_i, acc = _attend_block(
+                    q, m_i, l_i, acc, Kb, Vb, TreeMask, n0, cache_len, total, T, t, row_ok, d, d_ok,
+                    stride_ks, stride_vs, qk_scale, BLOCK_N, IEEE,
+                )  # fmt: skip
+        else:
+            for j in range(BLOCKS_PER_SPLIT):
+                if start + j * BLOCK_N < total:
+                    m_i, l_i, acc = _attend_block(
+                        q, m_i, l_i, acc, Kb, Vb, TreeMask, start + j * BLOCK_N, cache_len, total, T, t, row_ok,
+                        d, d_ok, stride_ks, stride_vs, qk_scale, BLOCK_N, IEEE,
+                    )  # fmt: skip
+        out_ptrs = Out + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        io_ok = row_ok[:, None] & d_ok[None, :]
+        safe_l = tl.where(l_i > 0, l_i, 1.0)
+        if live == 1:
+            tl.store(out_ptrs, (acc / safe_l[:, None]).to(Out.dtype.element_ty), mask=io_ok)
+        else:
+            base = pid_bh * NUM_SPLITS
+            lse = tl.where(l_i > 0, m_i + tl.math.log2(safe_l), float("-inf"))
+            tile = (base + pid_s) * T * G + rows
+            tl.store(O_part + tile[:, None] * HD + d[None, :], acc / safe_l[:, None], mask=io_ok)
+            tl.store(L_part + tile, lse, mask=row_ok)
+            tl.debug_barrier()  # every thread's partial stored before the count that publishes them
+            counter = Count + pid_bh * tl.num_programs(1) + pid_m
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == live - 1:  # the tile's last split: merge
+                m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+                w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+                o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+                for s in range(NUM_SPLITS):
+                    if s < live:
+                        part = (base + s) * T * G + rows
+                        lse_s = tl.load(L_part + part, mask=row_ok, other=float("-inf"))
+                        o_s = tl.load(O_part + part[:, None] * HD + d[None, :], mask=io_ok, other=0.0)
+                        m_new = tl.maximum(m, lse_s)
+                        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        scale, w = tl.math.exp2(m - m_use), tl.math.exp2(lse_s - m_use)  # 0 for empty splits
+                        o = o * scale[:, None] + w[:, None] * o_s
+                        w_sum = w_sum * scale + w
+                        m = m_new
+                o = o / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
+                tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=io_ok)
+                tl.atomic_xchg(counter, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -198,6 +310,51 @@ def _merge_kernel(
     tl.store(Out + b * stride_ob + t * stride_ot + head * stride_oh + d, out.to(Out.dtype.element_ty), mask=d_ok)
 
 
+@triton.jit
+def _merge_rows_kernel(
+    O_part, L_part, Out, CacheLen, T, stride_cl, stride_ob, stride_ot, stride_oh,
+    N_KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_N: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """``_merge_kernel`` for a tile of BLOCK_R query rows per program: the splits' log-sum-exps in one load, then
+    every split's partial output (loads predicated off past the live splits, so they issue together)."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // N_KV
+    kvh = pid_bh % N_KV
+    cache_len = tl.load(CacheLen + b * stride_cl).to(tl.int32)
+    live = (cache_len + T + SPLIT_N - 1) // SPLIT_N  # splits the split kernel wrote
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < T * G
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HD
+    base = pid_bh * NUM_SPLITS
+    lse = tl.load(
+        L_part + (base + s[:, None]) * T * G + rows[None, :],
+        mask=(s < live)[:, None] & row_ok[None, :],
+        other=float("-inf"),
+    )  # (BLOCK_S, BLOCK_R)
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w_sum = tl.sum(tl.math.exp2(lse - m[None, :]), 0)  # (BLOCK_R,)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for i in tl.static_range(NUM_SPLITS):
+        ok = row_ok & (i < live)
+        part = (base + i) * T * G + rows
+        w = tl.math.exp2(tl.load(L_part + part, mask=ok, other=float("-inf")) - m)  # 0 past the live splits
+        o = tl.load(O_part + part[:, None] * HD + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        acc += w[:, None] * o
+    out = acc / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
+    t = rows // G
+    head = kvh * G + rows % G
+    tl.store(
+        Out + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+
+
 def tree_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -232,8 +389,26 @@ def _(q, k_cache, v_cache, cache_len, tree_mask):
     return q.new_empty(q.shape)
 
 
+DYNAMIC_LOOP = False
+"""The one-launch kernel's loop over its split's blocks: bounded by the live slots (True), or over all its blocks,
+each skipped past the live slots (False)."""
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+"""The one-launch kernel's tile counters, zero between launches, kept (a CUDA graph holds their address): one
+buffer per K cache (each layer's, each decoder's) and grid, so launches that could run at once never share one."""
+
+
+def _counters(k_cache: torch.Tensor, n: int) -> torch.Tensor:
+    key = (k_cache.device, k_cache.data_ptr(), n)
+    if key not in _COUNTERS:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("tree attention's first one-launch call must come before CUDA-graph capture")
+        _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=k_cache.device)
+    return _COUNTERS[key]
+
+
 def _launch(q, k_cache, v_cache, cache_len, tree_mask, c: KernelConfig) -> torch.Tensor:
-    """The split kernel, then the merge kernel; arguments as ``tree_attention``."""
+    """The split kernel, then the merge kernel (or the one-launch kernel); arguments as ``tree_attention``."""
     b, t, nh, hd = q.shape
     _, s_max, n_kv, _ = k_cache.shape
     g = nh // n_kv
@@ -245,6 +420,20 @@ def _launch(q, k_cache, v_cache, cache_len, tree_mask, c: KernelConfig) -> torch
     l_part = torch.empty(b * n_kv, num_splits, rows, dtype=torch.float32, device=q.device)
     out = torch.empty(b, t, nh, hd, dtype=q.dtype, device=q.device)
     stride_cl = cache_len.stride(0) if cache_len.dim() else 0  # 0-d: every sequence reads the one length
+    if c.one_launch:
+        grid = (num_splits, triton.cdiv(rows, c.block_m), b * n_kv)
+        _one_launch_kernel[grid](
+            q, k_cache, v_cache, cache_len, tree_mask.contiguous(), out, o_part, l_part,
+            _counters(k_cache, grid[1] * grid[2]), math.log2(math.e) / math.sqrt(hd), t, stride_cl,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            N_KV=n_kv, G=g, HD=hd, NUM_SPLITS=num_splits, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d,
+            BLOCKS_PER_SPLIT=c.blocks_per_split, IEEE=q.dtype == torch.float32, DYNAMIC_LOOP=DYNAMIC_LOOP,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )  # fmt: skip
+        return out
     _split_kernel[(num_splits, triton.cdiv(rows, c.block_m), b * n_kv)](
         q, k_cache, v_cache, cache_len, tree_mask.contiguous(), o_part, l_part,
         math.log2(math.e) / math.sqrt(hd), t, stride_cl,
@@ -255,6 +444,13 @@ def _launch(q, k_cache, v_cache, cache_len, tree_mask, c: KernelConfig) -> torch
         BLOCKS_PER_SPLIT=c.blocks_per_split, IEEE=q.dtype == torch.float32,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
+    if c.merge_rows > 1:
+        _merge_rows_kernel[(triton.cdiv(rows, c.merge_rows), b * n_kv)](
+            o_part, l_part, out, cache_len, t, stride_cl, out.stride(0), out.stride(1), out.stride(2),
+            N_KV=n_kv, G=g, HD=hd, NUM_SPLITS=num_splits, SPLIT_N=split_n,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_R=c.merge_rows, BLOCK_D=block_d,
+        )  # fmt: skip
+        return out
     _merge_kernel[(rows, b * n_kv)](
         o_part, l_part, out, cache_len, t, stride_cl, out.stride(0), out.stride(1), out.stride(2),
         N_KV=n_kv, G=g, HD=hd, NUM_SPLITS=num_splits, SPLIT_N=split_n,
