@@ -3,11 +3,6 @@
 check it against SDPA, and keep the fastest. ``--write`` rewrites the ``TUNED`` table of ``attention.py``.
 
     python benchmarks/attention_sweep.py [--budget-s 200] [--write medusa_llama/decode/attention.py] [--out sweep.json]
-
-``--merge-rows``: the same cases, split + merge tiles with merge programs of several rows (``merge_rows``).
-``--one-launch``: SmolLM2's shape at several tree sizes and cache lengths, the table's split + merge pair against
-the one-launch kernel's tiles (``KernelConfig.one_launch``; both loop kinds, ``attention.DYNAMIC_LOOP``): the
-fastest of each, per case.
 """
 
 from __future__ import annotations
@@ -85,57 +80,6 @@ def write_table(path: str, best: dict[tuple[int, int], KernelConfig]) -> None:
     open(path, "w").write(new)
 
 
-def variant_sweep(max_seq_len: int, out_path: str | None, kind: str) -> None:
-    """``--one-launch`` and ``--merge-rows`` (see the module docstring)."""
-    from medusa_llama.decode import attention
-
-    n_layers, nh, n_kv, hd = 30, 9, 3, 64
-    if kind == "one-launch":
-        configs = [
-            KernelConfig(bm, bn, bps, 4, 3, one_launch=True)
-            for bm, bn, bps in itertools.product((16, 32, 64), (32, 64), (1, 2, 4, 8, 32))
-            if bn * bps <= max_seq_len
-        ]
-        loops = (False, True)
-    else:
-        configs = [
-            KernelConfig(bm, 64, bps, 4, 3, merge_rows=mr)
-            for bm, bps, mr in itertools.product((16, 32, 64), (1, 2), (1, 4, 8, 16, 32, 64))
-        ]
-        loops = (False,)
-    torch.manual_seed(0)
-    caches = torch.randn(2, n_layers, 1, max_seq_len, n_kv, hd, device="cuda", dtype=torch.bfloat16)
-    results = []
-    for t, cached in itertools.product((1, 16, 64, 128), (300, 700, 1500)):
-        q = torch.randn(1, t, nh, hd, device="cuda", dtype=torch.bfloat16)
-        mask = ((torch.rand(t, t, device="cuda") < 0.3) | torch.eye(t, dtype=torch.bool, device="cuda")).tril()
-        cache_len = torch.tensor(cached, device="cuda")
-        ref = tree_attention_sdpa(q.double(), caches[0, 0].double(), caches[1, 0].double(), cache_len, mask)
-        default = kernel_config(hd, t * nh // n_kv)
-        timed = [(time_config(q, caches, cache_len, mask, n_layers, default), "split+merge", vars(default))]
-        for dynamic in loops:
-            attention.DYNAMIC_LOOP = dynamic
-            for c in configs:
-                out = tree_attention(q, caches[0, 0], caches[1, 0], cache_len, mask, c)
-                err = float((out.double() - ref).norm() / ref.norm())
-                again = tree_attention(q, caches[0, 0], caches[1, 0], cache_len, mask, c)
-                if err > 1.5e-2 or not torch.equal(out, again):
-                    print(f"T={t} cached={cached} {c} dynamic={dynamic}: WRONG err {err:.3g}", flush=True)
-                    continue
-                ms = time_config(q, caches, cache_len, mask, n_layers, c)
-                timed.append((ms, f"one-launch dynamic={dynamic}" if c.one_launch else "variant", vars(c)))
-        timed.sort(key=lambda x: x[0])
-        base = next(m for m, k, _ in timed if k == "split+merge")
-        print(f"T={t:4d} cached={cached:5d}: split+merge {base * 1e3 / n_layers:6.2f} us/layer; best:", flush=True)
-        for ms, kind, c in timed[:4]:
-            print(f"    {ms * 1e3 / n_layers:6.2f} us/layer {kind} {c}", flush=True)
-        results.append(dict(t=t, cached=cached, all=[(round(m * 1e3 / n_layers, 3), k, c) for m, k, c in timed]))
-    attention.DYNAMIC_LOOP = False
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump(results, f, indent=1)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cached", default="512", help="cached tokens; several (300,700,1500): the mean time is ranked")
@@ -144,11 +88,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=200, help="stop starting new cases after this many seconds")
     ap.add_argument("--write", default=None, help="attention.py whose TUNED table to rewrite")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--one-launch", action="store_true", help="the one-launch kernel against split + merge")
-    ap.add_argument("--merge-rows", action="store_true", help="split + merge tiles with merge_rows, against the table")
     args = ap.parse_args()
-    if args.one_launch or args.merge_rows:
-        return variant_sweep(args.max_seq_len, args.out, "one-launch" if args.one_launch else "merge-rows")
     t0 = time.perf_counter()
     results, best = [], {}
     lengths = [int(x) for x in str(args.cached).split(",")]

@@ -43,9 +43,6 @@ class KernelConfig:
     merge_rows: int = 1
     """Query rows per merge program: 1, one row each (``_merge_kernel``); more, a tile of rows whose splits are read
     in one unrolled pass (``_merge_rows_kernel``): fewer, fuller programs where T is large."""
-    one_launch: bool = False
-    """Merge in the split kernel itself (``_one_launch_kernel``): the last program of a query tile to finish merges
-    its splits, and a tile whose live slots fit one split writes its output directly. No merge launch."""
 
 
 # The fastest configurations measured on an H200 by benchmarks/attention_sweep.py (which rewrites this block), by
@@ -186,89 +183,6 @@ def _split_kernel(
 
 
 @triton.jit
-def _one_launch_kernel(
-    Q, K, V, CacheLen, TreeMask,
-    Out,  # (B, T, nh, hd)
-    O_part, L_part,  # as _split_kernel's
-    Count,  # (B * n_kv * M_TILES,) int32, zero between launches: splits of each query tile done
-    qk_scale, T, stride_cl,
-    stride_qb, stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_ot, stride_oh,
-    N_KV: tl.constexpr, G: tl.constexpr, HD: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr, IEEE: tl.constexpr,
-    DYNAMIC_LOOP: tl.constexpr,
-):  # fmt: skip
-    """``_split_kernel`` and ``_merge_kernel`` in one launch. A query tile whose live slots fit one split
-    (cache_len + T <= BLOCK_N * BLOCKS_PER_SPLIT) is one program that writes its output directly. Otherwise each
-    split writes its partial as the split kernel does and counts itself done on the tile's counter; the program that
-    counts last merges the tile's splits (their partials were published before their counts: the store, a barrier,
-    then an acquire-release atomic) and sets the counter back to zero for the next launch."""
-    pid_s = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    b = pid_bh // N_KV
-    kvh = pid_bh % N_KV
-    cache_len = tl.load(CacheLen + b * stride_cl).to(tl.int32)
-    total = cache_len + T
-    split_n = BLOCK_N * BLOCKS_PER_SPLIT
-    live = (total + split_n - 1) // split_n
-    start = pid_s * split_n
-    if start < total:
-        q, rows, row_ok, t, head, d, d_ok = _load_tile(
-            Q, b, kvh, pid_m, T, stride_qb, stride_qt, stride_qh, G, HD, BLOCK_M, BLOCK_D
-        )
-        Kb = K + b * stride_kb + kvh * stride_kh
-        Vb = V + b * stride_vb + kvh * stride_vh
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if DYNAMIC_LOOP:  # (Triton's interpreter takes no loop bound read from memory)
-            for n0 in range(start, tl.minimum(start + split_n, total), BLOCK_N):
-                m_i, l_i, acc = _attend_block(
-                    q, m_i, l_i, acc, Kb, Vb, TreeMask, n0, cache_len, total, T, t, row_ok, d, d_ok,
-                    stride_ks, stride_vs, qk_scale, BLOCK_N, IEEE,
-                )  # fmt: skip
-        else:
-            for j in range(BLOCKS_PER_SPLIT):
-                if start + j * BLOCK_N < total:
-                    m_i, l_i, acc = _attend_block(
-                        q, m_i, l_i, acc, Kb, Vb, TreeMask, start + j * BLOCK_N, cache_len, total, T, t, row_ok,
-                        d, d_ok, stride_ks, stride_vs, qk_scale, BLOCK_N, IEEE,
-                    )  # fmt: skip
-        out_ptrs = Out + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-        io_ok = row_ok[:, None] & d_ok[None, :]
-        safe_l = tl.where(l_i > 0, l_i, 1.0)
-        if live == 1:
-            tl.store(out_ptrs, (acc / safe_l[:, None]).to(Out.dtype.element_ty), mask=io_ok)
-        else:
-            base = pid_bh * NUM_SPLITS
-            lse = tl.where(l_i > 0, m_i + tl.math.log2(safe_l), float("-inf"))
-            tile = (base + pid_s) * T * G + rows
-            tl.store(O_part + tile[:, None] * HD + d[None, :], acc / safe_l[:, None], mask=io_ok)
-            tl.store(L_part + tile, lse, mask=row_ok)
-            tl.debug_barrier()  # every thread's partial stored before the count that publishes them
-            counter = Count + pid_bh * tl.num_programs(1) + pid_m
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == live - 1:  # the tile's last split: merge
-                m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-                w_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-                o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-                for s in range(NUM_SPLITS):
-                    if s < live:
-                        part = (base + s) * T * G + rows
-                        lse_s = tl.load(L_part + part, mask=row_ok, other=float("-inf"))
-                        o_s = tl.load(O_part + part[:, None] * HD + d[None, :], mask=io_ok, other=0.0)
-                        m_new = tl.maximum(m, lse_s)
-                        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                        scale, w = tl.math.exp2(m - m_use), tl.math.exp2(lse_s - m_use)  # 0 for empty splits
-                        o = o * scale[:, None] + w[:, None] * o_s
-                        w_sum = w_sum * scale + w
-                        m = m_new
-                o = o / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
-                tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=io_ok)
-                tl.atomic_xchg(counter, 0)  # ready for the next launch
-
-
-@triton.jit
 def _merge_kernel(
     O_part,
     L_part,
@@ -389,26 +303,8 @@ def _(q, k_cache, v_cache, cache_len, tree_mask):
     return q.new_empty(q.shape)
 
 
-DYNAMIC_LOOP = False
-"""The one-launch kernel's loop over its split's blocks: bounded by the live slots (True), or over all its blocks,
-each skipped past the live slots (False)."""
-
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-"""The one-launch kernel's tile counters, zero between launches, kept (a CUDA graph holds their address): one
-buffer per K cache (each layer's, each decoder's) and grid, so launches that could run at once never share one."""
-
-
-def _counters(k_cache: torch.Tensor, n: int) -> torch.Tensor:
-    key = (k_cache.device, k_cache.data_ptr(), n)
-    if key not in _COUNTERS:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("tree attention's first one-launch call must come before CUDA-graph capture")
-        _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=k_cache.device)
-    return _COUNTERS[key]
-
-
 def _launch(q, k_cache, v_cache, cache_len, tree_mask, c: KernelConfig) -> torch.Tensor:
-    """The split kernel, then the merge kernel (or the one-launch kernel); arguments as ``tree_attention``."""
+    """The split kernel, then the merge kernel; arguments as ``tree_attention``."""
     b, t, nh, hd = q.shape
     _, s_max, n_kv, _ = k_cache.shape
     g = nh // n_kv
@@ -420,20 +316,6 @@ def _launch(q, k_cache, v_cache, cache_len, tree_mask, c: KernelConfig) -> torch
     l_part = torch.empty(b * n_kv, num_splits, rows, dtype=torch.float32, device=q.device)
     out = torch.empty(b, t, nh, hd, dtype=q.dtype, device=q.device)
     stride_cl = cache_len.stride(0) if cache_len.dim() else 0  # 0-d: every sequence reads the one length
-    if c.one_launch:
-        grid = (num_splits, triton.cdiv(rows, c.block_m), b * n_kv)
-        _one_launch_kernel[grid](
-            q, k_cache, v_cache, cache_len, tree_mask.contiguous(), out, o_part, l_part,
-            _counters(k_cache, grid[1] * grid[2]), math.log2(math.e) / math.sqrt(hd), t, stride_cl,
-            q.stride(0), q.stride(1), q.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            N_KV=n_kv, G=g, HD=hd, NUM_SPLITS=num_splits, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d,
-            BLOCKS_PER_SPLIT=c.blocks_per_split, IEEE=q.dtype == torch.float32, DYNAMIC_LOOP=DYNAMIC_LOOP,
-            num_warps=c.num_warps, num_stages=c.num_stages,
-        )  # fmt: skip
-        return out
     _split_kernel[(num_splits, triton.cdiv(rows, c.block_m), b * n_kv)](
         q, k_cache, v_cache, cache_len, tree_mask.contiguous(), o_part, l_part,
         math.log2(math.e) / math.sqrt(hd), t, stride_cl,

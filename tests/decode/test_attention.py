@@ -149,8 +149,6 @@ def test_backbone_kernel_path_equals_pytorch_path():
         attention.KernelConfig(32, 64, 1, 4, 3),
         attention.KernelConfig(16, 32, 1, 4, 3, merge_rows=4),  # merge programs of several rows
         attention.KernelConfig(16, 32, 2, 4, 3, merge_rows=64),  # one merge program per KV head
-        attention.KernelConfig(16, 32, 1, 4, 3, one_launch=True),  # 6 splits, merged by the last one done
-        attention.KernelConfig(16, 32, 8, 4, 3, one_launch=True),  # one split: its program writes the output
     ],
 )
 def test_tree_attention_any_tiles(config):
@@ -158,18 +156,3 @@ def test_tree_attention_any_tiles(config):
     torch.manual_seed(1)
     args = case(24, 150, 4, 2, 16, torch.float32)
     assert rel_err(attention.tree_attention(*args, config), reference(*args)) < 1e-5
-
-
-def test_one_launch_counters_return_to_zero():
-    """The one-launch kernel's tile counters are zero after each launch, so a second launch (a graph replay) merges
-    again: the same output twice, and at another cache length the right one."""
-    torch.manual_seed(2)
-    q, k_cache, v_cache, cache_len, mask = case(8, 150, 4, 2, 16, torch.float32)
-    config = attention.KernelConfig(16, 32, 1, 4, 3, one_launch=True)
-    first = attention.tree_attention(q, k_cache, v_cache, cache_len, mask, config)
-    counters = [c for (dev, ptr, n), c in attention._COUNTERS.items() if ptr == k_cache.data_ptr()]
-    assert counters and all(int(c.abs().sum()) == 0 for c in counters)
-    torch.testing.assert_close(attention.tree_attention(q, k_cache, v_cache, cache_len, mask, config), first)
-    cache_len.fill_(70)
-    out = attention.tree_attention(q, k_cache, v_cache, cache_len, mask, config)
-    assert rel_err(out, reference(q, k_cache, v_cache, cache_len, mask)) < 1e-5
