@@ -111,8 +111,14 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.T
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def add_linear(x: torch.Tensor, y: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """``x + linear(y)`` as one addmm (the GEMM adds x, rounding once): x (..., D), y (..., I) -> (..., D)."""
+def add_linear(x: torch.Tensor, y: torch.Tensor, linear: nn.Linear, inplace: bool = False) -> torch.Tensor:
+    """``x + linear(y)`` as one addmm (the GEMM adds x, rounding once): x (..., D), y (..., I) -> (..., D).
+
+    ``inplace``: into x itself (x contiguous, no longer needed by the caller). The same GEMM with the same inputs,
+    so the same bits, without the copy of x into a new output that an out-of-place addmm launches first."""
+    if inplace:
+        x.view(-1, x.shape[-1]).addmm_(y.reshape(-1, y.shape[-1]), linear.weight.t())
+        return x
     return torch.addmm(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), linear.weight.t()).view(x.shape)
 
 

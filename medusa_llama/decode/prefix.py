@@ -72,17 +72,20 @@ class PrefixLayer(nn.Module):
             if lin is not None:
                 nn.init.zeros_(lin.weight)  # both residual branches (and the token input) add zero: the identity
 
-    def inputs(self, hidden: torch.Tensor, next_emb: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+    def inputs(
+        self, hidden: torch.Tensor, next_emb: torch.Tensor | None = None, fused: bool = False, scratch: bool = False
+    ) -> torch.Tensor:
         """The layer's input (..., L, D): ``hidden``, plus ``token(next_emb)`` with the token input. ``next_emb``
         (..., L, D): the embeddings of the tokens after each position (required with the token input, else ignored).
-        ``fused`` (the fused decode-step extend): the add done by the token GEMM (one addmm, rounding once).
+        ``fused`` (the fused decode-step extend): the add done by the token GEMM (one addmm, rounding once), into
+        ``hidden`` itself where it is ``scratch`` (the caller's own buffer, not needed after).
         """
         if self.token is None:
             return hidden
         if next_emb is None:
             raise ValueError("this prefix layer reads the next tokens' embeddings (prefix_token_input): pass next_emb")
         if fused:
-            return add_linear(hidden, next_emb.to(hidden.dtype), self.token)
+            return add_linear(hidden, next_emb.to(hidden.dtype), self.token, inplace=scratch)
         return hidden + self.token(next_emb.to(hidden.dtype))
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,6 +289,7 @@ class BatchedPrefixCache:
         slots: torch.Tensor,
         cos_sin: torch.Tensor,
         length: torch.Tensor,
+        scratch: bool = False,
     ) -> torch.Tensor:
         """The layer over the new rows hidden (b, n, D) at ``slots`` (b, n) (their positions: ``length`` (b,), the
         filled slots before them, onwards), with their rotary tables ``cos_sin`` (2, b n, hd), by the fused Triton
@@ -301,12 +305,14 @@ class BatchedPrefixCache:
         two residual adds done by addmm round once where PyTorch rounds the product, then the sum.
 
         The cache write takes one 1-D set of slots for all rows: the b rows of the cache are seen as one
-        (1, b S, nh, hd) row, sequence i's slots offset by i S."""
+        (1, b S, nh, hd) row, sequence i's slots offset by i S. ``scratch``: ``hidden`` is the caller's scratch
+        buffer, which the token GEMM may add into (contiguous); the last residual add goes into the kernel's own
+        output either way (no copy launched before either addmm)."""
         from medusa_llama.decode import kernels
 
         layer, (b, n, d) = self.layer, hidden.shape
         hd, k_cache, v_cache = layer.head_dim, self.k, self.v
-        x = layer.inputs(hidden, next_emb, fused=True)  # (b, n, D)
+        x = layer.inputs(hidden, next_emb, fused=True, scratch=scratch)  # (b, n, D)
         h = kernels.add_rms_norm(x, None, layer.attn_norm.weight, layer.attn_norm.eps)[1]  # (b, n, D)
         qkv = F.linear(h, self._wqkv).view(1, b * n, 3 * d)  # (1, b n, 3D): q, k, v heads in a row
         cos, sin = cos_sin.view(2, 1, b * n, hd)  # (1, b n, hd) each
@@ -315,7 +321,7 @@ class BatchedPrefixCache:
         q = kernels.rope_cache_write(qkv, cos, sin, flat, k_flat, v_flat, layer.num_heads)  # (1, b n, nh, hd)
         attn = self._tree_attention(q.view(b, n, layer.num_heads, hd), k_cache, v_cache, length)  # (b, n, nh, hd)
         x, h = kernels.add_rms_norm(x, layer.o_proj(attn.flatten(-2)), layer.mlp_norm.weight, layer.mlp_norm.eps)
-        return add_linear(x, kernels.silu_mul(F.linear(h, self._w13)), layer.down_proj)  # (b, n, D)
+        return add_linear(x, kernels.silu_mul(F.linear(h, self._w13)), layer.down_proj, inplace=True)  # (b, n, D)
 
 
 class PrefixCache(BatchedPrefixCache):
@@ -372,4 +378,4 @@ class PrefixCache(BatchedPrefixCache):
         rows, emb, cos_sin, slots, start = kernels.path_inputs(
             hidden, path, emitted, n, table if token else None, self.rope_table, self.lengths
         )
-        return self._extend_fused(rows[None], emb[None] if token else None, slots[None], cos_sin, start)[0]
+        return self._extend_fused(rows[None], emb[None] if token else None, slots[None], cos_sin, start, True)[0]
