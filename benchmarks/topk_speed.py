@@ -4,17 +4,12 @@ per call, each timed as CUDA-graph replays of ``--calls`` calls on one input, an
     python benchmarks/topk_speed.py                      # GPU: rows 1 4 16 x N 8192 49152 x k 1 5 10, bf16
     python benchmarks/topk_speed.py --chunks 1024 16384  # other chunk sizes (columns per program) than 2048 4096
     python benchmarks/topk_speed.py --device cpu         # smoke test: the kernels in Triton's interpreter
-    python benchmarks/topk_speed.py --project            # the proposal's depths: GEMM + top-k vs project_topk
 
 Besides the default chunk (``topk.CHUNK``, column "ours") it times the kernels with chunks of 2048 and 4096 columns
 unless ``--chunks`` says otherwise. Checks, on logits-like values (``randn * 3`` rounded to the dtype, so the top
 often holds ties): the values at the returned columns equal ``torch.topk``'s values exactly, and the columns equal
 a stable descending sort's (equal values lowest column first). Exits 1 on any mismatch. On a CPU the timings are
 the interpreter's, not meaningful.
-
-``--project`` times instead the shipped tree's depths (rows x k: 1 x 9, 7 x 7, 10 x 4, 4 x 2; draft vocabulary
-N = 8192, hidden D = 576, bf16): the draft projection's GEMM then ``topk_indices`` (two launches) beside
-``topk.project_topk`` (one) with ``--blocks`` columns per program, checked the same way on the GEMM's logits.
 """
 
 from __future__ import annotations
@@ -40,8 +35,6 @@ def parse() -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=100, help="calls per CUDA graph")
     p.add_argument("--reps", type=int, default=20, help="graph replays timed")
     p.add_argument("--out", default=None, help="write the table as JSON here")
-    p.add_argument("--project", action="store_true", help="the proposal's projection + top-k instead (see above)")
-    p.add_argument("--blocks", type=int, nargs="+", default=[64, 128, 256], help="--project: columns per program")
     args = p.parse_args()
     cpu = args.device == "cpu"
     args.rows = args.rows or ([1, 3] if cpu else [1, 4, 16])
@@ -107,8 +100,6 @@ def main() -> int:
         sys.exit("no CUDA device (use --device cpu for the interpreter smoke test)")
     if topk.triton is None:
         sys.exit("Triton is not installed")
-    if args.project:
-        return project_table(args)
     ours: dict[str, Callable] = {
         # CUDA: the public function (the custom op); CPU: the kernels themselves (topk_indices would be torch.topk)
         "ours": (lambda x, k: topk.topk_indices(x, k)) if args.device == "cuda" else topk.triton_topk_indices,
@@ -146,44 +137,6 @@ def main() -> int:
         with open(args.out, "w") as f:
             json.dump(table, f, indent=1)
     print(f"{failures} mismatching shape(s) of {len(table)}" if failures else f"all {len(table)} shapes match")
-    return 1 if failures else 0
-
-
-def project_table(args) -> int:
-    """``--project``: us per depth of the shipped tree, the GEMM + ``topk_indices`` vs ``project_topk``."""
-    import torch
-    import torch.nn.functional as F
-
-    from medusa_llama.decode import topk
-
-    dtype = getattr(torch, DTYPES[args.dtypes[0]])
-    torch.manual_seed(0)
-    w = (torch.randn(8192, 576, device=args.device) * 0.05).to(dtype)  # (N, D)
-    print(f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu (Triton interpreter)'}; us per call")
-    print(f"{'rows':>4} {'k':>3} {'gemm+topk':>10} " + " ".join(f"{'block ' + str(b):>10}" for b in args.blocks))
-    table, failures = [], 0
-    two = topk.topk_indices if args.device == "cuda" else topk.triton_topk_indices  # CPU: not torch.topk
-    for rows, k in ((1, 9), (7, 7), (10, 4), (4, 2)):
-        x = torch.randn(rows, 576, device=args.device).to(dtype)
-        logits = F.linear(x, w)
-        row = {"rows": rows, "k": k}
-        row["gemm+topk"] = time_us(lambda x, k=k: two(F.linear(x, w), k), x, args.calls, args.reps)
-        errors = []
-        for b in args.blocks:
-            out = torch.empty(rows, k, dtype=torch.long, device=args.device)  # the owner: one counter per block size
-            fn = lambda x, b=b, k=k, out=out: topk.triton_project_topk(x, w, None, k, out=out, block_n=b)  # noqa: E731
-            bad = mismatch(logits, fn(x), k)
-            errors += [f"block {b}: {bad}"] if bad else []
-            row[f"block {b}"] = time_us(fn, x, args.calls, args.reps)
-        row["check"] = "; ".join(errors) or "ok"
-        failures += bool(errors)
-        table.append(row)
-        times = " ".join(f"{row[c]:10.2f}" for c in ["gemm+topk", *(f"block {b}" for b in args.blocks)])
-        print(f"{rows:4d} {k:3d} {times}  {row['check']}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(table, f, indent=1)
-    print(f"{failures} mismatching depth(s)" if failures else "all depths match")
     return 1 if failures else 0
 
 

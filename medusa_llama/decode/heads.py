@@ -312,16 +312,8 @@ def project_draft(
     """Head ``k``'s proposal logits: (..., D) -> (..., V), or (..., N) over the draft vocabulary's columns."""
     if draft is None:
         return heads.project(k, state, lm_head)
-    proj = draft_projection(heads, k, lm_head, draft)
+    proj = draft.projections[k if len(draft.projections) > 1 else 0]
     return proj(state.to(proj.weight.dtype))
-
-
-def draft_projection(heads: MedusaHeads, k: int, lm_head: nn.Module, draft: DraftVocab | None = None) -> nn.Module:
-    """The module ``project_draft`` applies for head ``k``, to the state cast to its weight's dtype (the proposal's
-    fused projection and top-k reads its weight and bias: ``topk.project_topk``)."""
-    if draft is not None:
-        return draft.projections[k if len(draft.projections) > 1 else 0]
-    return heads.lm_heads[k] if heads.lm_heads is not None else lm_head
 
 
 def draft_tokens(columns: torch.Tensor, draft: DraftVocab | None = None) -> torch.Tensor:

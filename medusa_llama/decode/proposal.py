@@ -16,8 +16,8 @@ static indices (``Tree.expander_rows`` / ``expander_columns`` / ``node_columns``
 columns' embeddings come from the draft vocabulary's own rows. On the PyTorch path a depth is two gathers, the
 embedding, the head (two GEMMs and the SiLU residual), the projection and the top-k, and the tree's tokens a gather,
 the draft ids and a concatenation at the end. ``fused`` (the GPU path) does each depth's gathers, embedding and head
-in one Triton kernel (``kernels.sequential_mix``), its projection and top-k in another (``topk.project_topk``,
-where the projection is a plain linear) and the end in a third (``kernels.tree_tokens``): a depth is two launches.
+in one Triton kernel (``kernels.sequential_mix``) and the end in another (``kernels.tree_tokens``): a depth is
+three launches (mix, projection, top-k).
 
 The functions are tensor-only with fixed shapes and no host syncs, so a whole decoding step (proposal included)
 can be captured in one CUDA graph. Leading dimensions are a batch of sequences (``batch.py``), each its own tree.
@@ -31,16 +31,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from medusa_llama.decode.cpu_linear import PackedLinear
-from medusa_llama.decode.heads import (
-    DraftVocab,
-    MedusaHeads,
-    draft_embed,
-    draft_projection,
-    draft_tokens,
-    project_draft,
-)
-from medusa_llama.decode.topk import project_topk, topk_indices
+from medusa_llama.decode.heads import DraftVocab, MedusaHeads, draft_embed, draft_tokens, project_draft
+from medusa_llama.decode.topk import topk_indices
 from medusa_llama.decode.tree import Tree
 
 
@@ -66,15 +58,12 @@ def propose(
     fused: the Triton kernels (the decoders' GPU path; see the module docstring).
     """
     h, r = hidden.reshape(-1, hidden.shape[-1]), root.reshape(-1)  # (B, D), (B,)
+    if heads.config.kind == "medusa":
+        top, columns = _parallel_top(heads, h, tree, lm_head, draft), tree.parallel_columns
+    else:
+        top, columns = _sequential_top(heads, h, r, tree, embed, lm_head, draft, fused), tree.node_columns
     if out is None:
         out = r.new_empty(*root.shape, tree.size)
-    # ``out`` names this caller's counter of the fused projection and top-k (``topk.project_topk``): the decoders'
-    # is the same buffer at every step, eager or captured
-    owner = out if fused else None
-    if heads.config.kind == "medusa":
-        top, columns = _parallel_top(heads, h, tree, lm_head, draft, owner), tree.parallel_columns
-    else:
-        top, columns = _sequential_top(heads, h, r, tree, embed, lm_head, draft, owner), tree.node_columns
     trees = out.view(-1, tree.size)  # (B, T): the root, then node i's column of ``top`` as a token
     if fused:
         from medusa_llama.decode.kernels import tree_tokens
@@ -85,28 +74,20 @@ def propose(
     return out
 
 
-def _parallel_top(heads: MedusaHeads, hidden: torch.Tensor, tree: Tree, lm_head, draft=None, owner=None):
+def _parallel_top(heads: MedusaHeads, hidden: torch.Tensor, tree: Tree, lm_head, draft=None) -> torch.Tensor:
     """``medusa`` heads: one top-k list per depth; node i takes entry ``rank[i]`` of its depth's list.
-    hidden (B, D) -> (B, depth * k) columns, by (depth - 1, rank): ``Tree.parallel_columns`` indexes them.
-    ``owner`` (the fused path): each depth's projection and top-k in one launch, into one buffer."""
+    hidden (B, D) -> (B, depth * k) columns, by (depth - 1, rank): ``Tree.parallel_columns`` indexes them."""
     states = heads.chain_states(hidden)  # K x (B, D), all read h_t
-    k = max(tree.level_topk)
-    if owner is not None:
-        top = hidden.new_empty(hidden.shape[0], tree.max_depth, k, dtype=torch.long)
-        for d in range(tree.max_depth):
-            _depth_top(heads, d, states[d], lm_head, draft, k, top[:, d], owner)
-        return top.flatten(1)
     logits = torch.stack([project_draft(heads, d, states[d], lm_head, draft) for d in range(tree.max_depth)], 1)
-    return topk_indices(logits, k).flatten(1)  # from (B, depth, V|N)
+    return topk_indices(logits, max(tree.level_topk)).flatten(1)  # from (B, depth, V|N)
 
 
 def _sequential_top(
-    heads: MedusaHeads, hidden: torch.Tensor, root: torch.Tensor, tree: Tree, embed, lm_head, draft, owner
+    heads: MedusaHeads, hidden: torch.Tensor, root: torch.Tensor, tree: Tree, embed, lm_head, draft, fused: bool
 ) -> torch.Tensor:
     """``sequential`` heads: depth by depth, each child's head reads its parent's state and its parent's token.
     hidden (B, D), root (B,) -> (B, sum of n_d * k_d) the depths' top-k columns, row j of depth d's children at
-    j * k_d ...: ``Tree.node_columns`` indexes them. ``owner``: the fused path's (``_depth_top``), else None."""
-    fused = owner is not None
+    j * k_d ...: ``Tree.node_columns`` indexes them."""
     tables = _mix_tables(embed, draft) if fused else None
     states, tokens = hidden[:, None], root[:, None]  # (B, 1, D), (B, 1): depth 0 reads the root's state and token
     tops = []
@@ -122,24 +103,15 @@ def _sequential_top(
         else:
             prev, emb = states.index_select(1, rows), draft_embed(tokens.index_select(1, columns), embed, draft)
             states = heads.head_state(d, prev, emb, fused)  # (B, n_d, D)
-        k = tree.level_topk[d]
+        logits, k = project_draft(heads, d, states, lm_head, draft), tree.level_topk[d]
         if top is not None:
             at = sum(widths[:d])
             tokens = top[:, at : at + widths[d]]  # (B, n_d * k_d)
-            _depth_top(heads, d, states, lm_head, draft, k, tokens.view(*states.shape[:-1], k), owner)
+            topk_indices(logits, k, out=tokens.view(*logits.shape[:-1], k))
         else:
-            tokens = topk_indices(project_draft(heads, d, states, lm_head, draft), k).flatten(1)
+            tokens = topk_indices(logits, k).flatten(1)
             tops.append(tokens)  # (B, n_d * k_d) columns: row j's children j * k_d ...
     return top if top is not None else torch.cat(tops, 1)
-
-
-def _depth_top(heads: MedusaHeads, d: int, states: torch.Tensor, lm_head, draft, k: int, out, owner) -> None:
-    """Head ``d``'s top-k columns of its states (..., D) into ``out`` (..., k): the projection and the top-k in one
-    launch (``topk.project_topk``) where the projection is a plain linear the kernel takes, else the two steps."""
-    proj = draft_projection(heads, d, lm_head, draft)
-    if isinstance(proj, nn.Linear | PackedLinear) and project_topk(states, proj.weight, proj.bias, k, out, owner):
-        return
-    topk_indices(project_draft(heads, d, states, lm_head, draft), k, out=out)
 
 
 def _mix_tables(embed, draft: DraftVocab | None) -> tuple[torch.Tensor, torch.Tensor] | None:

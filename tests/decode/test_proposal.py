@@ -10,7 +10,6 @@ import torch
 from conftest import FakeTokenizer, random_heads, tiny_llama
 from test_prefix import kernel_device
 
-from medusa_llama.decode import proposal, topk
 from medusa_llama.decode.backbone import make_backbone
 from medusa_llama.decode.decoder import MedusaDecoder
 from medusa_llama.decode.op_count import OpCounter
@@ -94,45 +93,9 @@ def test_fused_proposal_equals_the_torch_path(backbone, kind, lm_head, draft_siz
     out = torch.full_like(ref, -1)
     assert propose(*args, fused=True, out=out) is out and torch.equal(out, ref)
     assert counter.pending["tree_tokens"] == 1 and counter.pending["cat"] <= 1
-    assert counter.pending["project_topk"] == tree.max_depth  # a depth's projection and top-k: one launch
-    assert not {"mm", "_linear_pointwise", "topk", "topk_indices_into"} & set(counter.pending)
     if kind == "sequential":
         assert counter.pending["sequential_mix"] == tree.max_depth
         assert not {"index_select", "embedding", "index"} & set(counter.pending)
-
-
-def stable_topk_indices(x: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``topk.topk_indices`` as on a GPU (equal values lowest column first), where a CPU's ``torch.topk`` is not."""
-    top = torch.sort(x.float(), dim=-1, descending=True, stable=True).indices[..., :k]
-    return top if out is None else out.copy_(top)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind,lm_head", [("sequential", "shared"), ("sequential", "own"), ("medusa", "shared")])
-@pytest.mark.parametrize("draft_size", [None, 40], ids=["full-vocab", "draft-vocab"])
-def test_one_launch_projection_and_top_k_equals_the_two(kind, lm_head, draft_size, dtype, monkeypatch):
-    """Each depth's projection and top-k in one launch (``topk.project_topk``; 16 columns a program here, so that
-    several programs merge: 6 over the 96 tokens, 3 over a draft vocabulary of 40, the last one partial) proposes
-    the trees the fused path proposes with its two launches, the projection and ``topk_indices``, in fp32 and bf16
-    (the logits rounded to bf16: ties)."""
-    kernel_device()
-    monkeypatch.setattr(topk, "PROJECT_BLOCK_N", 16)
-    bb = make_backbone(tiny_llama().to(dtype), FakeTokenizer(), "tiny", 128, "fast")
-    heads = path_heads(kind, lm_head).to(dtype)
-    heads.draft_vocab = torch.randperm(96, generator=torch.Generator().manual_seed(2))[:48]
-    draft = heads.draft(bb.lm_head, draft_size, bb.embed) if draft_size else None
-    tree = build_tree(WIDE, heads.num_heads)
-    hidden = bb.prefill(torch.tensor([3, 14, 15, 92, 65, 35]))[-3:]  # (3, D)
-    args = (heads, hidden, torch.tensor([7, 42, 7]), tree, bb.embed, bb.lm_head, draft)
-    with monkeypatch.context() as two_launches:
-        two_launches.setattr(proposal, "project_topk", lambda *args: False)
-        two_launches.setattr(proposal, "topk_indices", stable_topk_indices)
-        ref = propose(*args, fused=True)
-    counter = OpCounter()
-    with counter:
-        got = propose(*args, fused=True)
-    assert torch.equal(got, ref)
-    assert counter.pending["project_topk"] == tree.max_depth
 
 
 def _cousin_pairs(tree) -> list[tuple[int, int]]:

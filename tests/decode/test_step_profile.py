@@ -3,13 +3,11 @@
 import pytest
 import torch
 from conftest import FakeTokenizer, random_heads, tiny_llama
-from test_prefix import kernel_device
 
 from medusa_llama.decode import proposal
 from medusa_llama.decode.backbone import make_backbone
 from medusa_llama.decode.cpu_linear import PackedLinear, pack_for_cpu
 from medusa_llama.decode.decoder import PHASES, GenerationConfig, MedusaDecoder, VanillaDecoder
-from medusa_llama.decode.op_count import count_step
 from medusa_llama.decode.tree import builtin_tree
 
 GREEDY = GenerationConfig(max_new_tokens=24, stop_at_eos=False)
@@ -65,16 +63,3 @@ def test_cpu_linears_are_packed_and_match_dense(backbone):
             with torch.no_grad():
                 torch.testing.assert_close(packed(x), dense(x), rtol=1e-5, atol=1e-5)
     assert pack_for_cpu(torch.nn.Linear(8, 8).to(torch.bfloat16)).__class__ is torch.nn.Linear  # fp32 only
-
-
-def test_kernel_path_proposal_is_two_launches_a_depth(one_thread):
-    """``step_profile.py --count``'s proposal phase on the GPU path (interpreted here): each depth of sequential heads
-    is its mix and its projection with top-k (``topk.project_topk``), then one launch writes the tree's tokens."""
-    kernel_device()
-    bb = make_backbone(tiny_llama(), FakeTokenizer(), "tiny", 64, "fast")
-    bb.tree_kernel = bb.model.use_fused_kernels = True
-    dec = MedusaDecoder(bb, random_heads(), builtin_tree("tree16"))
-    ops = count_step(dec, list(range(3, 14))).phases["proposal"]
-    depth = dec.tree.max_depth
-    assert ops["sequential_mix"] == ops["project_topk"] == depth and ops["tree_tokens"] == 1
-    assert sum(ops.values()) == 2 * depth + 1, ops
