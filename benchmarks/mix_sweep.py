@@ -7,7 +7,7 @@ CUDA graph and replayed, so a row's microseconds are a call's share of a replay 
 step's graph). The PyTorch path (gathers, embedding, two ``addmm``, ``silu_residual``) is timed the same way for
 scale. ``err``: the largest relative error of a config against the PyTorch path over the depths (bf16: a few ulps).
 
-Usage (GPU): python benchmarks/mix_sweep.py [--tree PATH] [--quick]
+Usage (GPU): python benchmarks/mix_sweep.py [--tree PATH] [--quick] [--dot-only]
 Without a GPU it checks the errors of a few configs through Triton's interpreter (fp16 there: the interpreter's bf16
 rounds toward zero), timing nothing.
 Then set the best row's values as the defaults of ``MIX_DOT``, ``MIX_BLOCK_N``, ``MIX_BLOCK_K`` / ``MIX_REDUCE_K``,
@@ -77,7 +77,7 @@ def depth_inputs(tree, gen: torch.Generator) -> list[tuple]:
     return out
 
 
-def configs(quick: bool) -> list[dict]:
+def configs(quick: bool, dot_only: bool = False) -> list[dict]:
     dot = [dict(MIX_DOT=True, MIX_BLOCK_N=n, MIX_BLOCK_K=k, MIX_NUM_WARPS=w) for n, k, w in
            itertools.product((16, 32, 64), (32, 64, 128), (2, 4))]  # fmt: skip
     reduce = [dict(MIX_DOT=False, MIX_BLOCK_N=n, MIX_REDUCE_K=k, MIX_REDUCE_M=16, MIX_NUM_WARPS=w) for n, k, w in
@@ -85,13 +85,14 @@ def configs(quick: bool) -> list[dict]:
     if quick:
         dot = [c for c in dot if c["MIX_NUM_WARPS"] == 4 and c["MIX_BLOCK_K"] == 64]
         reduce = [c for c in reduce if c["MIX_NUM_WARPS"] in (2, 4) and c["MIX_REDUCE_K"] == 16]
-    return dot + reduce
+    return dot if dot_only else dot + reduce
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tree", default=str(HEADS / "tree_cuda.json"))
     ap.add_argument("--quick", action="store_true", help="fewer configs (block sizes at the default K tile)")
+    ap.add_argument("--dot-only", action="store_true", help="only the tl.dot form's tiles (all K tiles and warps)")
     args = ap.parse_args()
     print(torch.__version__, torch.cuda.get_device_name() if DEV == "cuda" else "CPU (errors only, no timings)")
     gen = torch.Generator().manual_seed(0)
@@ -122,7 +123,7 @@ def main() -> None:
               + f" {'sum us':>7s} {'err':>8s}")  # fmt: skip
         print(f"{'torch':20s} " + " ".join(f"{t:6.2f}" for t in ref_us) + f" {sum(ref_us):7.2f}")
         rows_out = []
-        todo = configs(args.quick) if DEV == "cuda" else configs(True)[::4]
+        todo = configs(args.quick, args.dot_only) if DEV == "cuda" else configs(True)[::4]
         for cfg in [dict(saved, _default=True)] + todo:
             for k in KNOBS:
                 setattr(kernels, k, cfg.get(k, saved[k]))
