@@ -5,11 +5,11 @@ per call, each timed as CUDA-graph replays of ``--calls`` calls on one input, an
     python benchmarks/topk_speed.py --chunks 1024 16384  # other chunk sizes (columns per program) than 2048 4096
     python benchmarks/topk_speed.py --device cpu         # smoke test: the kernels in Triton's interpreter
 
-Besides the default chunk (``topk.CHUNK``, column "ours") it times the kernels with chunks of 2048 and 4096 columns
-unless ``--chunks`` says otherwise. Checks, on logits-like values (``randn * 3`` rounded to the dtype, so the top
-often holds ties): the values at the returned columns equal ``torch.topk``'s values exactly, and the columns equal
-a stable descending sort's (equal values lowest column first). Exits 1 on any mismatch. On a CPU the timings are
-the interpreter's, not meaningful.
+Besides the default chunk (``topk.CHUNK``, or ``topk.SPLIT_CHUNK`` where that rule applies: column "ours") it
+times the kernels with chunks of 2048 and 4096 columns unless ``--chunks`` says otherwise. Checks, on logits-like
+values (``randn * 3`` rounded to the dtype, so the top often holds ties): the values at the returned columns equal
+``torch.topk``'s values exactly, and the columns equal a stable descending sort's (equal values lowest column first).
+Exits 1 on any mismatch. On a CPU the timings are the interpreter's, not meaningful.
 """
 
 from __future__ import annotations

@@ -39,6 +39,12 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 CHUNK = 8192  # columns per stage-1 program: N = 8192 (the draft vocabulary) takes one launch
+SPLIT_CHUNK = 512
+"""Columns per stage-1 program for k >= ``SPLIT_MIN_K`` and N <= ``CHUNK``: k rounds over 512 columns in each of
+many programs, then a merge launch, beat k rounds over the whole row in one program (H200, N = 8192, bf16, the
+shipped tree's depths: k 9, 7, 4: 8.2, 6.7, 4.4 -> 5.7, 4.7, 3.7 us; k 2: 2.8 -> 3.0, so small k stays one pass;
+``benchmarks/topk_speed.py --chunks``, results/gpu/issue8/session9/topk_chunks.txt)."""
+SPLIT_MIN_K = 3
 _DEAD = _constexpr(-(2**63))  # the key of a dead slot: below every real key
 _LOW = _constexpr(2**31 - 1)  # low word = column ^ _LOW = _LOW - column: lower column of two equal values, larger key
 
@@ -96,9 +102,12 @@ def _merge_kernel(Keys, Out, C, inner, stride_outer, K: tl.constexpr, BLOCK: tl.
         tl.store(out + i, (best & _LOW) ^ _LOW)
 
 
-def triton_topk_indices(x: torch.Tensor, k: int, chunk: int = CHUNK, out: torch.Tensor | None = None) -> torch.Tensor:
+def triton_topk_indices(
+    x: torch.Tensor, k: int, chunk: int | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The Triton path of ``topk_indices`` on any device Triton runs on (its interpreter too); ``chunk``: columns
-    per stage-1 program, a power of two. ``out``: where to write, as ``_out_layout`` allows (a slice of a wider
+    per stage-1 program, a power of two (default: ``SPLIT_CHUNK`` for rows of at most ``CHUNK`` columns and
+    k >= ``SPLIT_MIN_K``, else ``CHUNK``). ``out``: where to write, as ``_out_layout`` allows (a slice of a wider
     buffer; default a new tensor)."""
     n = x.shape[-1]
     if not 0 <= k <= n:
@@ -111,6 +120,8 @@ def triton_topk_indices(x: torch.Tensor, k: int, chunk: int = CHUNK, out: torch.
     inner, stride_outer = _out_layout(out, k)
     if rows == 0 or k == 0:
         return out
+    if chunk is None:
+        chunk = SPLIT_CHUNK if k >= SPLIT_MIN_K and n <= CHUNK else CHUNK
     x2 = x.reshape(rows, n)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

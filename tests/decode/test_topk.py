@@ -128,3 +128,12 @@ def test_out_slices_of_one_buffer(batch, n):
         assert (buf[:, 0] == -7).all() and (buf[:, -1] == -7).all()
     with pytest.raises(ValueError, match="contiguous"):
         topk.triton_topk_indices(xs[1], 2, out=torch.empty(batch, 2, 4, dtype=torch.long).transpose(1, 2))
+
+
+@pytest.mark.parametrize("n,k", [(100, 2), (1000, 3), (8192, 9)])
+def test_default_chunk_rule(n, k):
+    """The default chunk (``SPLIT_CHUNK`` for k >= ``SPLIT_MIN_K`` on rows up to ``CHUNK``, else one pass) gives the
+    stable top-k, ties included."""
+    torch.manual_seed(n + k)
+    x = (torch.randn(2, n, device=DEV) * 3).round()  # many ties
+    torch.testing.assert_close(topk.triton_topk_indices(x, k), stable_topk(x, k), rtol=0, atol=0)
