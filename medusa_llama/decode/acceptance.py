@@ -145,18 +145,42 @@ def accept_into(
     bonus token, padding (the rest of the path's tokens, then 0)], and ``root`` (...): the bonus token, the next
     tree's root; returns ``path`` (..., D+1), clamped (its entries past n: padding).
 
-    ``kernel`` (the decoders' GPU path): greedy acceptance by one Triton kernel after the argmax
-    (``kernels.greedy_accept``) instead of ~25 small ops; the other rules take the PyTorch ops."""
-    if kernel and cfg.rule == "greedy":
-        from medusa_llama.decode.kernels import greedy_accept
+    ``kernel`` (the decoders' GPU path): greedy acceptance by two Triton kernels, the argmax's chunks
+    (``kernels.argmax_keys``, which reads bf16 logits as they are) and the acceptance that reduces them where it reads
+    a prediction (``kernels.greedy_accept``), instead of the argmax and ~25 small ops; the other rules take the
+    PyTorch ops."""
+    if greedy_kernel(cfg, kernel):
+        from medusa_llama.decode.kernels import argmax_keys, greedy_accept
 
-        return greedy_accept(logits.argmax(-1), tokens, tree.parent, tree.retrieve, out, root)
+        return greedy_accept(argmax_keys(logits), tokens, tree.parent, tree.retrieve, out, root)
     path, n, bonus = accept(logits, tokens, tree, cfg)
     accepted = tokens.gather(-1, path[..., 1:])  # (..., D) the accepted candidates first ...
     torch.cat([n[..., None], accepted, torch.zeros_like(n)[..., None]], dim=-1, out=out)  # (..., D+2)
     out.scatter_(-1, (n + 1)[..., None], bonus[..., None])  # ... then the bonus token after them
     root.copy_(bonus)
     return path
+
+
+def greedy_kernel(cfg: AcceptanceConfig, kernel: bool) -> bool:
+    """Whether a step on the GPU path (``kernel``) takes the greedy rule's Triton kernels: they read the LM head's
+    logits in its own dtype (``Backbone.logits(..., float32=False)``: no cast), the other rules fp32 logits."""
+    return kernel and cfg.rule == "greedy"
+
+
+def next_token_into(
+    logits: torch.Tensor, cfg: AcceptanceConfig, root: torch.Tensor, out: torch.Tensor, kernel: bool = False
+) -> None:
+    """``next_token`` written into ``root`` (...) and ``out[..., 1]`` (the vanilla step's [n = 0, token]). On the GPU
+    path at temperature 0 (``kernel``): two Triton launches (``kernels.argmax_keys``, ``kernels.greedy_token``)
+    instead of ``torch.argmax``, a single-block reduction (13 us for a row of 49152 on an H200), and two copies."""
+    if greedy_kernel(cfg, kernel):
+        from medusa_llama.decode.kernels import argmax_keys, greedy_token
+
+        greedy_token(argmax_keys(logits), root, out)
+        return
+    token = next_token(logits, cfg)
+    root.copy_(token)
+    out[..., 1].copy_(token)
 
 
 def next_token(logits: torch.Tensor, cfg: AcceptanceConfig, uniform: torch.Tensor | None = None) -> torch.Tensor:

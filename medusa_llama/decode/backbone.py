@@ -8,7 +8,8 @@ CUDA graphs can capture steps that read it) and offer the same four operations:
 - ``forward_tree(tokens, tree_mask, depth)``: run T new tokens at slots cache_len .. cache_len+T-1 with positions
   cache_len + depth and the tree mask, WITHOUT committing them;
 - ``commit(path, n)``: keep tree nodes ``path[:n+1]`` (root first) as the next n+1 cache entries;
-- ``logits(hidden)`` / ``embed(tokens)``: the LM head and the token embedding (the Medusa heads use both).
+- ``logits(hidden)`` / ``embed(tokens)``: the LM head (fp32 logits; the greedy GPU path takes them in the model's
+  dtype) and the token embedding (the Medusa heads use both).
 """
 
 from __future__ import annotations
@@ -57,9 +58,12 @@ class Backbone:
     def reset(self) -> None:
         self.cache_len.zero_()
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> (..., V) float32."""
-        return self.lm_head(hidden).float()
+    def logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """(..., D) -> (..., V) float32; ``float32=False``: in the LM head's dtype, for the greedy rule's kernels on the
+        GPU path (``acceptance.greedy_kernel``), which read bf16 as it is (its upcast is exact) and so spare the cast
+        kernel (8 us for 64 rows of 49152 on an H200)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if float32 else logits
 
     def check_room(self, prompt_len: int, new_tokens: int) -> None:
         if prompt_len + new_tokens > self.max_seq_len:

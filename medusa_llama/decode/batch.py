@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from medusa_llama.decode.acceptance import AcceptanceConfig, accept_into, next_token
+from medusa_llama.decode.acceptance import AcceptanceConfig, accept_into, greedy_kernel, next_token, next_token_into
 from medusa_llama.decode.backbone import FastBackbone
 from medusa_llama.decode.decoder import (
     GenerationConfig,
@@ -643,15 +643,15 @@ class BatchedDecoder:
     def _vanilla_step(self, cfg: AcceptanceConfig) -> Callable[[], None]:
         """Forward each row's root alone, commit it, choose each row's next token."""
         tree, zeros = self.tree, torch.zeros(self.capacity, dtype=torch.long, device=self.bb.device)
+        kernel = self.bb.tree_kernel
+        fp32 = not greedy_kernel(cfg, kernel)  # the greedy kernels read the LM head's bf16 logits as they are
 
         def step() -> None:
             hidden = self.bb.forward_tree(self.root[:, None], tree.mask, tree.depth)  # (B, 1, D)
-            token = next_token(self.backbone.logits(hidden[:, 0]), cfg)  # (B,)
+            next_token_into(self.backbone.logits(hidden[:, 0], fp32), cfg, self.root, self.out, kernel)  # (B,) roots
             self.bb.commit(zeros[:, None], zeros, self.active)
-            self.root.copy_(token)
             self.hidden.copy_(hidden[:, 0])
             self.out[:, 0] = 0
-            self.out[:, 1] = token
 
         return step
 
@@ -659,10 +659,11 @@ class BatchedDecoder:
         """Verify every row's tree in one forward, accept and compact per row, run the heads once for all rows."""
         tree = self.tree
         rows = torch.arange(self.capacity, device=self.bb.device)  # (B,)
+        fp32 = not greedy_kernel(cfg, self.bb.tree_kernel)  # the greedy kernels read bf16 logits as they are
 
         def step() -> None:
             hidden = self.bb.forward_tree(self.tokens, tree.mask, tree.depth)  # (B, T, D)
-            logits = self.backbone.logits(hidden)  # (B, T, V)
+            logits = self.backbone.logits(hidden, fp32)  # (B, T, V)
             # out[b] = [n, accepted tokens, bonus token, ...]; root[b] = the bonus token (the old root is read first)
             path = accept_into(logits, self.tokens, tree, cfg, self.out, self.root, self.bb.tree_kernel)  # (B, D+1)
             n, emitted = self.out[:, 0], self.out[:, 1:]  # (B,), (B, D+1)

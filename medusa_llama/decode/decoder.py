@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 import torch
 
 from medusa_llama.decode import dynamic_tree, proposal
-from medusa_llama.decode.acceptance import AcceptanceConfig, accept_into, next_token, pick
+from medusa_llama.decode.acceptance import (
+    AcceptanceConfig,
+    accept_into,
+    greedy_kernel,
+    next_token,
+    next_token_into,
+    pick,
+)
 from medusa_llama.decode.backbone import Backbone
 from medusa_llama.decode.dynamic_tree import DynamicTree, StepTree
 from medusa_llama.decode.heads import DraftVocab, MedusaHeads
@@ -141,6 +148,8 @@ class _Decoder:
         self.backbone = backbone
         self.use_graphs = use_cuda_graphs and backbone.supports_cuda_graphs
         self.compile = compile  # torch.compile the step (fuses the small elementwise kernels; slow first call)
+        # The GPU path (the backbone's Triton kernels): the greedy rule's kernels too (and the heads', MedusaDecoder).
+        self.kernel = getattr(backbone, "tree_kernel", False)
         dev = backbone.device
         self.root = torch.zeros((), dtype=torch.long, device=dev)  # last emitted token, not yet in the cache
         self.hidden = torch.zeros(backbone.hidden_size, dtype=backbone.dtype, device=dev)  # heads' input before root
@@ -311,22 +320,22 @@ class _Decoder:
         return {**ms, "total": sum(ms.values())}
 
     def _one_token_step(self, cfg: AcceptanceConfig, mark: Mark | None = None) -> Callable[[], None]:
-        """Vanilla decoding's step: forward the root alone, commit it, choose the next token."""
+        """Vanilla decoding's step: forward the root alone, choose the next token (the root and ``out[1]``), commit the
+        old root."""
         bb = self.backbone
+        fp32 = not greedy_kernel(cfg, self.kernel)  # the greedy kernels read the LM head's bf16 logits as they are
 
         def step() -> None:
             hidden = bb.forward_tree(self.root.view(1), self._one, self._zero)  # (1, D)
             if mark:
                 mark("verify_forward")
-            logits = bb.logits(hidden[0])  # (V,)
+            logits = bb.logits(hidden[0], fp32)  # (V,)
             if mark:
                 mark("lm_head")
-            token = next_token(logits, cfg)  # 0-d
+            next_token_into(logits, cfg, self.root, self.out, self.kernel)  # the root has been read: overwrite it
             if mark:
                 mark("acceptance")
             bb.commit(self._zero, self._zero[0])
-            self.root.copy_(token)
-            self.out[1].copy_(token)
             if mark:
                 mark("commit")
 
@@ -381,8 +390,6 @@ class MedusaDecoder(_Decoder):
             raise MedusaError(f"the tree is {tree.max_depth} deep but the heads predict only {heads.num_heads} tokens")
         self.heads = heads.to(device=backbone.device, dtype=backbone.dtype).eval()
         self.draft = None if tree.size == 1 else self.heads.draft(backbone.lm_head, draft_vocab, backbone.embed)
-        # The GPU path (the backbone's Triton kernels): the heads' and the greedy rule's kernels too.
-        self.kernel = getattr(backbone, "tree_kernel", False)
         if self.draft is not None:
             check_draft_fits(self.draft, self.dynamic.topk if self.dynamic is not None else max(tree.level_topk))
         self.tree = tree.to(backbone.device)
@@ -398,7 +405,7 @@ class MedusaDecoder(_Decoder):
                 backbone.max_seq_len,
                 backbone.device,
                 backbone.dtype,
-                getattr(backbone, "tree_kernel", False),
+                self.kernel,
             )
         # The decode step's extend by one kernel for its inputs (PrefixCache.extend_path): on a fused cache, whose
         # token input (if any) reads a plain embedding table (``_path_table``: that table, None without the input).
@@ -443,12 +450,13 @@ class MedusaDecoder(_Decoder):
         if self.tree.size == 1:  # the root alone: vanilla decoding
             return self._one_token_step(cfg, mark)
         bb, tree = self.backbone, self.tree
+        fp32 = not greedy_kernel(cfg, self.kernel)  # the greedy kernels read the LM head's bf16 logits as they are
 
         def step() -> None:
             hidden = bb.forward_tree(self.tokens, tree.mask, tree.depth)  # (T, D)
             if mark:
                 mark("verify_forward")
-            logits = bb.logits(hidden)  # (T, V)
+            logits = bb.logits(hidden, fp32)  # (T, V)
             if mark:
                 mark("lm_head")
             # out = [n, accepted tokens, bonus token, ...]; root = the bonus token

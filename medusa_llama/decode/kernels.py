@@ -18,6 +18,9 @@ The Medusa proposal's (``proposal.py``) kernels, with the same arithmetic as its
   from the previous depth's states and top-k columns (six launches -> one);
 - ``tree_tokens``: the candidate tree's tokens, root included, from the depths' top-k columns (three -> one);
 - ``silu_residual``: ``s + silu(z)`` alone (the mix where ``sequential_mix`` does not apply);
+- ``argmax_keys``: a greedy step's argmax, stage 1: each chunk of a row's logits (bf16 as they are: no cast) reduced
+  to one key, which ``greedy_token`` (vanilla decoding: the argmax into the root and the step's output, in place of
+  two copies) or ``greedy_accept`` reduces where it reads a prediction (cast + argmax -> one launch);
 - ``greedy_accept``: greedy acceptance and the step's emitted tokens (``acceptance.py``);
 - ``path_inputs``: the prefix layer's inputs after a step (the accepted path's hidden states, its successors'
   embeddings, slots, rotary tables) and its cache length's advance (``prefix.PrefixCache.extend_path``; six -> one).
@@ -28,6 +31,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from medusa_llama.decode.topk import _DEAD, _LOW, _keys
 
 
 @triton.jit
@@ -212,25 +217,146 @@ def _(z, s):
     return torch.empty_like(s)
 
 
+ARGMAX_CHUNK_MIN = 2048
+"""The fewest columns per ``argmax_keys`` program (one row of 49152: 24 programs of 4 KB in bf16)."""
+ARGMAX_CHUNK_MAX = 8192
+"""The most columns per ``argmax_keys`` program (a 64-node tree over 49152: 6 chunks, 384 programs)."""
+ARGMAX_PROGRAMS = 264
+"""``argmax_keys`` takes the widest chunk that still launches this many programs (two per SM of an H200's 132):
+few chunks keep ``greedy_accept``'s max over them cheap, enough programs spread the read over the GPU."""
+_NAN_ABOVE = tl.constexpr(0x7F80000100000000)  # keys at or above: +NaN (high word past +inf's 0x7F800000)
+_NAN_BELOW = tl.constexpr(-0x7F80000100000000)  # live keys below: -NaN (high word past -inf's, -0x7F800001)
+_NAN_KEY = tl.constexpr(0x7FFFFFFF << 32)  # a NaN's high word: above every other value, one for every NaN
+
+
+def _argmax_chunk(rows: int, n: int) -> int:
+    """``argmax_keys``'s columns per program (a power of two) for ``rows`` rows of ``n`` columns."""
+    if n <= ARGMAX_CHUNK_MIN:
+        return max(16, triton.next_power_of_2(n))
+    chunk = ARGMAX_CHUNK_MAX
+    while chunk > ARGMAX_CHUNK_MIN and rows * triton.cdiv(n, chunk) < ARGMAX_PROGRAMS:
+        chunk //= 2
+    return chunk
+
+
+@triton.jit
+def _column(key):
+    """The column a ``topk._keys`` key packs (its low word)."""
+    return (key & _LOW) ^ _LOW
+
+
+@triton.jit
+def _argmax_keys_kernel(X, Keys, N, stride_row, C, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    keys = _keys(X, stride_row, row, cols, N)  # (value, -column) order: the first of equal maxima wins
+    # torch.argmax's NaN rule: a NaN is the maximum, the first NaN wins. A NaN's key orders by its bits (its sign,
+    # its payload), so every NaN gets one high word above +inf's and keeps its column's low word.
+    nan = (keys >= _NAN_ABOVE) | ((keys < _NAN_BELOW) & (cols < N))  # dead slots (past N) lie below too
+    keys = tl.where(nan, (cols ^ _LOW).to(tl.int64) | _NAN_KEY, keys)
+    tl.store(Keys + row * C + chunk, tl.max(keys, 0))
+
+
+@torch.library.custom_op("medusa_llama::argmax_keys", mutates_args=())
+def argmax_keys(x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Stage 1 of a greedy step's argmax, one launch: x (..., N) float32 / bfloat16 / float16, read as it is (the
+    upcast to fp32 is exact: the LM head's bf16 logits need no cast kernel first). Returns (..., C) int64: each chunk
+    of ``chunk`` columns' best key (``topk._keys``: value, then lowest column; a NaN above all, as ``torch.argmax``
+    has it). The argmax is the largest of a row's C keys' column, ``(key & 0x7FFFFFFF) ^ 0x7FFFFFFF``: ``greedy_accept``
+    and ``greedy_token`` take it there, or ``argmax_of``. ``chunk`` 0: ``_argmax_chunk``'s choice.
+
+    It replaces the fp32 cast and ``torch.argmax``, which reduces a row in one block: 13 us for one row of 49152 on
+    an H200, where C programs share the read."""
+    n = x.shape[-1]
+    if not 0 < n < 2**31:
+        raise ValueError(f"argmax over rows of {n} columns: 1 .. 2**31 - 1")
+    rows = x.numel() // n
+    chunk = chunk or _argmax_chunk(rows, n)
+    c = triton.cdiv(n, chunk)
+    keys = torch.empty(*x.shape[:-1], c, dtype=torch.long, device=x.device)
+    if rows:
+        x2 = x.reshape(rows, n)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        warps = max(1, min(16, chunk // 512))
+        _argmax_keys_kernel[(rows, c)](x2, keys, n, x2.stride(0), c, BLOCK=chunk, num_warps=warps)
+    return keys
+
+
+@argmax_keys.register_fake
+def _(x, chunk=0):
+    n = x.shape[-1]
+    c = triton.cdiv(n, chunk or _argmax_chunk(x.numel() // n, n))
+    return x.new_empty(*x.shape[:-1], c, dtype=torch.long)
+
+
+def argmax_of(keys: torch.Tensor) -> torch.Tensor:
+    """(..., C) ``argmax_keys`` -> (...,) long, the argmax (by PyTorch ops: for tests and the odd caller; the decode
+    steps' kernels read the keys themselves)."""
+    return (keys.amax(-1) & 0x7FFFFFFF) ^ 0x7FFFFFFF
+
+
+@triton.jit
+def _greedy_token_kernel(Keys, Token, Out, C, stride_out, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK_C)
+    best = tl.max(tl.load(Keys + row * C + c, mask=c < C, other=_DEAD), 0)
+    token = _column(best)
+    tl.store(Token + row, token)
+    tl.store(Out + row * stride_out + 1, token)
+
+
+@torch.library.custom_op("medusa_llama::greedy_token", mutates_args=("token", "out"))
+def greedy_token(keys: torch.Tensor, token: torch.Tensor, out: torch.Tensor) -> None:
+    """Stage 2 of the vanilla step's argmax, one launch: from ``argmax_keys``'s (..., C) keys, writes the argmax
+    into ``token`` (...) (the next root) and ``out[..., 1]`` (out (..., W) with a unit last stride: the step's
+    emitted token after n = 0), in place of the two copies the step made after ``torch.argmax``."""
+    c = keys.shape[-1]
+    rows = keys.numel() // c
+    _greedy_token_kernel[(rows,)](
+        keys.contiguous(), token, out, c, out.stride(-2) if out.dim() > 1 else 0,
+        BLOCK_C=triton.next_power_of_2(c), num_warps=1,
+    )  # fmt: skip
+
+
 @triton.jit
 def _greedy_accept_kernel(
-    Pred, Tokens, Parent, Ret, Path, Out, Root, T, P, D1: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr
+    Keys,  # (rows, T, C) argmax_keys: the backbone's argmax after each node
+    Tokens,
+    Parent,
+    Ret,
+    Path,
+    Out,
+    Root,
+    T,
+    P,
+    C,
+    D1: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0)
-    pred, tokens = Pred + row * T, Tokens + row * T
+    keys, tokens = Keys + row * T * C, Tokens + row * T
     p = tl.arange(0, BLOCK_P)
     j = tl.arange(0, BLOCK_J)
+    c = tl.arange(0, BLOCK_C)
     node = tl.load(Ret + p[:, None] * D1 + j[None, :], mask=(p[:, None] < P) & (j[None, :] < D1), other=-1)
     real = node >= 0  # (BLOCK_P, BLOCK_J): path p's node at depth j
     up = tl.load(Parent + tl.maximum(node, 0), mask=real, other=-1)
     tok = tl.load(tokens + tl.maximum(node, 0), mask=real, other=0)
-    ok = real & ((tok == tl.load(pred + tl.maximum(up, 0), mask=real, other=0)) | (up < 0))  # the root is kept
+    # the parent's prediction: the best of its C chunk keys (BLOCK_P, BLOCK_J, BLOCK_C), then its column
+    at = keys + tl.maximum(up, 0)[:, :, None] * C + c[None, None, :]
+    pred = tl.max(tl.load(at, mask=real[:, :, None] & (c < C)[None, None, :], other=_DEAD), 2)
+    ok = real & ((tok == _column(pred)) | (up < 0))  # the root is kept
     accepted = tl.min(tl.where(ok, BLOCK_J, j[None, :]), 1) - 1  # (BLOCK_P,) leading accepted nodes, root excluded
     n = tl.max(accepted, 0)
     best = tl.min(tl.where(accepted == n, p, BLOCK_P), 0)  # the first longest path
     path = tl.maximum(tl.load(Ret + best * D1 + j, mask=j < D1, other=0), 0)  # (BLOCK_J,)
     after = tl.maximum(tl.load(Ret + best * D1 + j + 1, mask=j + 1 < D1, other=0), 0)  # path[j + 1]
-    bonus = tl.load(pred + tl.maximum(tl.load(Ret + best * D1 + n), 0))  # the prediction after the last node
+    last = tl.maximum(tl.load(Ret + best * D1 + n), 0)
+    bonus = _column(tl.max(tl.load(keys + last * C + c, mask=c < C, other=_DEAD), 0))  # the prediction after it
     emitted = tl.where(j == n, bonus, tl.load(tokens + after, mask=j + 1 < D1, other=0))  # padding past n + 1
     tl.store(Path + row * D1 + j, path, mask=j < D1)
     tl.store(Out + row * (D1 + 1), n.to(tl.int64))
@@ -240,7 +366,7 @@ def _greedy_accept_kernel(
 
 @torch.library.custom_op("medusa_llama::greedy_accept", mutates_args=("out", "root"))
 def greedy_accept(
-    pred: torch.Tensor,
+    keys: torch.Tensor,
     tokens: torch.Tensor,
     parent: torch.Tensor,
     retrieve: torch.Tensor,
@@ -249,21 +375,24 @@ def greedy_accept(
 ) -> torch.Tensor:
     """Greedy acceptance and the step's emitted tokens in one launch (``acceptance.accept_into``, its reference).
 
-    pred, tokens: (..., T) long, the backbone's argmax after each node and the tree's tokens; parent (T,), retrieve
-    (P, D+1): the tree's. Writes out (..., D+2) = [n, accepted tokens, bonus token, padding] and root (...) = the
-    bonus token; returns the first longest accepted path (..., D+1), clamped."""
-    t, (p, d1) = tokens.shape[-1], retrieve.shape
+    keys (..., T, C): ``argmax_keys`` of the logits after each node (the kernel takes each node's argmax from its C
+    chunks' keys where it reads it: no argmax kernel between); tokens (..., T) long, the tree's tokens; parent (T,),
+    retrieve (P, D+1): the tree's. Writes out (..., D+2) = [n, accepted tokens, bonus token, padding] and root (...)
+    = the bonus token; returns the first longest accepted path (..., D+1), clamped."""
+    t, c, (p, d1) = tokens.shape[-1], keys.shape[-1], retrieve.shape
     rows = tokens.numel() // t
     path = torch.empty(*tokens.shape[:-1], d1, dtype=torch.long, device=tokens.device)
+    block_p, block_j, block_c = triton.next_power_of_2(p), triton.next_power_of_2(d1 + 1), triton.next_power_of_2(c)
+    warps = max(1, min(8, block_p * block_j * block_c // 512))  # the (P, J, C) key gather: ~16 keys a thread
     _greedy_accept_kernel[(rows,)](
-        pred.contiguous(), tokens.contiguous(), parent.contiguous(), retrieve.contiguous(), path, out, root, t, p,
-        D1=d1, BLOCK_P=triton.next_power_of_2(p), BLOCK_J=triton.next_power_of_2(d1 + 1), num_warps=1,
+        keys.contiguous(), tokens.contiguous(), parent.contiguous(), retrieve.contiguous(), path, out, root, t, p, c,
+        D1=d1, BLOCK_P=block_p, BLOCK_J=block_j, BLOCK_C=block_c, num_warps=warps,
     )  # fmt: skip
     return path
 
 
 @greedy_accept.register_fake
-def _(pred, tokens, parent, retrieve, out, root):
+def _(keys, tokens, parent, retrieve, out, root):
     return tokens.new_empty(*tokens.shape[:-1], retrieve.shape[1])
 
 

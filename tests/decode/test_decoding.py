@@ -57,6 +57,98 @@ def test_random_heads_greedy_equals_vanilla(backbone, prompts, kind, tree_name):
         assert len(out.tokens) == GREEDY.max_new_tokens
 
 
+def tied_llama(dtype: torch.dtype = torch.float32):
+    """The tiny Llama with the LM head's rows 72..95 copies of rows 40..63: about a third of the argmaxes are ties (of
+    column c in the second chunk of 32 and c + 32 in the last), which greedy decoding must break to the lower column
+    as ``torch.argmax`` does; the last chunk's own columns 64..71 win at times too."""
+    hf = tiny_llama().to(dtype)
+    with torch.no_grad():
+        hf.lm_head.weight[72:] = hf.lm_head.weight[40:64]
+    return hf
+
+
+TIE_PROMPTS = [list(range(3, 14)), [5, 90, 41, 7]]
+"""Prompts whose ``tied_llama`` continuations pass through tied columns (40..63) and the last chunk's (64..71)."""
+
+
+@pytest.fixture
+def kernel_path(monkeypatch):
+    """The fast backbone of ``tied_llama`` on its GPU path (Triton's interpreter on a CPU), its argmax over 3 chunks
+    of 32 columns, and the greedy kernels' calls counted (so that a test knows the path ran)."""
+    from test_prefix import kernel_device
+
+    from medusa_llama.decode import kernels
+
+    kernel_device()
+    monkeypatch.setattr(kernels, "ARGMAX_CHUNK_MIN", 32)
+    monkeypatch.setattr(kernels, "ARGMAX_CHUNK_MAX", 32)
+    calls = {"greedy_token": 0, "greedy_accept": 0}
+
+    def counted(name: str):
+        kernel = getattr(kernels, name)
+
+        def call(*args):
+            calls[name] += 1
+            return kernel(*args)
+
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(kernels, name, counted(name))
+    bb = make_backbone(tied_llama(), FakeTokenizer(), "tiny", 256, "fast")
+    bb.tree_kernel = bb.model.use_fused_kernels = True
+    return bb, calls
+
+
+@pytest.mark.parametrize("tree_name", [None, "root", "chain", "tree16"])
+def test_greedy_kernel_path_equals_the_pytorch_path(one_thread, kernel_path, tree_name, monkeypatch):
+    """Greedy decoding on the GPU path (the argmax's chunks, then ``greedy_token`` or ``greedy_accept``; the step's
+    kernels, interpreted) = vanilla greedy decoding on the PyTorch path, token for token: ``VanillaDecoder`` (None), a
+    root-only tree (vanilla decoding in ``MedusaDecoder``) and two trees whose oracle heads have the rank-0 chain
+    right (steps that accept the whole depth, the other nodes rejected)."""
+    monkeypatch.setattr(proposal, "propose", lambda heads, *args: heads.propose(*args))  # the oracle proposes
+    bb, calls = kernel_path
+    reference = make_backbone(tied_llama(), FakeTokenizer(), "tiny", 256, "fast")  # the PyTorch path
+    cfg = GenerationConfig(max_new_tokens=12, stop_at_eos=False)
+    for prompt in TIE_PROMPTS:
+        ref = VanillaDecoder(reference).generate(prompt, cfg).tokens
+        if tree_name is None:
+            dec = VanillaDecoder(bb)
+        else:
+            tree = [] if tree_name == "root" else builtin_tree(tree_name)
+            dec = MedusaDecoder(bb, OracleHeads(bb, len(prompt), ref), tree)
+        out = dec.generate(prompt, cfg)
+        assert out.tokens == ref
+        assert out.steps < len(ref) - 1 or tree_name in (None, "root")  # the trees' candidates were accepted
+    assert calls["greedy_token" if tree_name in (None, "root") else "greedy_accept"] > 0
+
+
+@pytest.mark.parametrize("kind", ["vanilla", "medusa"])
+def test_greedy_kernels_on_bf16_logits_equal_the_fp32_path(one_thread, kernel_path, kind, monkeypatch):
+    """The greedy kernels read bf16 logits uncast (``Backbone.logits(..., float32=False)``) and choose as the fp32
+    path's ``torch.argmax`` does, ties included: one bf16 backbone on the PyTorch path, the kernels switched on
+    for the greedy rule alone (``decoder.kernel``; the heads propose by their PyTorch path in both), so that the
+    tokens and the steps' accepted lengths must be the same."""
+    _, calls = kernel_path
+    pytorch_propose = proposal.propose
+    monkeypatch.setattr(proposal, "propose", lambda *args: pytorch_propose(*args[:7], False, *args[8:]))
+    bb = make_backbone(tied_llama(torch.bfloat16), FakeTokenizer(), "tiny", 256, "fast")
+    cfg = GenerationConfig(max_new_tokens=24, stop_at_eos=False)
+
+    def run(prompt, kernel: bool):
+        if kind == "vanilla":
+            dec = VanillaDecoder(bb)
+        else:
+            dec = MedusaDecoder(bb, random_heads("medusa", std=0.05), builtin_tree("tree16"))
+        dec.kernel = kernel
+        out = dec.generate(prompt, cfg)
+        return out.tokens, out.accepted_per_depth
+
+    for prompt in TIE_PROMPTS:
+        assert run(prompt, True) == run(prompt, False)
+    assert calls["greedy_token" if kind == "vanilla" else "greedy_accept"] > 0
+
+
 def test_vanilla_equals_hf_generate(backbone, prompts):
     for prompt in prompts:
         ref = backbone.hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)

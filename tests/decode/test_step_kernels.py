@@ -1,7 +1,9 @@
 """The decode step's small Triton kernels equal their PyTorch references (on a CPU through Triton's interpreter):
-the sequential heads' ``s + silu(z)`` and their whole mix with its gathers, the tree's tokens, greedy acceptance
-with the step's emitted tokens, and the whole batched decoder on the kernel path; and the kernel path cuts the
-step's launches (``op_count``)."""
+the sequential heads' ``s + silu(z)`` and their whole mix with its gathers, the tree's tokens, the greedy argmax
+over chunks, greedy acceptance with the step's emitted tokens, and the whole batched decoder on the kernel path;
+and the kernel path cuts the step's launches (``op_count``)."""
+
+import math
 
 import pytest
 import torch
@@ -99,21 +101,92 @@ def trees():
     return [build_tree(builtin_tree("tree64")), build_tree(builtin_tree("chain")), build_tree([[0], [1], [2]]), star]
 
 
+def planted_rows(shape: tuple, chunk: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random rows with planted maxima, cycling over the rows: in the last column (a partial last chunk), at column 0
+    tied with the last column, tied at the last chunk's first and last columns, tied across and within chunks (the
+    lowest column must win); bf16 and fp16 add ties of their own."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).view(-1, shape[-1])
+    n = shape[-1]
+    last = (n - 1) // chunk * chunk  # the last chunk's first column
+    for r, row in enumerate(x):
+        plant = {0: [n - 1], 1: [0, n - 1], 2: [last, n - 1], 3: [chunk + 3, 2, chunk + 5, 3]}.get(r % 5, [])
+        row[[c for c in plant if c < n]] = 9.0
+    return x.view(shape).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape,chunk", [((1, 5000), 1024), ((6, 2049), 0), ((2, 3, 700), 128), ((5, 96), 0), ((7, 40), 16)]
+)
+def test_argmax_kernels_equal_torch_argmax(shape, chunk, dtype):
+    """``argmax_keys`` (logits read in their own dtype) and ``greedy_token`` give ``torch.argmax``: column counts that
+    are not multiples of the chunk, the maximum in the last chunk and at column 0, ties lowest column first."""
+    from medusa_llama.decode.kernels import _argmax_chunk, argmax_keys, argmax_of, greedy_token
+
+    dev = kernel_device()
+    size = chunk or _argmax_chunk(math.prod(shape[:-1]), shape[-1])
+    x = planted_rows(shape, size, dtype, seed=shape[-1]).to(dev)
+    keys = argmax_keys(x, chunk)
+    assert keys.shape == (*shape[:-1], -(-shape[-1] // size)) and keys.dtype == torch.long
+    ref = x.argmax(-1)
+    assert torch.equal(argmax_of(keys), ref)
+    token = torch.full(shape[:-1], -7, device=dev)
+    out = torch.full((*shape[:-1], 3), -7, device=dev)
+    greedy_token(keys, token, out)
+    assert torch.equal(token, ref) and torch.equal(out[..., 1], ref)
+    assert (out[..., 0] == -7).all() and (out[..., 2] == -7).all()  # only out[..., 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_kernel_takes_the_first_nan_as_torch_does(dtype):
+    """``torch.argmax``'s rule for NaN (either sign, any payload: the maximum, the first one wins), -0.0 = +0.0 (the
+    first wins) and a row of -inf (column 0), over chunks of 4 columns."""
+    from medusa_llama.decode.kernels import argmax_keys, argmax_of
+
+    nan, inf = float("nan"), float("inf")
+    rows = [
+        [1.0, 2.0, 3.0, inf, 1.0, -nan, 2.0, nan, nan, 0.0],  # a negative NaN first, in the second chunk
+        [inf, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, nan],  # a NaN in the last column beats +inf
+        [nan, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, nan],
+        [1.0, 2.0, nan, 3.0, 4.0, 5.0, 0.0, 7.0, 8.0, 9.0],  # a NaN of a larger payload (below) after this one
+        [-1.0, -0.0, 0.0, -2.0, 0.0, -0.0, -3.0, -1.0, -0.0, -0.0],
+        [-inf] * 10,
+        [1.0] * 10,
+    ]
+    x = torch.tensor(rows)
+    x[[0, 3], [8, 6]] = torch.tensor(0x7FC12345, dtype=torch.int32).view(torch.float32)  # NaNs of another payload
+    x = x.to(kernel_device(), dtype)
+    assert torch.equal(argmax_of(argmax_keys(x, 4)), x.argmax(-1))
+    assert x.argmax(-1).tolist() == [5, 9, 0, 2, 1, 0, 0]
+
+
 @pytest.mark.parametrize("tree", trees(), ids=["tree64", "chain", "flat", "dynamic"])
-def test_greedy_accept_kernel_equals_the_torch_rule(tree):
-    """Random tokens and logits rigged so paths of every length are accepted: same path, n, out and root."""
+@pytest.mark.parametrize("vocab,dtype", [(8, torch.float32), (300, torch.bfloat16)], ids=["one-chunk", "chunks"])
+def test_greedy_accept_kernel_equals_the_torch_rule(tree, vocab, dtype, monkeypatch):
+    """Random tokens and logits rigged so paths of every length are accepted: same path, n, out and root as the
+    argmax and the PyTorch rule. Over 300 columns the kernel reads 3 chunks' keys per prediction (chunks of 128),
+    each node's prediction tied with a decoy at a later column (the prediction, the lower column, must win)."""
+    from medusa_llama.decode import kernels
+
+    monkeypatch.setattr(kernels, "ARGMAX_CHUNK_MIN", 128)
+    monkeypatch.setattr(kernels, "ARGMAX_CHUNK_MAX", 128)
     dev = kernel_device()
     tree = tree.to(dev)
-    g = torch.Generator().manual_seed(0)
-    for trial in range(6):
+    g = torch.Generator().manual_seed(vocab)
+    for trial in range(0, 6, 1 if vocab == 8 else 2):  # (fewer over 300 columns: the interpreter's time)
         rows, t = 3, tree.size
-        tokens = torch.randint(0, 8, (rows, t), generator=g)
-        pred = torch.randint(0, 8, (rows, t), generator=g)
+        tokens = torch.randint(0, vocab, (rows, t), generator=g)
+        pred = torch.randint(0, vocab, (rows, t), generator=g)
         parent = tree.parent.cpu().clamp(min=0)
         for b in range(rows):  # accept about half the nodes: the parent's prediction is the node's token
             hit = torch.rand(t, generator=g) < 0.5 + 0.1 * trial
             pred[b, parent[hit]] = tokens[b, hit]
-        logits = torch.nn.functional.one_hot(pred, 8).float().to(dev)  # argmax = pred
+        logits = torch.randn(rows, t, vocab, generator=g).scatter(-1, pred[..., None], 9.0)
+        decoy = pred + 1 + (torch.rand(rows, t, generator=g) * (vocab - 1 - pred)).long()  # in pred + 1 .. vocab - 1
+        logits.scatter_(-1, decoy.clamp(max=vocab - 1)[..., None], 9.0)  # (the decoy is pred itself at the end)
+        logits = logits.to(dev, dtype)
+        assert torch.equal(logits.argmax(-1), pred.to(dev))
         tokens = tokens.to(dev)
         outs = []
         for kernel in (False, True):
@@ -128,8 +201,13 @@ def test_greedy_accept_kernel_equals_the_torch_rule(tree):
 
 
 def test_batched_decoder_on_the_kernel_path_equals_vanilla(one_thread, monkeypatch):
-    """The batched step on the GPU path (fused heads, greedy kernel, fused prefix extend; interpreted here)."""
+    """The batched steps on the GPU path (fused heads, greedy kernels, fused prefix extend; interpreted here), the
+    argmax over 3 chunks of 32 columns: Medusa's and the batched vanilla step's."""
+    from medusa_llama.decode import kernels
+
     monkeypatch.setattr(prefix, "FUSED_EXTEND", True)
+    monkeypatch.setattr(kernels, "ARGMAX_CHUNK_MIN", 32)
+    monkeypatch.setattr(kernels, "ARGMAX_CHUNK_MAX", 32)
     dev = kernel_device()
     bb = make_backbone(tiny_llama().to(dev), FakeTokenizer(), "tiny", 64, "fast")
     prompts = [list(range(3, 14)), list(range(20, 27))]
@@ -138,6 +216,7 @@ def test_batched_decoder_on_the_kernel_path_equals_vanilla(one_thread, monkeypat
     heads = random_heads(std=0.05, prefix_attention=True, prefix_num_heads=4, prefix_token_input=True)
     dec = BatchedDecoder(bb, 2, heads, builtin_tree("tree16"))
     assert [r.tokens for r in dec.generate_many(prompts, GREEDY)] == refs
+    assert [r.tokens for r in BatchedDecoder(bb, 2).generate_many(prompts, GREEDY)] == refs
 
 
 def test_kernel_path_launches_fewer_kernels(one_thread):
@@ -152,5 +231,22 @@ def test_kernel_path_launches_fewer_kernels(one_thread):
         counter = count_step(MedusaDecoder(bb, heads, builtin_tree("tree16")), list(range(3, 14)))
         counts[path] = {phase: sum(ops.values()) for phase, ops in counter.phases.items()}
         assert counter.syncs == 0 or not path
-    assert counts[True]["acceptance"] == 2  # the argmax and one kernel
+    assert counts[True]["acceptance"] == 2  # the argmax's chunks (argmax_keys) and the acceptance that reduces them
     assert counts[True]["proposal"] < counts[False]["proposal"]
+
+
+def test_greedy_kernel_path_reads_the_logits_uncast(one_thread):
+    """On the kernel path the greedy rule takes the LM head's bf16 logits as they are (no cast in the LM head phase)
+    and its choice costs two launches: the argmax's chunks, then the acceptance (Medusa) or the token written into
+    the root and ``out[1]`` (vanilla: no argmax, no copies)."""
+    pytest.importorskip("triton")
+    kernel_device()
+    bb = make_backbone(tiny_llama().to(torch.bfloat16), FakeTokenizer(), "tiny", 64, "fast")
+    bb.tree_kernel = bb.model.use_fused_kernels = True
+    vanilla = count_step(VanillaDecoder(bb), list(range(3, 14))).phases
+    medusa = count_step(MedusaDecoder(bb, random_heads(), builtin_tree("tree16")), list(range(3, 14))).phases
+    assert vanilla["acceptance"] == {"argmax_keys": 1, "greedy_token": 1}
+    assert medusa["acceptance"] == {"argmax_keys": 1, "greedy_accept": 1}
+    for phases in (vanilla, medusa):
+        assert phases["lm_head"]["mm"] == 1 and "_to_copy" not in phases["lm_head"]
+        assert "copy_" not in phases["commit"]
