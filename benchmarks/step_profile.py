@@ -108,11 +108,29 @@ def main() -> None:
         help="the prefix layer's decode-step extend: fused Triton kernels (the default) or the PyTorch ops",
     )
     ap.add_argument("--detail", action="store_true", help="also sections 5-7 (see the module docstring)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=VALUE",
+        help="set a decode module's knob first, e.g. kernels.ROPE_BLOCK=64 (an int, float or True/False); repeatable",
+    )
     ap.add_argument("--count", action="store_true", help="count kernels per phase instead (no GPU needed)")
     ap.add_argument("--path", choices=("kernel", "torch"), default="kernel", help="--count: the GPU's or the CPU's")
     ap.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="--count: the dtype (casts count too)")
     args = ap.parse_args()
     prefix.FUSED_EXTEND = args.prefix_extend == "fused"
+    for item in args.set:  # A/B a knob in one run: the same code with another value
+        import ast
+        import importlib
+
+        target, value = item.split("=", 1)
+        module, name = target.rsplit(".", 1)
+        mod = importlib.import_module(f"medusa_llama.decode.{module}")
+        if not hasattr(mod, name):
+            raise SystemExit(f"--set: medusa_llama.decode.{module} has no {name}")
+        setattr(mod, name, ast.literal_eval(value))
+        print(f"set medusa_llama.decode.{module}.{name} = {value}")
     if args.count:
         return count_kernels(args)
     print(torch.__version__, torch.cuda.get_device_name())

@@ -108,31 +108,33 @@ def _rope_cache_kernel(
     NH: tl.constexpr,
     N_KV: tl.constexpr,
     HD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)  # b * T + t
-    h = tl.program_id(1)  # q heads, then k heads, then v heads
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # heads: q, then k, then v
     b = row // T
     d = tl.arange(0, BLOCK_D)
-    ok = d < HD
-    src = QKV + row * (NH + 2 * N_KV) * HD + h * HD
-    x = tl.load(src + d, mask=ok, other=0.0)
-    if h < NH + N_KV:
-        half = HD // 2
-        partner = tl.where(d < half, d + half, d - half)
-        xp = tl.load(src + partner, mask=ok, other=0.0).to(tl.float32)
-        rot = tl.where(d < half, -xp, xp)  # rotate_half(x)
-        c = tl.load(Cos + row * HD + d, mask=ok, other=0.0).to(tl.float32)
-        s = tl.load(Sin + row * HD + d, mask=ok, other=0.0).to(tl.float32)
-        y = (x.to(tl.float32) * c + rot * s).to(Qout.dtype.element_ty)
-        if h < NH:
-            tl.store(Qout + (row * NH + h) * HD + d, y, mask=ok)
-        else:
-            slot = tl.load(Slots + row % T)
-            tl.store(Kc + b * stride_cb + slot * stride_cs + (h - NH) * stride_ch + d, y, mask=ok)
-    else:
-        slot = tl.load(Slots + row % T)
-        tl.store(Vc + b * stride_cb + slot * stride_cs + (h - NH - N_KV) * stride_ch + d, x, mask=ok)
+    ok = (h < NH + 2 * N_KV)[:, None] & (d < HD)[None, :]
+    src = QKV + row * (NH + 2 * N_KV) * HD + h[:, None] * HD
+    x = tl.load(src + d[None, :], mask=ok, other=0.0)  # (BLOCK_H, BLOCK_D)
+    half = HD // 2
+    partner = tl.where(d < half, d + half, d - half)
+    xp = tl.load(src + partner[None, :], mask=ok & (h < NH + N_KV)[:, None], other=0.0).to(tl.float32)
+    rot = tl.where((d < half)[None, :], -xp, xp)  # rotate_half(x)
+    c = tl.load(Cos + row * HD + d, mask=d < HD, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(Sin + row * HD + d, mask=d < HD, other=0.0).to(tl.float32)[None, :]
+    y = (x.to(tl.float32) * c + rot * s).to(Qout.dtype.element_ty)
+    tl.store(Qout + (row * NH + h[:, None]) * HD + d[None, :], y, mask=ok & (h < NH)[:, None])
+    cache = b * stride_cb + tl.load(Slots + row % T) * stride_cs + d[None, :]
+    is_k = (h >= NH) & (h < NH + N_KV)
+    tl.store(Kc + cache + (h[:, None] - NH) * stride_ch, y, mask=ok & is_k[:, None])
+    tl.store(Vc + cache + (h[:, None] - NH - N_KV) * stride_ch, x, mask=ok & (h >= NH + N_KV)[:, None])
+
+
+ROPE_BLOCK = 1024
+"""Elements (heads x head dim) per ``rope_cache_write`` program: a token's 15 heads of 64 in one program for
+SmolLM2 (one head a program before: 960 programs at T = 64, measured slower on the H200; 64 restores that)."""
 
 
 @torch.library.custom_op("medusa_llama::rope_cache_write", mutates_args=("k_cache", "v_cache"))
@@ -150,10 +152,14 @@ def rope_cache_write(
     b, t, _ = qkv.shape
     _, _, n_kv, hd = k_cache.shape
     q = torch.empty(b, t, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_kernel[(b * t, n_heads + 2 * n_kv)](
+    block_d = triton.next_power_of_2(hd)
+    heads = n_heads + 2 * n_kv
+    block_h = min(triton.next_power_of_2(heads), 1 << (max(1, ROPE_BLOCK // block_d).bit_length() - 1))
+    _rope_cache_kernel[(b * t, triton.cdiv(heads, block_h))](
         qkv.contiguous(), cos.contiguous(), sin.contiguous(), slots, q, k_cache, v_cache, t,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NH=n_heads, N_KV=n_kv, HD=hd, BLOCK_D=triton.next_power_of_2(hd),
+        NH=n_heads, N_KV=n_kv, HD=hd, BLOCK_H=block_h, BLOCK_D=block_d,
+        num_warps=max(1, min(4, block_h * block_d // 256)),
     )  # fmt: skip
     return q
 
@@ -175,6 +181,10 @@ def _silu_mul_kernel(GU, Out, INTER, BLOCK: tl.constexpr):
     tl.store(Out + row * INTER + c, (act.to(tl.float32) * up).to(Out.dtype.element_ty), mask=ok)  # ... then * up
 
 
+SILU_BLOCK = 2048
+"""Columns per ``silu_mul`` program: a whole row of SmolLM2's 1536 (two programs a row at 1024 before)."""
+
+
 @torch.library.custom_op("medusa_llama::silu_mul", mutates_args=())
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: (..., 2 I), gate first. Returns silu(gate) * up, (..., I)."""
@@ -182,7 +192,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     inter = gate_up.shape[-1] // 2
     rows = gate_up.numel() // (2 * inter)
     out = gate_up.new_empty(*gate_up.shape[:-1], inter)
-    block = min(1024, triton.next_power_of_2(inter))
+    block = min(SILU_BLOCK, triton.next_power_of_2(inter))
     _silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, BLOCK=block)
     return out
 

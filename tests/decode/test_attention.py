@@ -100,7 +100,9 @@ def test_add_rms_norm_matches_model_ops(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_mul_matches_model_ops(dtype):
+@pytest.mark.parametrize("silu_block", [2048, 32])  # a row in one program; three programs a row (the last partial)
+def test_silu_mul_matches_model_ops(dtype, silu_block, monkeypatch):
+    monkeypatch.setattr(kernels, "SILU_BLOCK", silu_block)
     torch.manual_seed(0)
     gate_up = torch.randn(5, 2 * 80, device=DEV, dtype=dtype) * 3
     gate, up = gate_up.chunk(2, dim=-1)
@@ -108,9 +110,11 @@ def test_silu_mul_matches_model_ops(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_cache_write_matches_model_ops(dtype):
+@pytest.mark.parametrize("rope_block", [1024, 32])  # a token's 9 heads in one program; 2 a program (the last 1)
+def test_rope_cache_write_matches_model_ops(dtype, rope_block, monkeypatch):
+    monkeypatch.setattr(kernels, "ROPE_BLOCK", rope_block)
     torch.manual_seed(0)
-    b, t, nh, n_kv, hd, s = 1, 5, 4, 2, 16, 32
+    b, t, nh, n_kv, hd, s = 1, 5, 5, 2, 16, 32
     qkv = torch.randn(b, t, (nh + 2 * n_kv) * hd, device=DEV, dtype=dtype)
     angles = torch.rand(b, t, hd // 2, device=DEV) * 6
     cos, sin = torch.cat([angles, angles], -1).cos().to(dtype), torch.cat([angles, angles], -1).sin().to(dtype)
