@@ -108,6 +108,7 @@ def main() -> None:
         help="the prefix layer's decode-step extend: fused Triton kernels (the default) or the PyTorch ops",
     )
     ap.add_argument("--detail", action="store_true", help="also sections 5-7 (see the module docstring)")
+    ap.add_argument("--steps-only", action="store_true", help="only section 3 (the steps' graph replays)")
     ap.add_argument(
         "--set",
         action="append",
@@ -145,6 +146,8 @@ def main() -> None:
 
     one = GenerationConfig(max_new_tokens=1, stop_at_eos=False)
     van.generate(prompt(40), one), med.generate(prompt(41), one)  # capture both steps, warm everything
+    if args.steps_only:  # section 3 alone
+        return steps(bb, van, med, prompt, one)
     print("\n## 1. prefill: wall vs kernel time (new lengths)")
     for n in (57, 96, 133, 250, 511):
         p = torch.tensor(prompt(n), device="cuda")
@@ -156,15 +159,7 @@ def main() -> None:
         rv = van.generate(prompt(n), one)
         rm = med.generate(prompt(n + 1), one)
         print(f"P={n:4d}: vanilla {1e3 * rv.prefill_s:6.2f} ms, medusa {1e3 * rm.prefill_s:6.2f} ms")
-    print("\n## 3. steps (graph replays, 300 tokens cached)")
-    cfg = GenerationConfig().acceptance_config()
-    for name, dec in (("vanilla", van), ("medusa", med)):
-        dec.generate(prompt(300), one)
-        step = dec._step_for(cfg)
-        for _ in range(3):  # steps advance the cache; a few hundred replays stay within 2048
-            step()
-        ms = timed(step, 200)
-        print(f"{name}: {ms:.3f} ms per step replay")
+    cfg = steps(bb, van, med, prompt, one)
     print("\n## 4. the Medusa step eager, by phase (torch.profiler over 10 steps; each phase a record_function)")
     med.generate(prompt(300), one)
     order = ["verify_forward", "lm_head", "acceptance", "commit", "proposal"]  # the step's mark() order
@@ -196,6 +191,22 @@ def main() -> None:
         print(f"{e.device_time_total / 1e4:8.4f} {e.count / 10:5.1f}  {e.key[:110]}")
     if args.detail:
         detail(bb, van, med, cfg, prompt)
+
+
+def steps(bb, van, med, prompt, one):
+    """Section 3: one graph replay of each decoder's step, 300 tokens cached. Returns the acceptance config."""
+    print("\n## 3. steps (graph replays, 300 tokens cached)")
+    cfg = GenerationConfig().acceptance_config()
+    times = {}
+    for name, dec in (("vanilla", van), ("medusa", med)):
+        dec.generate(prompt(300), one)
+        step = dec._step_for(cfg)
+        for _ in range(3):  # steps advance the cache; a few hundred replays stay within 2048
+            step()
+        times[name] = timed(step, 200)
+        print(f"{name}: {times[name]:.3f} ms per step replay")
+    print(f"ratio medusa / vanilla: {times['medusa'] / times['vanilla']:.3f}")
+    return cfg
 
 
 def phase_kernels(dec, cfg, steps: int = 10) -> dict[str, list[tuple[str, float]]]:
