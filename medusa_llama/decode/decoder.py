@@ -203,6 +203,7 @@ class _Decoder:
         _sync(bb.device)
         t0 = time.perf_counter()
         self._prefill(prompt, acfg)
+        self._stepped = False  # (host-side: the prefill and the steps may be graph replays)
         first = int(self.root)
         result.prefill_s = time.perf_counter() - t0
         result.tokens.append(first)
@@ -213,6 +214,7 @@ class _Decoder:
         done = first in eos
         while not done and len(result.tokens) < cfg.max_new_tokens:
             step()
+            self._stepped = True
             out = self.out.tolist()  # one host sync per step: [n, token_1 .. token_{D+1}]
             n, new = out[0], out[1 : out[0] + 2]
             result.steps += 1
@@ -415,6 +417,20 @@ class MedusaDecoder(_Decoder):
         fused = self.prefix_cache is not None and self.prefix_cache.fused
         self._path_inputs = fused and (plain or not token_input)
         self._path_table = embed.weight if self._path_inputs and token_input else None
+        # The step's proposal reads the prefix layer's row n itself (no copy into ``self.hidden`` first)
+        self._stepped, self._rows = False, None
+        self._state_row = (
+            self.prefix_cache is not None
+            and self.dynamic is None
+            and proposal.reads_state_row(self.heads, self.tree, embed, self.draft, self.kernel)
+        )
+
+    def heads_input(self) -> torch.Tensor:
+        """(D,): what the heads read at the last accepted token. ``self.hidden``, but after a step whose proposal
+        read the prefix layer's row n in place (``_state_row``) that row of the step's output (host sync)."""
+        if self._state_row and self._stepped:
+            return self._rows[int(self.out[0])]
+        return self.hidden
 
     def propose(self) -> None:
         """Fill ``self.tokens`` (the candidate tree) from ``self.hidden`` and ``self.root`` with the heads."""
@@ -475,6 +491,15 @@ class MedusaDecoder(_Decoder):
                     rows = self.prefix_cache.extend(hidden[path], n + 1, self._next_emb(emitted))  # (D+1, D)
                 else:  # the same in one launch for the inputs
                     rows = self.prefix_cache.extend_path(hidden, path, self.out[:1], emitted, self._path_table)
+                if self._state_row:  # the heads read row n of rows (past n: padding)
+                    self._rows = rows  # (a graph's output buffer when captured: replays refill it)
+                    proposal.propose(
+                        self.heads, rows, self.root, tree, bb.embed, bb.lm_head, self.draft, True, self.tokens,
+                        state_row=self.out[:1],
+                    )  # fmt: skip
+                    if mark:
+                        mark("proposal")
+                    return
                 _take_row(rows, n, self.hidden)  # rows past n: padding
             self.propose()
             if mark:

@@ -181,8 +181,9 @@ def _silu_mul_kernel(GU, Out, INTER, BLOCK: tl.constexpr):
     tl.store(Out + row * INTER + c, (act.to(tl.float32) * up).to(Out.dtype.element_ty), mask=ok)  # ... then * up
 
 
-SILU_BLOCK = 2048
-"""Columns per ``silu_mul`` program: a whole row of SmolLM2's 1536 (two programs a row at 1024 before)."""
+SILU_BLOCK = 1024
+"""Columns per ``silu_mul`` program (SmolLM2's 1536: two a row). A whole row a program (2048) measured slower on the
+H200: 1.54 against 1.22 us at T = 64, 1.31 against 1.03 at T = 1 (results/gpu/issue8/session9/)."""
 
 
 @torch.library.custom_op("medusa_llama::silu_mul", mutates_args=())

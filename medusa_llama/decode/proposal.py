@@ -47,6 +47,7 @@ def propose(
     draft: DraftVocab | None = None,
     fused: bool = False,
     out: torch.Tensor | None = None,
+    state_row: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(..., T) long: the token of every tree node, node 0 = ``root``, written into ``out`` where given.
 
@@ -56,12 +57,20 @@ def propose(
     lm_head: the backbone's LM head (used by heads with ``lm_head="shared"``).
     draft: a draft vocabulary to propose from (None: the full vocabulary).
     fused: the Triton kernels (the decoders' GPU path; see the module docstring).
+    state_row: (1,) long, one sequence only, where ``reads_state_row`` allows it: ``hidden`` is then (R, D) rows, of
+    which the heads read row ``state_row`` (the decode step's prefix-layer output at the last accepted token: the
+    first depth's mix kernel gathers it, so no copy of that row is launched before).
     """
-    h, r = hidden.reshape(-1, hidden.shape[-1]), root.reshape(-1)  # (B, D), (B,)
-    if heads.config.kind == "medusa":
+    r = root.reshape(-1)  # (B,)
+    if state_row is not None:
+        top = _sequential_top(heads, hidden[None], r, tree, embed, lm_head, draft, fused, state_row)
+        columns = tree.node_columns
+    elif heads.config.kind == "medusa":
+        h = hidden.reshape(-1, hidden.shape[-1])  # (B, D)
         top, columns = _parallel_top(heads, h, tree, lm_head, draft), tree.parallel_columns
     else:
-        top, columns = _sequential_top(heads, h, r, tree, embed, lm_head, draft, fused), tree.node_columns
+        h = hidden.reshape(-1, hidden.shape[-1])  # (B, D)
+        top, columns = _sequential_top(heads, h[:, None], r, tree, embed, lm_head, draft, fused), tree.node_columns
     if out is None:
         out = r.new_empty(*root.shape, tree.size)
     trees = out.view(-1, tree.size)  # (B, T): the root, then node i's column of ``top`` as a token
@@ -82,20 +91,36 @@ def _parallel_top(heads: MedusaHeads, hidden: torch.Tensor, tree: Tree, lm_head,
     return topk_indices(logits, max(tree.level_topk)).flatten(1)  # from (B, depth, V|N)
 
 
+def reads_state_row(heads: MedusaHeads, tree: Tree, embed, draft: DraftVocab | None, fused: bool) -> bool:
+    """Whether ``propose`` can take ``state_row``: sequential heads on a static tree whose mix runs as one kernel."""
+    return fused and heads.config.kind == "sequential" and tree.size > 1 and _mix_tables(embed, draft) is not None
+
+
 def _sequential_top(
-    heads: MedusaHeads, hidden: torch.Tensor, root: torch.Tensor, tree: Tree, embed, lm_head, draft, fused: bool
+    heads: MedusaHeads,
+    states: torch.Tensor,
+    root: torch.Tensor,
+    tree: Tree,
+    embed,
+    lm_head,
+    draft,
+    fused: bool,
+    state_row: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sequential`` heads: depth by depth, each child's head reads its parent's state and its parent's token.
-    hidden (B, D), root (B,) -> (B, sum of n_d * k_d) the depths' top-k columns, row j of depth d's children at
-    j * k_d ...: ``Tree.node_columns`` indexes them."""
+    states (B, 1, D), root (B,) -> (B, sum of n_d * k_d) the depths' top-k columns, row j of depth d's children at
+    j * k_d ...: ``Tree.node_columns`` indexes them. ``state_row`` (1,) long: depth 0 reads ``states[:, state_row]``
+    of states (B, R, D) instead (the fused path only)."""
     tables = _mix_tables(embed, draft) if fused else None
-    states, tokens = hidden[:, None], root[:, None]  # (B, 1, D), (B, 1): depth 0 reads the root's state and token
+    tokens = root[:, None]  # (B, 1): depth 0 reads the root's state and token
     tops = []
     widths = [rows.numel() * k for rows, k in zip(tree.expander_rows, tree.level_topk, strict=True)]
     # fused: the depths' top-k columns written into one buffer (B, sum of widths), not concatenated after
     top = root.new_empty(root.shape[0], sum(widths)) if fused else None
     for d in range(tree.max_depth):  # one batched head call over the n_d expanders of depth d
         rows, columns = tree.expander_rows[d], tree.expander_columns[d]  # each one's parent state and token
+        if d == 0 and state_row is not None:
+            rows = state_row
         if tables is not None:  # the gathers, the embedding and the mix in one kernel
             states = heads.gathered_state(d, states, rows, tokens, columns, tables[min(d, 1)])
         elif d == 0:
