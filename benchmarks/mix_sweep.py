@@ -34,7 +34,7 @@ HEADS = Path(__file__).resolve().parents[1] / "medusa_llama/assets/heads/smollm2
 D, VOCAB, REPS = 576, 49152, 50
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float16
-KNOBS = ("MIX_DOT", "MIX_BLOCK_N", "MIX_BLOCK_K", "MIX_REDUCE_K", "MIX_REDUCE_M", "MIX_NUM_WARPS")
+KNOBS = ("MIX_DOT", "MIX_DOT16", "MIX_BLOCK_N", "MIX_BLOCK_K", "MIX_REDUCE_K", "MIX_REDUCE_M", "MIX_NUM_WARPS")
 
 
 def graph_us(fn, reps: int = REPS, replays: int = 20) -> float:
@@ -78,8 +78,8 @@ def depth_inputs(tree, gen: torch.Generator) -> list[tuple]:
 
 
 def configs(quick: bool, dot_only: bool = False) -> list[dict]:
-    dot = [dict(MIX_DOT=True, MIX_BLOCK_N=n, MIX_BLOCK_K=k, MIX_NUM_WARPS=w) for n, k, w in
-           itertools.product((16, 32, 64), (32, 64, 128), (2, 4))]  # fmt: skip
+    dot = [dict(MIX_DOT=True, MIX_DOT16=d16, MIX_BLOCK_N=n, MIX_BLOCK_K=k, MIX_NUM_WARPS=w) for d16, n, k, w in
+           itertools.product((True, False), (16, 32, 64), (32, 64, 128), (2, 4))]  # fmt: skip
     reduce = [dict(MIX_DOT=False, MIX_BLOCK_N=n, MIX_REDUCE_K=k, MIX_REDUCE_M=16, MIX_NUM_WARPS=w) for n, k, w in
               itertools.product((8, 16, 32, 64), (8, 16, 32), (1, 2, 4))]  # fmt: skip
     if quick:
@@ -134,7 +134,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 -- a tile Triton cannot build: report it and go on
                 print(f"{cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
                 continue
-            form = "dot" if kernels.MIX_DOT else "reduce"
+            form = ("dot16" if kernels.MIX_DOT16 else "dot") if kernels.MIX_DOT else "reduce"
             k_tile = kernels.MIX_BLOCK_K if kernels.MIX_DOT else kernels.MIX_REDUCE_K
             m_tile = "-" if kernels.MIX_DOT else str(kernels.MIX_REDUCE_M)
             line = (f"{form:6s} {kernels.MIX_BLOCK_N:3d} {k_tile:4d} {m_tile:>3s} {kernels.MIX_NUM_WARPS:2d} "

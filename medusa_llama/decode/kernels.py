@@ -28,11 +28,13 @@ The Medusa proposal's (``proposal.py``) kernels, with the same arithmetic as its
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from medusa_llama.decode.topk import _DEAD, _LOW, _keys
+from medusa_llama.decode.topk import _DEAD, _LOW
 
 
 @triton.jit
@@ -235,8 +237,6 @@ ARGMAX_CHUNK_MAX = 8192
 ARGMAX_PROGRAMS = 264
 """``argmax_keys`` takes the widest chunk that still launches this many programs (two per SM of an H200's 132):
 few chunks keep ``greedy_accept``'s max over them cheap, enough programs spread the read over the GPU."""
-_NAN_ABOVE = tl.constexpr(0x7F80000100000000)  # keys at or above: +NaN (high word past +inf's 0x7F800000)
-_NAN_BELOW = tl.constexpr(-0x7F80000100000000)  # live keys below: -NaN (high word past -inf's, -0x7F800001)
 _NAN_KEY = tl.constexpr(0x7FFFFFFF << 32)  # a NaN's high word: above every other value, one for every NaN
 
 
@@ -261,12 +261,20 @@ def _argmax_keys_kernel(X, Keys, N, stride_row, C, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
-    keys = _keys(X, stride_row, row, cols, N)  # (value, -column) order: the first of equal maxima wins
-    # torch.argmax's NaN rule: a NaN is the maximum, the first NaN wins. A NaN's key orders by its bits (its sign,
-    # its payload), so every NaN gets one high word above +inf's and keeps its column's low word.
-    nan = (keys >= _NAN_ABOVE) | ((keys < _NAN_BELOW) & (cols < N))  # dead slots (past N) lie below too
-    keys = tl.where(nan, (cols ^ _LOW).to(tl.int64) | _NAN_KEY, keys)
-    tl.store(Keys + row * C + chunk, tl.max(keys, 0))
+    live = cols < N
+    x = tl.load(X + row * stride_row + cols, mask=live, other=float("-inf")).to(tl.float32)
+    # fp32 and int32 reductions over the chunk, then one key (``topk._keys``' packing) for its best: the int64 key of
+    # every element cost more (measured: 6.3 us for 64 rows of 49152 on an H200).
+    nan = (x != x) & live
+    top = tl.max(x, 0)
+    first = tl.min(tl.where((x == top) & live, cols, N), 0)  # the first of equal maxima (-0.0 == +0.0)
+    top = tl.where(top == 0.0, 0.0, top)  # -0.0 packs as +0.0: equal values, one key
+    bits = top.to(tl.int32, bitcast=True)
+    key = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | (first ^ _LOW).to(tl.int64)
+    # torch.argmax's NaN rule: a NaN is the maximum, the first NaN wins (one high word above +inf's for every NaN)
+    first_nan = tl.min(tl.where(nan, cols, N), 0)
+    key = tl.where(first_nan < N, (first_nan ^ _LOW).to(tl.int64) | _NAN_KEY, key)
+    tl.store(Keys + row * C + chunk, key)
 
 
 @torch.library.custom_op("medusa_llama::argmax_keys", mutates_args=())
@@ -428,6 +436,7 @@ def _sequential_mix_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_DOT: tl.constexpr,
+    DOT16: tl.constexpr,
 ):
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # output rows b * N + j
     m_ok = m < M
@@ -447,7 +456,10 @@ def _sequential_mix_kernel(
         e = tl.load(Table + tok[:, None] * D + k[None, :], mask=x_ok, other=0.0).to(s.dtype)  # heads' dtype
         a = tl.load(A + n[None, :] * D + k[:, None], mask=w_ok, other=0.0)  # (BLOCK_K, BLOCK_N): A^T's tile
         bt = tl.load(Bt + n[None, :] * D + k[:, None], mask=w_ok, other=0.0)
-        if USE_DOT:
+        if DOT16:  # 16-bit operands as they are, fp32 accumulation (a GPU: the tensor cores' native bf16 MMA)
+            acc_s += tl.dot(s, a)
+            acc_e += tl.dot(e, bt.to(e.dtype))
+        elif USE_DOT:
             # fp32 operands: 16-bit values are exact in tf32, so PRECISION "tf32" multiplies them exactly as a bf16
             # GEMM does (and Triton's interpreter has no bf16 tl.dot); "ieee" for fp32 heads, as cuBLAS without tf32
             acc_s += tl.dot(s.to(tl.float32), a.to(tl.float32), input_precision=PRECISION)
@@ -472,6 +484,11 @@ reduce over (rows, BLOCK_K, BLOCK_N) tiles of as many rows as there are (a power
 Both accumulate in fp32; ``benchmarks/mix_sweep.py`` times them and the tiles below on a GPU."""
 MIX_BLOCK_K = 64
 """The K tile of the ``tl.dot`` form."""
+MIX_DOT16 = True
+"""The ``tl.dot`` form's 16-bit operands (bf16 / fp16 heads) as they are on a GPU, instead of widened to fp32 for a
+tf32 product: the same exact products, fp32 sums in the MMA's order. Triton's interpreter keeps the fp32 form (its
+16-bit ``tl.dot`` is not exact), so only the GPU runs this one (``benchmarks/mix_sweep.py`` checks its error there)."""
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 MIX_REDUCE_K = 16
 """The K tile of the multiply-reduce form (its (rows, K, N) product lives in registers)."""
 MIX_REDUCE_M = 16
@@ -520,6 +537,7 @@ def sequential_mix(
         state_bias.contiguous(), token_weight.contiguous(), out, m, n, s_rows, tokens.stride(0), d,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION="ieee" if states.dtype == torch.float32 else "tf32", USE_DOT=MIX_DOT, num_warps=MIX_NUM_WARPS,
+        DOT16=MIX_DOT and MIX_DOT16 and states.dtype in (torch.bfloat16, torch.float16) and not _INTERPRETED,
     )  # fmt: skip
     return out
 
