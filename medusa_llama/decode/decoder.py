@@ -491,17 +491,17 @@ class MedusaDecoder(_Decoder):
                     rows = self.prefix_cache.extend(hidden[path], n + 1, self._next_emb(emitted))  # (D+1, D)
                 else:  # the same in one launch for the inputs
                     rows = self.prefix_cache.extend_path(hidden, path, self.out[:1], emitted, self._path_table)
-                if self._state_row:  # the heads read row n of rows (past n: padding)
+                if self._state_row:  # the heads read row n of rows themselves (past n: padding)
                     self._rows = rows  # (a graph's output buffer when captured: replays refill it)
-                    proposal.propose(
-                        self.heads, rows, self.root, tree, bb.embed, bb.lm_head, self.draft, True, self.tokens,
-                        state_row=self.out[:1],
-                    )  # fmt: skip
-                    if mark:
-                        mark("proposal")
-                    return
-                _take_row(rows, n, self.hidden)  # rows past n: padding
-            self.propose()
+                else:
+                    _take_row(rows, n, self.hidden)
+            if self._state_row:
+                proposal.propose(
+                    self.heads, self._rows, self.root, tree, bb.embed, bb.lm_head, self.draft, True, self.tokens,
+                    state_row=self.out[:1],
+                )  # fmt: skip
+            else:
+                self.propose()
             if mark:
                 mark("proposal")
 
