@@ -1,5 +1,5 @@
-"""Times ``kernels.sequential_mix`` (one depth of the sequential heads' mix with its gathers) on the GPU, for its two
-forms of the products (``MIX_DOT``: ``tl.dot`` on 16-row padded tiles, or an fp32 multiply-reduce) and their tiles.
+"""Times ``kernels.sequential_mix`` (one depth of the sequential heads' mix with its gathers) on the GPU, for its
+tiles and its dot's operands (``MIX_DOT16``: 16-bit as they are, or widened to fp32 for a tf32 product).
 
 The real shapes: SmolLM2-135M's D = 576, bf16, the rows and columns of each depth of the shipped tree
 (``tree_cuda.json``); random weights (timing does not depend on them). Each depth's call is captured 50 times in a
@@ -7,11 +7,12 @@ CUDA graph and replayed, so a row's microseconds are a call's share of a replay 
 step's graph). The PyTorch path (gathers, embedding, two ``addmm``, ``silu_residual``) is timed the same way for
 scale. ``err``: the largest relative error of a config against the PyTorch path over the depths (bf16: a few ulps).
 
-Usage (GPU): python benchmarks/mix_sweep.py [--tree PATH] [--quick] [--dot-only]
+Usage (GPU): python benchmarks/mix_sweep.py [--tree PATH] [--quick]
 Without a GPU it checks the errors of a few configs through Triton's interpreter (fp16 there: the interpreter's bf16
 rounds toward zero), timing nothing.
-Then set the best row's values as the defaults of ``MIX_DOT``, ``MIX_BLOCK_N``, ``MIX_BLOCK_K`` / ``MIX_REDUCE_K``,
-``MIX_REDUCE_M`` and ``MIX_NUM_WARPS`` in ``medusa_llama/decode/kernels.py``.
+Then set the best row's values as the defaults of ``MIX_DOT16``, ``MIX_BLOCK_N``, ``MIX_BLOCK_K`` and
+``MIX_NUM_WARPS`` in ``medusa_llama/decode/kernels.py``. (A multiply-reduce form without the 16-row padding measured
+78-171 us against 20.6 for the four depths: ``results/gpu/issue8/session8/final/mix_sweep.txt``; it was removed.)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ HEADS = Path(__file__).resolve().parents[1] / "medusa_llama/assets/heads/smollm2
 D, VOCAB, REPS = 576, 49152, 50
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float16
-KNOBS = ("MIX_DOT", "MIX_DOT16", "MIX_BLOCK_N", "MIX_BLOCK_K", "MIX_REDUCE_K", "MIX_REDUCE_M", "MIX_NUM_WARPS")
+KNOBS = ("MIX_DOT16", "MIX_BLOCK_N", "MIX_BLOCK_K", "MIX_NUM_WARPS")
 
 
 def graph_us(fn, reps: int = REPS, replays: int = 20) -> float:
@@ -77,22 +78,16 @@ def depth_inputs(tree, gen: torch.Generator) -> list[tuple]:
     return out
 
 
-def configs(quick: bool, dot_only: bool = False) -> list[dict]:
-    dot = [dict(MIX_DOT=True, MIX_DOT16=d16, MIX_BLOCK_N=n, MIX_BLOCK_K=k, MIX_NUM_WARPS=w) for d16, n, k, w in
+def configs(quick: bool) -> list[dict]:
+    out = [dict(MIX_DOT16=d16, MIX_BLOCK_N=n, MIX_BLOCK_K=k, MIX_NUM_WARPS=w) for d16, n, k, w in
            itertools.product((True, False), (16, 32, 64), (32, 64, 128), (2, 4))]  # fmt: skip
-    reduce = [dict(MIX_DOT=False, MIX_BLOCK_N=n, MIX_REDUCE_K=k, MIX_REDUCE_M=16, MIX_NUM_WARPS=w) for n, k, w in
-              itertools.product((8, 16, 32, 64), (8, 16, 32), (1, 2, 4))]  # fmt: skip
-    if quick:
-        dot = [c for c in dot if c["MIX_NUM_WARPS"] == 4 and c["MIX_BLOCK_K"] == 64]
-        reduce = [c for c in reduce if c["MIX_NUM_WARPS"] in (2, 4) and c["MIX_REDUCE_K"] == 16]
-    return dot if dot_only else dot + reduce
+    return [c for c in out if c["MIX_NUM_WARPS"] == 4 and c["MIX_BLOCK_K"] == 64] if quick else out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tree", default=str(HEADS / "tree_cuda.json"))
     ap.add_argument("--quick", action="store_true", help="fewer configs (block sizes at the default K tile)")
-    ap.add_argument("--dot-only", action="store_true", help="only the tl.dot form's tiles (all K tiles and warps)")
     args = ap.parse_args()
     print(torch.__version__, torch.cuda.get_device_name() if DEV == "cuda" else "CPU (errors only, no timings)")
     gen = torch.Generator().manual_seed(0)
@@ -119,11 +114,11 @@ def main() -> None:
         ref_us = [graph_us(lambda x=x: torch_path(*x)) for x in inputs]
         saved = {k: getattr(kernels, k) for k in KNOBS}
         names = [f"d{d}" for d in range(len(inputs))]
-        print(f"\n{'form':6s} {'N':>3s} {'K':>4s} {'M':>3s} {'w':>2s} " + " ".join(f"{n:>6s}" for n in names)
+        print(f"\n{'form':6s} {'N':>3s} {'K':>4s} {'w':>2s} " + " ".join(f"{n:>6s}" for n in names)
               + f" {'sum us':>7s} {'err':>8s}")  # fmt: skip
-        print(f"{'torch':20s} " + " ".join(f"{t:6.2f}" for t in ref_us) + f" {sum(ref_us):7.2f}")
+        print(f"{'torch':16s} " + " ".join(f"{t:6.2f}" for t in ref_us) + f" {sum(ref_us):7.2f}")
         rows_out = []
-        todo = configs(args.quick, args.dot_only) if DEV == "cuda" else configs(True)[::4]
+        todo = configs(args.quick) if DEV == "cuda" else configs(True)[::2]
         for cfg in [dict(saved, _default=True)] + todo:
             for k in KNOBS:
                 setattr(kernels, k, cfg.get(k, saved[k]))
@@ -134,10 +129,8 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 -- a tile Triton cannot build: report it and go on
                 print(f"{cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
                 continue
-            form = ("dot16" if kernels.MIX_DOT16 else "dot") if kernels.MIX_DOT else "reduce"
-            k_tile = kernels.MIX_BLOCK_K if kernels.MIX_DOT else kernels.MIX_REDUCE_K
-            m_tile = "-" if kernels.MIX_DOT else str(kernels.MIX_REDUCE_M)
-            line = (f"{form:6s} {kernels.MIX_BLOCK_N:3d} {k_tile:4d} {m_tile:>3s} {kernels.MIX_NUM_WARPS:2d} "
+            form = "dot16" if kernels.MIX_DOT16 else "dot"
+            line = (f"{form:6s} {kernels.MIX_BLOCK_N:3d} {kernels.MIX_BLOCK_K:4d} {kernels.MIX_NUM_WARPS:2d} "
                     + " ".join(f"{t:6.2f}" for t in times) + f" {sum(times):7.2f} {err:8.1e}"
                     + ("  (current default)" if cfg.get("_default") else ""))  # fmt: skip
             print(line, flush=True)

@@ -435,7 +435,6 @@ def _sequential_mix_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
-    USE_DOT: tl.constexpr,
     DOT16: tl.constexpr,
 ):
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # output rows b * N + j
@@ -459,14 +458,11 @@ def _sequential_mix_kernel(
         if DOT16:  # 16-bit operands as they are, fp32 accumulation (a GPU: the tensor cores' native bf16 MMA)
             acc_s += tl.dot(s, a)
             acc_e += tl.dot(e, bt.to(e.dtype))
-        elif USE_DOT:
+        else:
             # fp32 operands: 16-bit values are exact in tf32, so PRECISION "tf32" multiplies them exactly as a bf16
             # GEMM does (and Triton's interpreter has no bf16 tl.dot); "ieee" for fp32 heads, as cuBLAS without tf32
             acc_s += tl.dot(s.to(tl.float32), a.to(tl.float32), input_precision=PRECISION)
             acc_e += tl.dot(e.to(tl.float32), bt.to(tl.float32), input_precision=PRECISION)
-        else:  # fp32 multiply and reduce over the K tile: no 16-row minimum, no padding rows (few output rows)
-            acc_s += tl.sum(s.to(tl.float32)[:, :, None] * a.to(tl.float32)[None, :, :], 1)
-            acc_e += tl.sum(e.to(tl.float32)[:, :, None] * bt.to(tl.float32)[None, :, :], 1)
     dt = Out.dtype.element_ty
     z = (acc_s + tl.load(Bias + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]).to(dt)  # addmm: A s + b, rounded
     z = (z.to(tl.float32) + acc_e).to(dt).to(tl.float32)  # the second addmm adds B e, rounding once
@@ -477,22 +473,16 @@ def _sequential_mix_kernel(
 
 
 MIX_BLOCK_N = 32
-"""Output features per ``sequential_mix`` program (D = 576: 18 programs a depth, each reading 2 x 32 weight rows)."""
-MIX_DOT = True
-"""``sequential_mix``'s products: ``tl.dot`` on tiles of at least 16 rows (padded), or (False) an fp32 multiply and
-reduce over (rows, BLOCK_K, BLOCK_N) tiles of as many rows as there are (a power of two, at most ``MIX_REDUCE_M``).
-Both accumulate in fp32; ``benchmarks/mix_sweep.py`` times them and the tiles below on a GPU."""
+"""Output features per ``sequential_mix`` program (D = 576: 18 programs a depth, each reading 2 x 32 weight rows).
+Its products are ``tl.dot`` on tiles of at least 16 rows (padded); a multiply-reduce form without the padding measured
+4-8x slower on the H200 (``results/gpu/issue8/session8/final/mix_sweep.txt``) and was removed."""
 MIX_BLOCK_K = 64
-"""The K tile of the ``tl.dot`` form."""
+"""The K tile."""
 MIX_DOT16 = True
-"""The ``tl.dot`` form's 16-bit operands (bf16 / fp16 heads) as they are on a GPU, instead of widened to fp32 for a
+"""The ``tl.dot``'s 16-bit operands (bf16 / fp16 heads) as they are on a GPU, instead of widened to fp32 for a
 tf32 product: the same exact products, fp32 sums in the MMA's order. Triton's interpreter keeps the fp32 form (its
 16-bit ``tl.dot`` is not exact), so only the GPU runs this one (``benchmarks/mix_sweep.py`` checks its error there)."""
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-MIX_REDUCE_K = 16
-"""The K tile of the multiply-reduce form (its (rows, K, N) product lives in registers)."""
-MIX_REDUCE_M = 16
-"""The most output rows one program of the multiply-reduce form handles (more rows: more programs)."""
 MIX_NUM_WARPS = 4
 """Warps per ``sequential_mix`` program."""
 
@@ -524,20 +514,15 @@ def sequential_mix(
     n = rows.numel()
     out = states.new_empty(batch, n, d)
     m = batch * n
-    if MIX_DOT:  # tl.dot needs at least 16 in every dimension
-        block_m = min(64, max(16, triton.next_power_of_2(m)))
-        block_n = min(MIX_BLOCK_N, max(16, triton.next_power_of_2(d)))
-        block_k = min(MIX_BLOCK_K, max(16, triton.next_power_of_2(d)))
-    else:
-        block_m = min(MIX_REDUCE_M, triton.next_power_of_2(m))
-        block_n = min(MIX_BLOCK_N, triton.next_power_of_2(d))
-        block_k = min(MIX_REDUCE_K, triton.next_power_of_2(d))
+    block_m = min(64, max(16, triton.next_power_of_2(m)))  # tl.dot needs at least 16 in every dimension
+    block_n = min(MIX_BLOCK_N, max(16, triton.next_power_of_2(d)))
+    block_k = min(MIX_BLOCK_K, max(16, triton.next_power_of_2(d)))
     _sequential_mix_kernel[(triton.cdiv(d, block_n), triton.cdiv(m, block_m))](
         states, rows.contiguous(), tokens, columns.contiguous(), table.contiguous(), state_weight.contiguous(),
         state_bias.contiguous(), token_weight.contiguous(), out, m, n, s_rows, tokens.stride(0), d,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION="ieee" if states.dtype == torch.float32 else "tf32", USE_DOT=MIX_DOT, num_warps=MIX_NUM_WARPS,
-        DOT16=MIX_DOT and MIX_DOT16 and states.dtype in (torch.bfloat16, torch.float16) and not _INTERPRETED,
+        PRECISION="ieee" if states.dtype == torch.float32 else "tf32", num_warps=MIX_NUM_WARPS,
+        DOT16=MIX_DOT16 and states.dtype in (torch.bfloat16, torch.float16) and not _INTERPRETED,
     )  # fmt: skip
     return out
 
