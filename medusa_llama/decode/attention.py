@@ -67,61 +67,6 @@ def kernel_config(head_dim: int, rows: int) -> KernelConfig:
 
 
 @triton.jit
-def _attend_block(
-    q, m_i, l_i, acc, Kb, Vb, TreeMask, n0, cache_len, total, T, t, row_ok, d, d_ok, stride_ks, stride_vs, qk_scale,
-    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    """The online softmax (m_i, l_i, acc) of the query tile ``q`` (rows of tree token ``t``) over the BLOCK_N keys
-    from slot ``n0``: Kb, Vb point at this sequence's and KV head's slot 0. Keys past ``total`` are masked off, tree
-    keys (slots at or past ``cache_len``) by the tree mask; every row sees the prefix keys."""
-    n = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key slots
-    n_ok = n < total
-    kv_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(Kb + n[:, None] * stride_ks + d[None, :], mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(Vb + n[:, None] * stride_vs + d[None, :], mask=kv_ok, other=0.0)
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = (s * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_N), log2 units (fp32 also where qk_scale is fp64)
-    rel = n - cache_len  # key's index in the tree (< 0: prefix)
-    in_tree = (rel >= 0) & n_ok
-    tm = tl.load(
-        TreeMask + t[:, None] * T + rel[None, :], mask=row_ok[:, None] & in_tree[None, :], other=0
-    )  # (BLOCK_M, BLOCK_N): predicated off for prefix-only blocks, so they read no mask bytes
-    allowed = ((rel < 0) & n_ok)[None, :] | (tm != 0)
-    s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key yet: exp2(-inf) = 0
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc * alpha[:, None] + pv
-
-
-@triton.jit
-def _load_tile(Q, b, kvh, pid_m, T, stride_qb, stride_qt, stride_qh, G: tl.constexpr, HD: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """Query tile ``pid_m`` of KV head ``kvh``: rows r = t * G + g (query token t, head kvh * G + g)."""
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T * G
-    t = rows // G
-    head = kvh * G + rows % G
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HD
-    q = tl.load(
-        Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )  # (BLOCK_M, BLOCK_D)
-    return q, rows, row_ok, t, head, d, d_ok
-
-
-@triton.jit
 def _split_kernel(
     Q,  # (B, T, nh, hd)
     K,  # (B, S, n_kv, hd): the cache, tree tokens included
@@ -161,19 +106,51 @@ def _split_kernel(
     total = cache_len + T
     start = pid_s * (BLOCK_N * BLOCKS_PER_SPLIT)
     if start < total:  # splits past the live slots do nothing (the merge does not read them)
-        q, rows, row_ok, t, head, d, d_ok = _load_tile(
-            Q, b, kvh, pid_m, T, stride_qb, stride_qt, stride_qh, G, HD, BLOCK_M, BLOCK_D
-        )
-        Kb = K + b * stride_kb + kvh * stride_kh
-        Vb = V + b * stride_vb + kvh * stride_vh
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row r = t * G + g: query token t, head kvh * G + g
+        row_ok = rows < T * G
+        t = rows // G
+        head = kvh * G + rows % G
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HD
+        q = tl.load(
+            Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_D)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for j in range(BLOCKS_PER_SPLIT):
-            m_i, l_i, acc = _attend_block(
-                q, m_i, l_i, acc, Kb, Vb, TreeMask, start + j * BLOCK_N, cache_len, total, T, t, row_ok, d, d_ok,
-                stride_ks, stride_vs, qk_scale, BLOCK_N, IEEE,
-            )  # fmt: skip
+            n = start + j * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key slots
+            n_ok = n < total
+            kv_ok = n_ok[:, None] & d_ok[None, :]
+            k_ptrs = K + b * stride_kb + n[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            v_ptrs = V + b * stride_vb + n[:, None] * stride_vs + kvh * stride_vh + d[None, :]
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = (s * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_N), log2 units (fp32 also where qk_scale is fp64)
+            rel = n - cache_len  # key's index in the tree (< 0: prefix)
+            in_tree = (rel >= 0) & n_ok
+            tm = tl.load(
+                TreeMask + t[:, None] * T + rel[None, :], mask=row_ok[:, None] & in_tree[None, :], other=0
+            )  # (BLOCK_M, BLOCK_N): predicated off for prefix-only blocks, so they read no mask bytes
+            allowed = ((rel < 0) & n_ok)[None, :] | (tm != 0)
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key yet: exp2(-inf) = 0
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if IEEE:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         o = acc / safe_l[:, None]
         lse = tl.where(l_i > 0, m_i + tl.math.log2(safe_l), float("-inf"))
