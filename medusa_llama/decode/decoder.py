@@ -413,9 +413,8 @@ class MedusaDecoder(_Decoder):
         # token input (if any) reads a plain embedding table (``_path_table``: that table, None without the input).
         embed = backbone.embed
         token_input = self.heads.config.prefix_token_input
-        plain = type(embed) is torch.nn.Embedding and embed.max_norm is None
         fused = self.prefix_cache is not None and self.prefix_cache.fused
-        self._path_inputs = fused and (plain or not token_input)
+        self._path_inputs = fused and (proposal.plain_embedding(embed) or not token_input)
         self._path_table = embed.weight if self._path_inputs and token_input else None
         # The step's proposal reads the prefix layer's row n itself (no copy into ``self.hidden`` first)
         self._stepped, self._rows = False, None
@@ -432,8 +431,10 @@ class MedusaDecoder(_Decoder):
             return self._rows[int(self.out[0])]
         return self.hidden
 
-    def propose(self) -> None:
-        """Fill ``self.tokens`` (the candidate tree) from ``self.hidden`` and ``self.root`` with the heads."""
+    def propose(self, rows: torch.Tensor | None = None) -> None:
+        """Fill ``self.tokens`` (the candidate tree) from ``self.hidden`` and ``self.root`` with the heads.
+        ``rows`` (``_state_row`` only): the step's prefix-layer output instead, whose row n (``self.out[0]``) the
+        heads read in place."""
         bb = self.backbone
         if self.dynamic is not None:
             tokens, tree = dynamic_tree.propose(
@@ -442,9 +443,11 @@ class MedusaDecoder(_Decoder):
             self.tokens.copy_(tokens)
             self.tree.copy_(tree)
             return
+        row = {} if rows is None else {"state_row": self.out[:1]}
         proposal.propose(
-            self.heads, self.hidden, self.root, self.tree, bb.embed, bb.lm_head, self.draft, self.kernel, self.tokens
-        )
+            self.heads, self.hidden if rows is None else rows, self.root, self.tree, bb.embed, bb.lm_head, self.draft,
+            self.kernel, self.tokens, **row,
+        )  # fmt: skip
 
     def _after_prefill(self, states: torch.Tensor, tokens: torch.Tensor, length: torch.Tensor | None) -> None:
         if self.prefix_cache is not None:
@@ -495,13 +498,7 @@ class MedusaDecoder(_Decoder):
                     self._rows = rows  # (a graph's output buffer when captured: replays refill it)
                 else:
                     _take_row(rows, n, self.hidden)
-            if self._state_row:
-                proposal.propose(
-                    self.heads, self._rows, self.root, tree, bb.embed, bb.lm_head, self.draft, True, self.tokens,
-                    state_row=self.out[:1],
-                )  # fmt: skip
-            else:
-                self.propose()
+            self.propose(self._rows if self._state_row else None)
             if mark:
                 mark("proposal")
 

@@ -139,11 +139,16 @@ def _sequential_top(
     return top if top is not None else torch.cat(tops, 1)
 
 
+def plain_embedding(embed) -> bool:
+    """Whether ``embed`` is a plain ``nn.Embedding`` lookup, so that a kernel may read its weight's rows instead."""
+    return type(embed) is nn.Embedding and embed.max_norm is None
+
+
 def _mix_tables(embed, draft: DraftVocab | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The embedding tables ``kernels.sequential_mix`` reads: the root token's (the input embedding's weight) and
     the top-k columns' (the draft vocabulary's rows, or that weight again); None where the kernel cannot read them
     (an embedding that is not a plain ``nn.Embedding`` lookup, a draft vocabulary without its rows)."""
-    if type(embed) is not nn.Embedding or embed.max_norm is not None:
+    if not plain_embedding(embed):
         return None
     if draft is None:
         return embed.weight, embed.weight
