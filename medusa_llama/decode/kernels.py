@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from medusa_llama.decode.topk import _DEAD, _LOW
+from medusa_llama.decode.topk import _DEAD, _LOW, _pack
 
 
 @triton.jit
@@ -268,9 +268,7 @@ def _argmax_keys_kernel(X, Keys, N, stride_row, C, BLOCK: tl.constexpr):
     nan = (x != x) & live
     top = tl.max(x, 0)
     first = tl.min(tl.where((x == top) & live, cols, N), 0)  # the first of equal maxima (-0.0 == +0.0)
-    top = tl.where(top == 0.0, 0.0, top)  # -0.0 packs as +0.0: equal values, one key
-    bits = top.to(tl.int32, bitcast=True)
-    key = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) << 32) | (first ^ _LOW).to(tl.int64)
+    key = _pack(top, first)
     # torch.argmax's NaN rule: a NaN is the maximum, the first NaN wins (one high word above +inf's for every NaN)
     first_nan = tl.min(tl.where(nan, cols, N), 0)
     key = tl.where(first_nan < N, (first_nan ^ _LOW).to(tl.int64) | _NAN_KEY, key)

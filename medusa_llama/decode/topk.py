@@ -50,14 +50,19 @@ _LOW = _constexpr(2**31 - 1)  # low word = column ^ _LOW = _LOW - column: lower 
 
 
 @_jit
-def _keys(X, stride_row, row, cols, N):
-    """The int64 keys of ``X[row, cols]``; dead past N."""
-    x = tl.load(X + row * stride_row + cols, mask=cols < N, other=0.0).to(tl.float32)
+def _pack(x, cols):
+    """The int64 keys of fp32 values ``x`` at columns ``cols`` (tensors or scalars)."""
     x = tl.where(x == 0.0, 0.0, x)  # -0.0 equals +0.0: one key, so that the tie goes to the lower column
     b = x.to(tl.int32, bitcast=True)
     ordered = b ^ ((b >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits, so int order = float order
-    key = (ordered.to(tl.int64) << 32) | (cols ^ _LOW).to(tl.int64)
-    return tl.where(cols < N, key, _DEAD)
+    return (ordered.to(tl.int64) << 32) | (cols ^ _LOW).to(tl.int64)
+
+
+@_jit
+def _keys(X, stride_row, row, cols, N):
+    """The int64 keys of ``X[row, cols]``; dead past N."""
+    x = tl.load(X + row * stride_row + cols, mask=cols < N, other=0.0).to(tl.float32)
+    return tl.where(cols < N, _pack(x, cols), _DEAD)
 
 
 @_jit
