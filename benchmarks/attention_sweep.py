@@ -27,6 +27,9 @@ CASES = [
     ("llama7b", 32, 32, 32, 128, 1),
     ("smollm2", 30, 9, 3, 64, 16),
     ("smollm2", 30, 9, 3, 64, 4),
+    ("smollm2", 30, 9, 3, 64, 32),  # 96 rows: the 128-row bucket (trees of 22-42 nodes)
+    ("smollm2", 30, 9, 3, 64, 8),  # 24 rows: the 32-row bucket (6-10 nodes)
+    ("smollm2", 30, 9, 3, 64, 2),  # 6 rows: the 8-row bucket
 ]
 
 

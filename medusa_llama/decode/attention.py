@@ -50,8 +50,11 @@ class KernelConfig:
 # --- tuned: begin
 TUNED: dict[tuple[int, int], KernelConfig] = {
     (64, 4): KernelConfig(16, 64, 1, 4, 3),
+    (64, 8): KernelConfig(16, 64, 1, 4, 1),
     (64, 16): KernelConfig(16, 64, 1, 4, 2),
+    (64, 32): KernelConfig(16, 64, 1, 4, 1),
     (64, 64): KernelConfig(16, 64, 1, 4, 2),
+    (64, 128): KernelConfig(32, 64, 1, 4, 3),
     (64, 256): KernelConfig(32, 64, 2, 4, 3),
     (64, 512): KernelConfig(64, 64, 2, 4, 1, 4),
     (128, 1): KernelConfig(16, 32, 1, 4, 2),
