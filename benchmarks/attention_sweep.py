@@ -15,6 +15,7 @@ import statistics
 import time
 
 import torch
+import triton
 
 from medusa_llama.decode.attention import KernelConfig, kernel_config, tree_attention, tree_attention_sdpa
 
@@ -33,12 +34,13 @@ CASES = [
 ]
 
 
-def candidates(rows: int) -> list[KernelConfig]:
-    top = min(64, max(16, 1 << (rows - 1).bit_length()))
+def candidates(rows: int, block_ms=(16, 32, 64), block_ns=(32, 64), splits=(1, 2, 4)) -> list[KernelConfig]:
+    """The tiles swept for ``rows`` query rows: block_m up to the rows' power of two, 8 warps also for the big tiles."""
+    top = max(16, 1 << (rows - 1).bit_length())
     out = []
-    for bm, bn, bps in itertools.product((16, 32, 64), (32, 64), (1, 2, 4)):
-        if bm <= top:
-            for warps in (4, 8) if bm == 64 else (4,):
+    for bm, bn, bps in itertools.product(block_ms, block_ns, splits):
+        if bm <= top and bm * bn <= 128 * 128:
+            for warps in (4, 8) if bm * bn >= 64 * 64 else (4,):
                 for merge_rows in (1, 4) if rows >= 16 else (1,):
                     out.append(KernelConfig(bm, bn, bps, warps, 3, merge_rows))
     return out
@@ -91,7 +93,11 @@ def main():
     ap.add_argument("--budget-s", type=float, default=200, help="stop starting new cases after this many seconds")
     ap.add_argument("--write", default=None, help="attention.py whose TUNED table to rewrite")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--block-m", default="16,32,64", help="query-row tiles to sweep (a power of two >= 16 each)")
+    ap.add_argument("--block-n", default="32,64", help="key tiles to sweep")
+    ap.add_argument("--splits", default="1,2,4", help="key tiles per split to sweep")
     args = ap.parse_args()
+    grid = {k: tuple(int(x) for x in getattr(args, k).split(",")) for k in ("block_m", "block_n", "splits")}
     t0 = time.perf_counter()
     results, best = [], {}
     lengths = [int(x) for x in str(args.cached).split(",")]
@@ -117,13 +123,15 @@ def main():
 
         default = kernel_config(hd, rows)
         timed = []
-        for c in [default] + [c for c in candidates(rows) if c != default]:
+        swept = candidates(rows, grid["block_m"], grid["block_n"], grid["splits"])
+        for c in [default] + [c for c in swept if c != default]:
             if timed and time.perf_counter() - t0 > args.budget_s:
                 break
-            err = max(
-                float((tree_attention(q, caches[0, 0], caches[1, 0], n, mask8, c).double() - ref).norm() / ref.norm())
-                for n, ref in zip(cache_lens, refs, strict=True)
-            )
+            try:
+                outs = [tree_attention(q, caches[0, 0], caches[1, 0], n, mask8, c).double() for n in cache_lens]
+                err = max(float((o - ref).norm() / ref.norm()) for o, ref in zip(outs, refs, strict=True))
+            except triton.runtime.errors.OutOfResources:  # tiles too big for the SM's shared memory: not a candidate
+                continue
             timed.append((mean_ms(c) if err < 1.5e-2 else float("inf"), c, err))
         timed.sort(key=lambda x: x[0])
         ms, c, _ = timed[0]
