@@ -10,6 +10,9 @@ Prints, for prompts of new lengths:
 
 Usage (GPU): python benchmarks/step_profile.py [--tree PATH] [--heads DIR] [--prefix-extend fused|unfused] [--detail]
 
+``--steps-only`` prints section 3 alone: the step replays of every tree of ``--tree A,B,...`` and of every knob
+variant (``--vary MODULE.NAME=VALUE``, repeatable: steps built with that knob set), in interleaved rounds, medians.
+
 ``--detail`` adds: 5. the vanilla step's kernels beside the Medusa step's, by phase and by kernel name (what the
 Medusa step adds); 6. every kernel outside the verify forward, in launch order, with its device time; 7. graph
 replays of the verify forward alone at several tree sizes (chain masks) and of the LM head + argmax.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -74,6 +78,23 @@ def kernel_ms(fn) -> tuple[float, float, int]:
     return wall, sum(e.device_time for e in kernels) / 1e3, len(kernels)
 
 
+def set_knob(item: str):
+    """``MODULE.NAME=VALUE``: set a knob of ``medusa_llama.decode.MODULE`` (an int, float or bool literal); returns
+    the old value."""
+    import ast
+    import importlib
+
+    target, value = item.split("=", 1)
+    module, name = target.rsplit(".", 1)
+    mod = importlib.import_module(f"medusa_llama.decode.{module}")
+    if not hasattr(mod, name):
+        raise SystemExit(f"--set/--vary: medusa_llama.decode.{module} has no {name}")
+    old = getattr(mod, name)
+    setattr(mod, name, ast.literal_eval(value))
+    print(f"set medusa_llama.decode.{module}.{name} = {value}")
+    return old
+
+
 def timed(fn, reps: int = 1) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -116,27 +137,29 @@ def main() -> None:
         metavar="MODULE.NAME=VALUE",
         help="set a decode module's knob first, e.g. kernels.ROPE_BLOCK=64 (an int, float or True/False); repeatable",
     )
+    ap.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="MODULE.NAME=VALUE",
+        help="--steps-only: also time the steps built with this knob set (one variant each, repeatable); with "
+        "--tree A,B,... every tree; the replays of all variants interleave, medians of --rounds rounds",
+    )
+    ap.add_argument("--rounds", type=int, default=5, help="--steps-only: rounds of 100 replays per step")
     ap.add_argument("--count", action="store_true", help="count kernels per phase instead (no GPU needed)")
     ap.add_argument("--path", choices=("kernel", "torch"), default="kernel", help="--count: the GPU's or the CPU's")
     ap.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="--count: the dtype (casts count too)")
     args = ap.parse_args()
     prefix.FUSED_EXTEND = args.prefix_extend == "fused"
     for item in args.set:  # A/B a knob in one run: the same code with another value
-        import ast
-        import importlib
-
-        target, value = item.split("=", 1)
-        module, name = target.rsplit(".", 1)
-        mod = importlib.import_module(f"medusa_llama.decode.{module}")
-        if not hasattr(mod, name):
-            raise SystemExit(f"--set: medusa_llama.decode.{module} has no {name}")
-        setattr(mod, name, ast.literal_eval(value))
-        print(f"set medusa_llama.decode.{module}.{name} = {value}")
+        set_knob(item)
     if args.count:
         return count_kernels(args)
     print(torch.__version__, torch.cuda.get_device_name())
     bb = make_backbone(smollm2_shaped(), Tok(), NAME, 2048)
     heads = MedusaHeads.load(args.heads, device="cuda", dtype=torch.bfloat16)
+    if args.steps_only:  # section 3 alone, for every tree and knob variant
+        return variant_steps(bb, heads, args)
     van = VanillaDecoder(bb)
     med = MedusaDecoder(bb, heads, load_choices(args.tree))
     gen = torch.Generator().manual_seed(0)
@@ -146,8 +169,6 @@ def main() -> None:
 
     one = GenerationConfig(max_new_tokens=1, stop_at_eos=False)
     van.generate(prompt(40), one), med.generate(prompt(41), one)  # capture both steps, warm everything
-    if args.steps_only:  # section 3 alone
-        return steps(bb, van, med, prompt, one)
     print("\n## 1. prefill: wall vs kernel time (new lengths)")
     for n in (57, 96, 133, 250, 511):
         p = torch.tensor(prompt(n), device="cuda")
@@ -207,6 +228,42 @@ def steps(bb, van, med, prompt, one):
         print(f"{name}: {times[name]:.3f} ms per step replay")
     print(f"ratio medusa / vanilla: {times['medusa'] / times['vanilla']:.3f}")
     return cfg
+
+
+def variant_steps(bb, heads, args) -> None:
+    """``--steps-only``: graph replays of the vanilla and the Medusa step, 300 tokens cached, for every tree of
+    ``--tree`` (comma-separated) and every knob variant (none, then each ``--vary``), each variant's steps built
+    (captured) with its knob set. Rounds interleave all steps (drift hits all alike); each prints its median."""
+    gen = torch.Generator().manual_seed(0)
+    one = GenerationConfig(max_new_tokens=1, stop_at_eos=False)
+    cfg = GenerationConfig().acceptance_config()
+    steps = {}  # (variant, name) -> step
+    for variant in [""] + args.vary:
+        old = set_knob(variant) if variant else None
+        decoders = [("vanilla", VanillaDecoder(bb))]
+        decoders += [(tree, MedusaDecoder(bb, heads, load_choices(tree))) for tree in args.tree.split(",")]
+        for name, dec in decoders:
+            dec.generate(torch.randint(0, 49152, (300,), generator=gen).tolist(), one)  # capture, warm
+            steps[variant, name] = dec
+        if variant:
+            set_knob(f"{variant.split('=')[0]}={old!r}")
+    times = {key: [] for key in steps}
+    prompt = torch.randint(0, 49152, (300,), generator=gen).tolist()
+    for _ in range(args.rounds):
+        for key, dec in steps.items():
+            dec.generate(prompt, one)  # 300 cached again
+            step = dec._step_for(cfg)
+            for _ in range(3):
+                step()
+            times[key].append(timed(step, 100))
+    print("\n## 3. steps (graph replays, 300 tokens cached; median of rounds, ms)")
+    for variant in [""] + args.vary:
+        van = statistics.median(times[variant, "vanilla"])
+        line = f"{variant or 'default':40s} vanilla {van:.4f}"
+        for tree in args.tree.split(","):
+            med = statistics.median(times[variant, tree])
+            line += f" | {tree} {med:.4f} = {med / van:.3f}x"
+        print(line)
 
 
 def phase_kernels(dec, cfg, steps: int = 10) -> dict[str, list[tuple[str, float]]]:
