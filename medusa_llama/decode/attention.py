@@ -69,6 +69,10 @@ does not pipeline the short unrolled loop, so each block otherwise waits a memor
 (the tiles of T <= 16) are unchanged."""
 
 
+MERGE_WARPS = 4
+"""Warps per one-row merge program (its splits x head dim: 16 x 64 values for SmolLM2 at 2,048 slots)."""
+
+
 def kernel_config(head_dim: int, rows: int) -> KernelConfig:
     """The split kernel's tiles for ``rows`` = T * (query heads per KV head) query rows."""
     rows_p2 = triton.next_power_of_2(rows)
@@ -337,7 +341,7 @@ def _launch(q, k_cache, v_cache, cache_len, tree_mask, c: KernelConfig) -> torch
     _merge_kernel[(rows, b * n_kv)](
         o_part, l_part, out, cache_len, t, stride_cl, out.stride(0), out.stride(1), out.stride(2),
         N_KV=n_kv, G=g, HD=hd, NUM_SPLITS=num_splits, SPLIT_N=split_n,
-        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=MERGE_WARPS,
     )  # fmt: skip
     return out
 
