@@ -145,7 +145,13 @@ def main() -> None:
         help="--steps-only: also time the steps built with this knob set (one variant each, repeatable); with "
         "--tree A,B,... every tree; the replays of all variants interleave, medians of --rounds rounds",
     )
-    ap.add_argument("--rounds", type=int, default=5, help="--steps-only: rounds of 100 replays per step")
+    ap.add_argument("--rounds", type=int, default=7, help="--steps-only: timed rounds per step")
+    ap.add_argument(
+        "--replays",
+        type=int,
+        default=200,
+        help="--steps-only: replays a round, from 300 cached (each adds its accepted tokens to the cache)",
+    )
     ap.add_argument("--count", action="store_true", help="count kernels per phase instead (no GPU needed)")
     ap.add_argument("--path", choices=("kernel", "torch"), default="kernel", help="--count: the GPU's or the CPU's")
     ap.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="--count: the dtype (casts count too)")
@@ -255,8 +261,8 @@ def variant_steps(bb, heads, args) -> None:
             step = dec._step_for(cfg)
             for _ in range(3):
                 step()
-            times[key].append(timed(step, 100))
-    print("\n## 3. steps (graph replays, 300 tokens cached; median of rounds, ms)")
+            times[key].append(timed(step, args.replays))
+    print(f"\n## 3. steps (graph replays from 300 tokens cached, {args.replays} a round; median of {args.rounds}, ms)")
     for variant in [""] + args.vary:
         van = statistics.median(times[variant, "vanilla"])
         line = f"{variant or 'default':40s} vanilla {van:.4f}"
