@@ -79,12 +79,23 @@ def kernel_ms(fn) -> tuple[float, float, int]:
 
 
 def set_knob(item: str):
-    """``MODULE.NAME=VALUE``: set a knob of ``medusa_llama.decode.MODULE`` (an int, float or bool literal); returns
-    the old value."""
+    """``MODULE.NAME=VALUE``: set a knob of ``medusa_llama.decode.MODULE`` (an int, float or bool literal), or
+    ``attention.TUNED[HD,ROWS]=BM,BN,BPS,WARPS,STAGES[,MERGE_ROWS]`` one entry of the attention tile table (the
+    value ``None`` removes it); returns the old value, in the same form."""
     import ast
     import importlib
 
     target, value = item.split("=", 1)
+    if target.startswith("attention.TUNED["):
+        from medusa_llama.decode.attention import TUNED, KernelConfig
+
+        key = tuple(int(x) for x in target[len("attention.TUNED[") : -1].split(","))
+        old = TUNED.get(key)
+        TUNED.pop(key, None)
+        if value != "None":
+            TUNED[key] = KernelConfig(*(int(x) for x in value.split(",")))
+        print(f"set attention.TUNED[{key}] = {TUNED.get(key)}")
+        return "None" if old is None else ",".join(str(v) for v in vars(old).values())
     module, name = target.rsplit(".", 1)
     mod = importlib.import_module(f"medusa_llama.decode.{module}")
     if not hasattr(mod, name):
@@ -92,7 +103,7 @@ def set_knob(item: str):
     old = getattr(mod, name)
     setattr(mod, name, ast.literal_eval(value))
     print(f"set medusa_llama.decode.{module}.{name} = {value}")
-    return old
+    return repr(old)
 
 
 def timed(fn, reps: int = 1) -> float:
@@ -252,7 +263,7 @@ def variant_steps(bb, heads, args) -> None:
             dec.generate(torch.randint(0, 49152, (300,), generator=gen).tolist(), one)  # capture, warm
             steps[variant, name] = dec
         if variant:
-            set_knob(f"{variant.split('=')[0]}={old!r}")
+            set_knob(f"{variant.split('=')[0]}={old}")
     times = {key: [] for key in steps}
     prompt = torch.randint(0, 49152, (300,), generator=gen).tolist()
     for _ in range(args.rounds):
