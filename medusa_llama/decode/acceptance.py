@@ -146,13 +146,13 @@ def accept_into(
     tree's root; returns ``path`` (..., D+1), clamped (its entries past n: padding).
 
     ``kernel`` (the decoders' GPU path): greedy acceptance by two Triton kernels, the argmax's chunks
-    (``kernels.argmax_keys``, which reads bf16 logits as they are) and the acceptance that reduces them where it reads
-    a prediction (``kernels.greedy_accept``), instead of the argmax and ~25 small ops; the other rules take the
-    PyTorch ops."""
+    (``kernels.argmax_keys``, which reads bf16 logits as they are; ``logits`` may be those keys already:
+    ``greedy_keys``) and the acceptance that reduces them where it reads a prediction (``kernels.greedy_accept``),
+    instead of the argmax and ~25 small ops; the other rules take the PyTorch ops."""
     if greedy_kernel(cfg, kernel):
-        from medusa_llama.decode.kernels import argmax_keys, greedy_accept
+        from medusa_llama.decode.kernels import greedy_accept
 
-        return greedy_accept(argmax_keys(logits), tokens, tree.parent, tree.retrieve, out, root)
+        return greedy_accept(greedy_keys(logits), tokens, tree.parent, tree.retrieve, out, root)
     path, n, bonus = accept(logits, tokens, tree, cfg)
     accepted = tokens.gather(-1, path[..., 1:])  # (..., D) the accepted candidates first ...
     torch.cat([n[..., None], accepted, torch.zeros_like(n)[..., None]], dim=-1, out=out)  # (..., D+2)
@@ -167,16 +167,29 @@ def greedy_kernel(cfg: AcceptanceConfig, kernel: bool) -> bool:
     return kernel and cfg.rule == "greedy"
 
 
+def greedy_keys(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax keys the greedy kernels reduce (``kernels.argmax_keys``' format: (..., C) int64) of what a greedy
+    step on the GPU path took from the LM head (``Backbone.greedy_logits``): its logits (..., V), keyed here by
+    ``argmax_keys``, or already their keys (int64, (..., 1): ``lm_head.argmax_linear`` made them in the LM head's
+    launch, ``lm_head.FUSED_ARGMAX``)."""
+    if logits.dtype == torch.int64:
+        return logits
+    from medusa_llama.decode.kernels import argmax_keys
+
+    return argmax_keys(logits)
+
+
 def next_token_into(
     logits: torch.Tensor, cfg: AcceptanceConfig, root: torch.Tensor, out: torch.Tensor, kernel: bool = False
 ) -> None:
     """``next_token`` written into ``root`` (...) and ``out[..., 1]`` (the vanilla step's [n = 0, token]). On the GPU
     path at temperature 0 (``kernel``): two Triton launches (``kernels.argmax_keys``, ``kernels.greedy_token``)
-    instead of ``torch.argmax``, a single-block reduction (13 us for a row of 49152 on an H200), and two copies."""
+    instead of ``torch.argmax``, a single-block reduction (13 us for a row of 49152 on an H200), and two copies; one
+    where ``logits`` are their keys already (``greedy_keys``)."""
     if greedy_kernel(cfg, kernel):
-        from medusa_llama.decode.kernels import argmax_keys, greedy_token
+        from medusa_llama.decode.kernels import greedy_token
 
-        greedy_token(argmax_keys(logits), root, out)
+        greedy_token(greedy_keys(logits), root, out)
         return
     token = next_token(logits, cfg)
     root.copy_(token)

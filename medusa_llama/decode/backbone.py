@@ -9,7 +9,8 @@ CUDA graphs can capture steps that read it) and offer the same four operations:
   cache_len + depth and the tree mask, WITHOUT committing them;
 - ``commit(path, n)``: keep tree nodes ``path[:n+1]`` (root first) as the next n+1 cache entries;
 - ``logits(hidden)`` / ``embed(tokens)``: the LM head (fp32 logits; the greedy GPU path takes them in the model's
-  dtype) and the token embedding (the Medusa heads use both).
+  dtype, or their argmax keys from one fused launch: ``greedy_logits``) and the token embedding (the Medusa heads use
+  both).
 """
 
 from __future__ import annotations
@@ -64,6 +65,19 @@ class Backbone:
         kernel (8 us for 64 rows of 49152 on an H200)."""
         logits = self.lm_head(hidden)
         return logits.float() if float32 else logits
+
+    def greedy_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the greedy rule's kernels read on the GPU path (``acceptance.greedy_kernel``), (..., D) ->: the argmax
+        keys (..., 1) int64 of the LM head's logits in its dtype, by ``lm_head.argmax_linear`` (the GEMM and the argmax
+        in one launch, the logits never written) where ``lm_head.FUSED_ARGMAX`` holds; else the logits (..., V) in the
+        LM head's dtype (``logits(hidden, float32=False)``), which ``accept_into`` / ``next_token_into`` key by
+        ``kernels.argmax_keys``."""
+        from medusa_llama.decode import lm_head
+
+        head = self.lm_head  # an LM head with a bias (rare) keeps the unfused path
+        if lm_head.FUSED_ARGMAX and getattr(head, "bias", None) is None and head.weight.dtype == hidden.dtype:
+            return lm_head.argmax_linear(hidden, head.weight)
+        return self.logits(hidden, float32=False)
 
     def check_room(self, prompt_len: int, new_tokens: int) -> None:
         if prompt_len + new_tokens > self.max_seq_len:

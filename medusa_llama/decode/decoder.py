@@ -331,7 +331,7 @@ class _Decoder:
             hidden = bb.forward_tree(self.root.view(1), self._one, self._zero)  # (1, D)
             if mark:
                 mark("verify_forward")
-            logits = bb.logits(hidden[0], fp32)  # (V,)
+            logits = bb.logits(hidden[0]) if fp32 else bb.greedy_logits(hidden[0])  # (V,), or its argmax keys (1,)
             if mark:
                 mark("lm_head")
             next_token_into(logits, cfg, self.root, self.out, self.kernel)  # the root has been read: overwrite it
@@ -475,7 +475,7 @@ class MedusaDecoder(_Decoder):
             hidden = bb.forward_tree(self.tokens, tree.mask, tree.depth)  # (T, D)
             if mark:
                 mark("verify_forward")
-            logits = bb.logits(hidden, fp32)  # (T, V)
+            logits = bb.logits(hidden) if fp32 else bb.greedy_logits(hidden)  # (T, V), or its argmax keys (T, 1)
             if mark:
                 mark("lm_head")
             # out = [n, accepted tokens, bonus token, ...]; root = the bonus token
