@@ -55,7 +55,7 @@ TUNED: dict[tuple[int, int], KernelConfig] = {
     (64, 32): KernelConfig(16, 64, 1, 4, 1),
     (64, 64): KernelConfig(16, 64, 1, 4, 2),
     (64, 128): KernelConfig(32, 64, 1, 4, 3),
-    (64, 256): KernelConfig(32, 64, 2, 4, 3),
+    (64, 256): KernelConfig(64, 64, 1, 4, 1),
     (64, 512): KernelConfig(64, 64, 2, 4, 1, 4),
     (128, 1): KernelConfig(16, 32, 1, 4, 2),
     (128, 64): KernelConfig(64, 32, 4, 4, 3),
@@ -63,37 +63,16 @@ TUNED: dict[tuple[int, int], KernelConfig] = {
 # --- tuned: end
 
 
-PREFETCH = True
-"""The split kernel issues the loads of a split's next key block before the current block's math (by hand: Triton
-does not pipeline the short unrolled loop, so each block otherwise waits a memory round trip); splits of one block
-(the tiles of T <= 16) are unchanged."""
-
-
-MERGE_WARPS = 4
-"""Warps per one-row merge program (its splits x head dim: 16 x 64 values for SmolLM2 at 2,048 slots)."""
+MERGE_WARPS = 1
+"""Warps per one-row merge program (its splits x head dim: 16 x 64 values for SmolLM2 at 2,048 slots). One, not
+Triton's default 4: on the H200 the tree16 / 32 / 64 steps (192 to 576 merge programs a layer) took 1.0, 1.4 and
+1.9 % less time, the vanilla step (9 programs) the same (results/gpu/issue8/session10/ab1/steps_ab1.txt)."""
 
 
 def kernel_config(head_dim: int, rows: int) -> KernelConfig:
     """The split kernel's tiles for ``rows`` = T * (query heads per KV head) query rows."""
     rows_p2 = triton.next_power_of_2(rows)
     return TUNED.get((head_dim, rows_p2)) or KernelConfig(block_m=min(64, max(16, rows_p2)))
-
-
-@triton.jit
-def _kv_block(K, V, stride_ks, stride_vs, TreeMask, first, cache_len, total, T, t, row_ok, d, d_ok,
-              BLOCK_N: tl.constexpr):  # fmt: skip
-    """One block of BLOCK_N key slots from ``first``: (slots, K tile, V tile, tree-mask tile). K and V point at the
-    sequence's KV head; the tree mask is read only for slots at or past ``cache_len`` (the tree's own), so a block of
-    prefix keys reads no mask bytes."""
-    n = first + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key slots
-    n_ok = n < total
-    kv_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + n[:, None] * stride_ks + d[None, :], mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + n[:, None] * stride_vs + d[None, :], mask=kv_ok, other=0.0)
-    rel = n - cache_len  # key's index in the tree (< 0: prefix)
-    in_tree = (rel >= 0) & n_ok
-    tm = tl.load(TreeMask + t[:, None] * T + rel[None, :], mask=row_ok[:, None] & in_tree[None, :], other=0)
-    return n, k, v, tm
 
 
 @triton.jit
@@ -126,7 +105,6 @@ def _split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCKS_PER_SPLIT: tl.constexpr,
     IEEE: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -151,20 +129,25 @@ def _split_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        kv = (K + b * stride_kb + kvh * stride_kh, V + b * stride_vb + kvh * stride_vh, stride_ks, stride_vs)
-        for j in tl.static_range(BLOCKS_PER_SPLIT):  # unrolled: BLOCKS_PER_SPLIT is 1, 2 or 4
-            if j == 0 or not PREFETCH:
-                n, k, v, tm = _kv_block(*kv, TreeMask, start + j * BLOCK_N, cache_len, total, T, t, row_ok, d, d_ok,
-                                        BLOCK_N)  # fmt: skip
-            if PREFETCH and j + 1 < BLOCKS_PER_SPLIT:  # the next block's loads go out before this block's math
-                n_nx, k_nx, v_nx, tm_nx = _kv_block(*kv, TreeMask, start + (j + 1) * BLOCK_N, cache_len, total, T, t,
-                                                    row_ok, d, d_ok, BLOCK_N)  # fmt: skip
+        for j in range(BLOCKS_PER_SPLIT):
+            n = start + j * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key slots
+            n_ok = n < total
+            kv_ok = n_ok[:, None] & d_ok[None, :]
+            k_ptrs = K + b * stride_kb + n[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            v_ptrs = V + b * stride_vb + n[:, None] * stride_vs + kvh * stride_vh + d[None, :]
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
             s = (s * qk_scale).to(tl.float32)  # (BLOCK_M, BLOCK_N), log2 units (fp32 also where qk_scale is fp64)
-            allowed = (n < cache_len)[None, :] | (tm != 0)  # prefix keys: no mask
+            rel = n - cache_len  # key's index in the tree (< 0: prefix)
+            in_tree = (rel >= 0) & n_ok
+            tm = tl.load(
+                TreeMask + t[:, None] * T + rel[None, :], mask=row_ok[:, None] & in_tree[None, :], other=0
+            )  # (BLOCK_M, BLOCK_N): predicated off for prefix-only blocks, so they read no mask bytes
+            allowed = ((rel < 0) & n_ok)[None, :] | (tm != 0)
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key yet: exp2(-inf) = 0
@@ -177,8 +160,6 @@ def _split_kernel(
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-            if PREFETCH and j + 1 < BLOCKS_PER_SPLIT:
-                n, k, v, tm = n_nx, k_nx, v_nx, tm_nx
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         o = acc / safe_l[:, None]
         lse = tl.where(l_i > 0, m_i + tl.math.log2(safe_l), float("-inf"))
@@ -328,7 +309,7 @@ def _launch(q, k_cache, v_cache, cache_len, tree_mask, c: KernelConfig) -> torch
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         N_KV=n_kv, G=g, HD=hd, NUM_SPLITS=num_splits, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d,
-        BLOCKS_PER_SPLIT=c.blocks_per_split, IEEE=q.dtype == torch.float32, PREFETCH=PREFETCH,
+        BLOCKS_PER_SPLIT=c.blocks_per_split, IEEE=q.dtype == torch.float32,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     if c.merge_rows > 1:
