@@ -26,11 +26,15 @@ Two forms compute the same function (``tests/decode/test_prefix.py``):
   ``BatchedPrefixCache`` is the same cache with one row and one length per sequence, for batched decoding.
 
 On a GPU the decode step's extend (the cache's ``kernel`` path: a few rows, attended by the backbone's split-K Triton
-kernel) can run the layer through the backbone's fused Triton kernels (``kernels.py``): RMSNorm, one q/k/v GEMM, rotary
-embedding + K/V cache write, residual add + RMSNorm, one gate/up GEMM and the SwiGLU product, with the rounding points
-of the PyTorch form (``BatchedPrefixCache._extend_fused``; 18 launches an extend instead of 41-47). It is on by
-default (``FUSED_EXTEND``): on an H200, ``benchmarks/gpu_check.py`` with it decoded exactly as the reference and
-``benchmarks/step_profile.py`` cut the Medusa step from 1.434 to 1.366 ms (``results/gpu/issue8/``).
+kernel) can run the layer through fused Triton kernels, with the rounding points of the PyTorch form
+(``BatchedPrefixCache._extend_fused``). It is on by default (``FUSED_EXTEND``): on an H200, ``benchmarks/gpu_check.py``
+with it decoded exactly as the reference and ``benchmarks/step_profile.py`` cut the Medusa step from 1.434 to 1.366 ms
+(``results/gpu/issue8/``). With ``FUSED_GEMMS`` (the default) the two input GEMMs carry the ops around them
+(``small_linear.py``): RMSNorm + q/k/v GEMM + rotary + K/V cache write in one launch, the residual add in the o_proj
+GEMM (addmm), RMSNorm + gate/up GEMM + SwiGLU product in one; an extend is then 7 launches after its inputs (the token
+addmm, those two, attention's split and merge, the o_proj and down addmms) instead of 11 with the backbone's kernels
+(``kernels.py``: RMSNorm, q/k/v GEMM, rotary + cache write, o_proj, residual add + RMSNorm, gate/up GEMM, SwiGLU),
+and 41-47 with the PyTorch ops. ``benchmarks/prefix_extend_speed.py`` times both on a GPU.
 The decoder's step extends by its accepted path through ``PrefixCache.extend_path``: the gathers of the path's
 states and its tokens' embeddings, the slots, the rotary tables and the length's advance in one launch.
 The CPU, training, the prefill and the reference keep the PyTorch ops.
@@ -50,6 +54,9 @@ KERNEL_MAX_ROWS = 128
 FUSED_EXTEND = True
 """The default of the caches' ``fused``: the fused decode-step extend on the kernel path (a GPU). Checked against the
 PyTorch ops by ``benchmarks/gpu_check.py`` on the GPU and by the tests through Triton's interpreter."""
+FUSED_GEMMS = True
+"""The fused extend's GEMMs with their prologues and epilogues (``small_linear.py``: 7 launches an extend) rather than
+the backbone's separate kernels around cuBLAS (11). Read at each extend (a CUDA graph keeps what it captured)."""
 
 
 class PrefixLayer(nn.Module):
@@ -292,31 +299,45 @@ class BatchedPrefixCache:
         scratch: bool = False,
     ) -> torch.Tensor:
         """The layer over the new rows hidden (b, n, D) at ``slots`` (b, n) (their positions: ``length`` (b,), the
-        filled slots before them, onwards), with their rotary tables ``cos_sin`` (2, b n, hd), by the fused Triton
-        kernels: the token input added in the token GEMM (addmm), ``attn_norm``, one q/k/v GEMM, rotary + K/V cache
-        write, attention, ``o_proj``, residual add + ``mlp_norm``, one gate/up GEMM, SwiGLU product, ``down_proj`` with
-        its residual add (addmm). Returns the outputs (b, n, D).
+        filled slots before them, onwards), with their rotary tables ``cos_sin`` (2, b n, hd), by fused Triton
+        kernels. Returns the outputs (b, n, D). With ``FUSED_GEMMS`` (``small_linear.py``, 7 launches): the token
+        input added in the token GEMM (addmm); ``attn_norm`` + one q/k/v GEMM + rotary + K/V cache write
+        (``rms_qkv_rope``); attention (split, merge); ``o_proj`` adding the residual (addmm); ``mlp_norm`` + one
+        gate/up GEMM + SwiGLU product (``rms_gate_up_silu``); ``down_proj`` adding the residual (addmm). Without
+        (``kernels.py`` around cuBLAS, 11): the token addmm, ``attn_norm``, the q/k/v GEMM, rotary + cache write,
+        attention, ``o_proj``, residual add + ``mlp_norm``, the gate/up GEMM, the SwiGLU product, the down addmm.
 
         The same function as ``project`` / ``finish`` with the same rounding points (as the backbone's fused layers,
         ``kernels.py``): this layer's RMSNorm (eps ``NORM_EPS``) normalises in fp32, rounds, then scales in the
-        weights' dtype, as the kernel does (it only sums the squares in another order); the residual adds and the
+        weights' dtype, as the kernels do (they only sum the squares in another order); the residual adds and the
         SwiGLU product round where PyTorch does; only the rotary embedding rounds once (fp32 inside the kernel) where
         PyTorch rounds the two products and their sum, the concatenated GEMMs may block their sums otherwise, and the
-        two residual adds done by addmm round once where PyTorch rounds the product, then the sum.
+        residual adds done by addmm (two, three with ``FUSED_GEMMS``: o_proj's too) round once where PyTorch rounds
+        the product, then the sum.
 
         The cache write takes one 1-D set of slots for all rows: the b rows of the cache are seen as one
         (1, b S, nh, hd) row, sequence i's slots offset by i S. ``scratch``: ``hidden`` is the caller's scratch
-        buffer, which the token GEMM may add into (contiguous); the last residual add goes into the kernel's own
-        output either way (no copy launched before either addmm)."""
-        from medusa_llama.decode import kernels
+        buffer, which the token GEMM may add into (contiguous). The residual adds after attention go into this
+        call's own buffer (no copy launched before the addmm): the down addmm's always; with ``FUSED_GEMMS`` the o_proj
+        addmm's too where x is not the caller's ``hidden`` (it is with neither the token input nor ``scratch``: then
+        that addmm writes a new buffer, after a copy of x)."""
+        from medusa_llama.decode import kernels, small_linear
 
         layer, (b, n, d) = self.layer, hidden.shape
         hd, k_cache, v_cache = layer.head_dim, self.k, self.v
         x = layer.inputs(hidden, next_emb, fused=True, scratch=scratch)  # (b, n, D)
+        flat = slots.view(-1) if b == 1 else (slots + self._slot_base[:b]).view(-1)  # (b n,) slots of the flat row
+        if FUSED_GEMMS:
+            cos, sin = cos_sin.reshape(2, b * n, hd)  # (b n, hd) each
+            norm = layer.attn_norm
+            q = small_linear.rms_qkv_rope(x, norm.weight, norm.eps, self._wqkv, cos, sin, flat, k_cache, v_cache)
+            attn = self._tree_attention(q, k_cache, v_cache, length)  # (b, n, nh, hd)
+            x = add_linear(x, attn.flatten(-2), layer.o_proj, inplace=scratch or x is not hidden)  # x + o_proj(attn)
+            h = small_linear.rms_gate_up_silu(x, layer.mlp_norm.weight, layer.mlp_norm.eps, self._w13)  # (b, n, I)
+            return add_linear(x, h, layer.down_proj, inplace=True)  # (b, n, D)
         h = kernels.add_rms_norm(x, None, layer.attn_norm.weight, layer.attn_norm.eps)[1]  # (b, n, D)
         qkv = F.linear(h, self._wqkv).view(1, b * n, 3 * d)  # (1, b n, 3D): q, k, v heads in a row
         cos, sin = cos_sin.view(2, 1, b * n, hd)  # (1, b n, hd) each
-        flat = slots.view(-1) if b == 1 else (slots + self._slot_base[:b]).view(-1)  # (b n,) slots of the flat row
         k_flat, v_flat = (cache.view(1, -1, layer.num_heads, hd) for cache in (k_cache, v_cache))  # (1, b S, nh, hd)
         q = kernels.rope_cache_write(qkv, cos, sin, flat, k_flat, v_flat, layer.num_heads)  # (1, b n, nh, hd)
         attn = self._tree_attention(q.view(b, n, layer.num_heads, hd), k_cache, v_cache, length)  # (b, n, nh, hd)

@@ -290,13 +290,16 @@ LOW = torch.bfloat16 if torch.cuda.is_available() else torch.float16
 mishandles bf16 (its attention kernel returns garbage there, fused layer or not), as ``test_attention.py`` does."""
 
 
+@pytest.mark.parametrize("gemms", [False, True], ids=["kernels", "gemms"])
 @pytest.mark.parametrize("dtype", [torch.float32, LOW])
 @pytest.mark.parametrize("token_input", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fused_extend_equals_the_unfused_one(batch, token_input, dtype):
+def test_fused_extend_equals_the_unfused_one(batch, token_input, dtype, gemms, monkeypatch):
     """Decode-step extends by the fused Triton kernels (RMSNorm, one q/k/v GEMM, rotary + cache write, add + RMSNorm,
-    one gate/up GEMM, SwiGLU) against the PyTorch ops, both attending by the split-K kernel: the same outputs and
-    K/V cache contents over several uneven extends, rows at their own lengths (batch 3; a count of 0 holds a row)."""
+    one gate/up GEMM, SwiGLU; with ``FUSED_GEMMS`` the GEMMs carrying them, ``small_linear.py``) against the PyTorch
+    ops, both attending by the split-K kernel: the same outputs and K/V cache contents over several uneven extends,
+    rows at their own lengths (batch 3; a count of 0 holds a row)."""
+    monkeypatch.setattr(prefix, "FUSED_GEMMS", gemms)
     dev = kernel_device()
     layer = prefix_heads(prefix_token_input=token_input).prefix.to(device=dev, dtype=dtype)
     g = torch.Generator().manual_seed(1)
@@ -328,13 +331,15 @@ def test_fused_extend_equals_the_unfused_one(batch, token_input, dtype):
     assert caches[0].k[:, int(caches[0].lengths.max()) + 5 :].abs().sum() == 0  # nothing past the last extend
 
 
+@pytest.mark.parametrize("gemms", [False, True], ids=["kernels", "gemms"])
 @pytest.mark.parametrize("token_input", [False, True])
-def test_prefix_heads_on_the_kernel_path_greedy_equals_vanilla(one_thread, token_input, monkeypatch):
+def test_prefix_heads_on_the_kernel_path_greedy_equals_vanilla(one_thread, token_input, gemms, monkeypatch):
     """The whole decoder on the kernel path (the GPU default; interpreted here): backbone and prefix layer by the
-    Triton kernels, the layer's decode-step extends fused (``FUSED_EXTEND``, off by default until a GPU has run it,
-    turned on here). Greedy equals vanilla, and the heads' input after the steps equals the training form (the tokens
-    alone could not see a wrong layer: verification is exact)."""
+    Triton kernels, the layer's decode-step extends fused (``FUSED_EXTEND``, its GEMMs with their prologues and
+    epilogues or not: ``FUSED_GEMMS``). Greedy equals vanilla, and the heads' input after the steps equals the
+    training form (the tokens alone could not see a wrong layer: verification is exact)."""
     monkeypatch.setattr(prefix, "FUSED_EXTEND", True)
+    monkeypatch.setattr(prefix, "FUSED_GEMMS", gemms)
     dev = kernel_device()
     bb = make_backbone(tiny_llama().to(dev), FakeTokenizer(), "tiny", 64, "fast")
     prompt, cfg = list(range(3, 14)), GenerationConfig(max_new_tokens=6, stop_at_eos=False)
@@ -349,12 +354,15 @@ def test_prefix_heads_on_the_kernel_path_greedy_equals_vanilla(one_thread, token
     torch.testing.assert_close(dec.heads_input(), expected_head_input(bb, dec.heads, prompt, ref), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("gemms", [False, True], ids=["kernels", "gemms"])
 @pytest.mark.parametrize("dtype", [torch.float32, LOW])
 @pytest.mark.parametrize("token_input", [False, True])
-def test_extend_path_equals_the_gathered_extend(token_input, dtype):
+def test_extend_path_equals_the_gathered_extend(token_input, dtype, gemms, monkeypatch):
     """``PrefixCache.extend_path`` (the step's gathers, slots, rotary tables and length advance in one kernel,
-    ``kernels.path_inputs``) equals ``extend(hidden[path], n + 1, table[emitted])`` on the fused path: the same
-    outputs, K/V cache contents and lengths over several steps (paths with repeated padding nodes, n from 0 up)."""
+    ``kernels.path_inputs``) equals ``extend(hidden[path], n + 1, table[emitted])`` on the fused path, either form of
+    its GEMMs (``FUSED_GEMMS``): the same outputs, K/V cache contents and lengths over several steps (paths with
+    repeated padding nodes, n from 0 up)."""
+    monkeypatch.setattr(prefix, "FUSED_GEMMS", gemms)
     dev = kernel_device()
     layer = prefix_heads(prefix_token_input=token_input).prefix.to(device=dev, dtype=dtype)
     g = torch.Generator().manual_seed(2)
