@@ -43,10 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
-QKV_BLOCK_N = 32
-"""Columns of each half of a head per ``rms_qkv_rope`` program (capped at hd / 2: SmolLM2's 9 heads of 64 make 27
-programs for 5 rows). The mix kernel's GEMM of the same K (``kernels.MIX_BLOCK_N``) measured 32 faster than 16 or 64
-on the H200; 16 doubles the programs here (more SMs streaming the weights)."""
+QKV_BLOCK_N = 16
+"""Columns of each half of a head per ``rms_qkv_rope`` program (capped at hd / 2: SmolLM2's 15 q/k/v heads of 64 make
+30 programs for 5 rows at 32, 60 at 16). On the H200 (``benchmarks/prefix_extend_speed.py``, 5 rows, 300 cached) the
+extend took 25.9 us at 16 against 26.5 at 32 (results/gpu/issue8/session10/ab2/)."""
 GATE_UP_BLOCK_N = 32
 """Gate (and as many up) columns per ``rms_gate_up_silu`` program (SwiGLU width 1152: 36 programs for 5 rows)."""
 BLOCK_K = 64
