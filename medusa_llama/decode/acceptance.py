@@ -152,13 +152,45 @@ def accept_into(
     if greedy_kernel(cfg, kernel):
         from medusa_llama.decode.kernels import greedy_accept
 
-        return greedy_accept(greedy_keys(logits), tokens, tree.parent, tree.retrieve, out, root)
+        return greedy_accept(greedy_keys(logits), tokens, tree.retrieve, out, root)
     path, n, bonus = accept(logits, tokens, tree, cfg)
     accepted = tokens.gather(-1, path[..., 1:])  # (..., D) the accepted candidates first ...
     torch.cat([n[..., None], accepted, torch.zeros_like(n)[..., None]], dim=-1, out=out)  # (..., D+2)
     out.scatter_(-1, (n + 1)[..., None], bonus[..., None])  # ... then the bonus token after them
     root.copy_(bonus)
     return path
+
+
+FUSED_ACCEPT = True
+"""A Medusa step of one sequence on the GPU path, greedy, with the fused prefix extend (``decoder.MedusaDecoder``)
+takes ``accept_move_into``: the acceptance, the commit's KV move and the prefix layer's inputs in one launch (three
+before: two fewer a step). False: ``accept_into``, then the commit's move and ``PrefixCache.extend_path``'s inputs by
+their own launches (the reference; ``benchmarks/step_profile.py --set acceptance.FUSED_ACCEPT=False`` A/Bs it)."""
+
+
+def accept_move_into(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    tree: Tree,
+    out: torch.Tensor,
+    root: torch.Tensor,
+    caches: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    hidden: torch.Tensor,
+    table: torch.Tensor | None,
+    rope: torch.Tensor,
+    length: torch.Tensor,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``accept_into``'s greedy kernels for one sequence, with the work that follows in the acceptance's launch
+    (``kernels.accept_move``): the accepted path's K/V moved into place in ``caches`` = (k_cache, v_cache,
+    cache_len), the backbone's, whose length the caller then advances by ``out[0] + 1`` (a commit of the root
+    alone), and the prefix layer's inputs for ``PrefixCache.extend_path`` made from ``hidden`` (T, D), ``table`` and
+    ``rope``, the prefix cache's length advanced. ``logits``: the LM head's (T, V), or their keys (``greedy_keys``).
+    Returns the path (D+1,), clamped, and those inputs."""
+    from medusa_llama.decode.kernels import accept_move
+
+    keys = greedy_keys(logits)
+    path, *inputs = accept_move(keys, tokens, tree.retrieve, out, root, *caches, hidden, table, rope, length)
+    return path, tuple(inputs)
 
 
 def greedy_kernel(cfg: AcceptanceConfig, kernel: bool) -> bool:

@@ -8,7 +8,8 @@ one launch each, reading every length and index on the device (no host sync, fix
   ``cache_len + path`` to ``cache_len + 0 .. D`` in every layer's K and V cache, then ``cache_len`` grows by ``n + 1``:
   two launches instead of ten PyTorch ops (slot arithmetic, a gather and a scatter per cache, the add). The advance
   is a launch of its own because every program of the move reads the old length, and Triton has no grid-wide barrier
-  to order one write after all those reads.
+  to order one write after all those reads. A Medusa step of one sequence moves its path in its acceptance's launch
+  instead (``kernels.accept_move``, by the same ``_move_slots``), then advances by ``advance``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,25 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _move_slots(K, V, at, base, path, j, D1, W, stride_s, BLOCK_W: tl.constexpr):
+    """One (layer, row) of the move: slots ``base + path[j]`` to ``base + j`` for j < D1, in K and V at offset ``at``;
+    path (BLOCK_J,) node indices (negative: padding, read as the root), j its arange. Every thread's reads complete
+    before any write: the caller's program must own these slots (no other program of its grid touches them)."""
+    w = tl.arange(0, BLOCK_W)
+    ok = (j < D1)[:, None] & (w < W)[None, :]
+    src_off = at + (base + tl.maximum(path, 0))[:, None] * stride_s + w[None, :]  # (BLOCK_J, BLOCK_W)
+    dst_off = at + (base + j)[:, None] * stride_s + w[None, :]
+    k = tl.load(K + src_off, mask=ok)
+    v = tl.load(V + src_off, mask=ok)
+    # The source and destination slots overlap (node path[j] >= j moves down to slot j, and padding past the path
+    # reads the root's slot), and another thread may hold a slot this one writes: every thread's reads complete
+    # before any write, the gather-then-scatter of the PyTorch form.
+    tl.debug_barrier()
+    tl.store(K + dst_off, k, mask=ok)
+    tl.store(V + dst_off, v, mask=ok)
 
 
 @triton.jit
@@ -34,25 +54,11 @@ def _move_path_kernel(
     BLOCK_W: tl.constexpr,
 ):
     layer = tl.program_id(0).to(tl.int64)
-    row = tl.program_id(1).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)  # one program owns each (layer, row)
     j = tl.arange(0, BLOCK_J)
-    w = tl.arange(0, BLOCK_W)
-    ok = (j < D1)[:, None] & (w < W)[None, :]
     base = tl.load(CacheLen + row * stride_cl)
-    src = base + tl.maximum(tl.load(Path + row * D1 + j, mask=j < D1, other=0), 0)  # (BLOCK_J,) slots
-    dst = base + j
-    at = layer * stride_l + row * stride_b
-    src_off = at + src[:, None] * stride_s + w[None, :]  # (BLOCK_J, BLOCK_W)
-    dst_off = at + dst[:, None] * stride_s + w[None, :]
-    k = tl.load(K + src_off, mask=ok)
-    v = tl.load(V + src_off, mask=ok)
-    # The source and destination slots overlap (node path[j] >= j moves down to slot j, and padding past the path
-    # reads the root's slot), and another thread may hold a slot this one writes: every thread's reads complete
-    # before any write, the gather-then-scatter of the PyTorch form. One program owns each (layer, row): no other
-    # program touches its slots.
-    tl.debug_barrier()
-    tl.store(K + dst_off, k, mask=ok)
-    tl.store(V + dst_off, v, mask=ok)
+    path = tl.load(Path + row * D1 + j, mask=j < D1, other=0)
+    _move_slots(K, V, layer * stride_l + row * stride_b, base, path, j, D1, W, stride_s, BLOCK_W)
 
 
 @triton.jit

@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medusa_llama.decode import dynamic_tree, proposal
+from medusa_llama.decode import acceptance, dynamic_tree, proposal
 from medusa_llama.decode.acceptance import (
     AcceptanceConfig,
     accept_into,
+    accept_move_into,
     greedy_kernel,
     next_token,
     next_token_into,
@@ -470,6 +471,9 @@ class MedusaDecoder(_Decoder):
             return self._one_token_step(cfg, mark)
         bb, tree = self.backbone, self.tree
         fp32 = not greedy_kernel(cfg, self.kernel)  # the greedy kernels read the LM head's bf16 logits as they are
+        # The acceptance, the backbone's KV move and the prefix layer's inputs in one launch (on the kernel path,
+        # where the backbone's commit is the Triton move and advance): ``acceptance.FUSED_ACCEPT``
+        fused = acceptance.FUSED_ACCEPT and not fp32 and self._path_inputs and bb.model.use_fused_kernels
 
         def step() -> None:
             hidden = bb.forward_tree(self.tokens, tree.mask, tree.depth)  # (T, D)
@@ -478,12 +482,19 @@ class MedusaDecoder(_Decoder):
             logits = bb.logits(hidden) if fp32 else bb.greedy_logits(hidden)  # (T, V), or its argmax keys (T, 1)
             if mark:
                 mark("lm_head")
-            # out = [n, accepted tokens, bonus token, ...]; root = the bonus token
-            path = accept_into(logits, self.tokens, tree, cfg, self.out, self.root, self.kernel)  # (D+1,) clamped
+            # out = [n, accepted tokens, bonus token, ...]; root = the bonus token; path (D+1,) clamped
             n, emitted = self.out[0], self.out[1:]  # 0-d, (D+1,)
+            if fused:  # the path's K/V already moved: the commit of the root alone below only advances
+                pc, caches = self.prefix_cache, (bb.model.k_cache, bb.model.v_cache, bb.cache_len)
+                path, inputs = accept_move_into(
+                    logits, self.tokens, tree, self.out, self.root, caches, hidden, self._path_table, pc.rope_table,
+                    pc.lengths,
+                )  # fmt: skip
+            else:
+                path, inputs = accept_into(logits, self.tokens, tree, cfg, self.out, self.root, self.kernel), None
             if mark:
                 mark("acceptance")
-            bb.commit(path, n)
+            bb.commit(self._zero if fused else path, n)
             if self.prefix_cache is None:
                 _take_row(hidden, pick(path, n), self.hidden)
             if mark:
@@ -492,8 +503,8 @@ class MedusaDecoder(_Decoder):
                 # its tokens' successors (the token input): the next accepted token, the bonus token after the last
                 if not self._path_inputs:
                     rows = self.prefix_cache.extend(hidden[path], n + 1, self._next_emb(emitted))  # (D+1, D)
-                else:  # the same in one launch for the inputs
-                    rows = self.prefix_cache.extend_path(hidden, path, self.out[:1], emitted, self._path_table)
+                else:  # the same with its inputs made in one launch (by the acceptance's where ``fused``)
+                    rows = self.prefix_cache.extend_path(hidden, path, self.out[:1], emitted, self._path_table, inputs)
                 if self._state_row:  # the heads read row n of rows themselves (past n: padding)
                     self._rows = rows  # (a graph's output buffer when captured: replays refill it)
                 else:

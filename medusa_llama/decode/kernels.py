@@ -23,7 +23,9 @@ The Medusa proposal's (``proposal.py``) kernels, with the same arithmetic as its
   two copies) or ``greedy_accept`` reduces where it reads a prediction (cast + argmax -> one launch);
 - ``greedy_accept``: greedy acceptance and the step's emitted tokens (``acceptance.py``);
 - ``path_inputs``: the prefix layer's inputs after a step (the accepted path's hidden states, its successors'
-  embeddings, slots, rotary tables) and its cache length's advance (``prefix.PrefixCache.extend_path``; six -> one).
+  embeddings, slots, rotary tables) and its cache length's advance (``prefix.PrefixCache.extend_path``; six -> one);
+- ``accept_move``: ``greedy_accept``, the commit's K/V move (``cache_kernels.move_path``) and ``path_inputs`` in one
+  launch of one program per layer and one more (``acceptance.accept_move_into``; three -> one).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from medusa_llama.decode.cache_kernels import _move_slots
 from medusa_llama.decode.topk import _DEAD, _LOW, _pack
 
 
@@ -338,14 +341,57 @@ def greedy_token(keys: torch.Tensor, token: torch.Tensor, out: torch.Tensor) -> 
 
 
 @triton.jit
+def _greedy_path(
+    Keys, Tokens, Ret, P, C, D1: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """Greedy acceptance of one sequence (``greedy_accept``): Keys (T, C) ``argmax_keys`` of the logits after each
+    node, Tokens (T,) the tree's tokens, Ret (P, D1) its root-to-leaf paths (-1 padded). Returns n (the accepted
+    candidates), the first longest accepted path (BLOCK_J,) clamped and the emitted tokens (BLOCK_J,): the accepted
+    ones, the bonus token at n, then the padding: the root's token (a clamped path's successor), 0 in the last row.
+
+    Two dependent load rounds: the retrieve table's node and its child on the path (each path's next entry: a tree's
+    static parent table read the other way round, so a dynamic tree's buffers serve too), then the child's token
+    and the node's prediction (its C chunk keys); the chosen path, its successors' tokens and the bonus token are
+    taken from those tiles (a row selected by ``tl.where`` and summed), not loaded again."""
+    p = tl.arange(0, BLOCK_P)
+    j = tl.arange(0, BLOCK_J)
+    c = tl.arange(0, BLOCK_C)
+    live = p[:, None] < P
+    at = Ret + p[:, None] * D1 + j[None, :]
+    node = tl.load(at, mask=live & (j < D1)[None, :], other=-1)  # (BLOCK_P, BLOCK_J): path p's node at depth j
+    inner = live & (j + 1 < D1)[None, :]
+    child = tl.load(at + 1, mask=inner, other=-1)  # the node at depth j + 1 (none: -1)
+    tok = tl.load(Tokens + tl.maximum(child, 0), mask=inner, other=0)  # its token (past the path: the root's; 0 last)
+    # the prediction after each node: the best of its C chunk keys (BLOCK_P, BLOCK_J, BLOCK_C), then its column
+    key_at = Keys + tl.maximum(node, 0)[:, :, None] * C + c[None, None, :]
+    pred = _column(tl.max(tl.load(key_at, mask=(node >= 0)[:, :, None] & (c < C)[None, None, :], other=_DEAD), 2))
+    hit = (child >= 0) & (tok == pred)  # the child is accepted if its parent is
+    accepted = tl.min(tl.where(hit, BLOCK_J, j[None, :]), 1)  # (BLOCK_P,) leading hits: path p's accepted nodes
+    n = tl.max(accepted, 0)
+    best = (p == tl.min(tl.where(accepted == n, p, BLOCK_P), 0))[:, None]  # the first longest path's row
+    path = tl.sum(tl.where(best, tl.maximum(node, 0), 0), 0)  # (BLOCK_J,)
+    bonus = tl.sum(tl.sum(tl.where(best & (j == n)[None, :], pred, 0), 1), 0)  # the prediction after node n
+    emitted = tl.where(j == n, bonus, tl.sum(tl.where(best, tok, 0), 0))  # the token after each path row
+    return n, path, emitted, bonus
+
+
+@triton.jit
+def _store_accepted(Path, Out, Root, n, path, emitted, bonus, j, D1: tl.constexpr):
+    """``greedy_accept``'s outputs for one sequence: the path (D1,), out (D1 + 1,) = [n, emitted] and the root."""
+    tl.store(Path + j, path, mask=j < D1)
+    tl.store(Out, n.to(tl.int64))
+    tl.store(Out + 1 + j, emitted, mask=j < D1)
+    tl.store(Root, bonus)
+
+
+@triton.jit
 def _greedy_accept_kernel(
     Keys,  # (rows, T, C) argmax_keys: the backbone's argmax after each node
-    Tokens,
-    Parent,
-    Ret,
-    Path,
-    Out,
-    Root,
+    Tokens,  # (rows, T)
+    Ret,  # (P, D1)
+    Path,  # (rows, D1)
+    Out,  # (rows, D1 + 1)
+    Root,  # (rows,)
     T,
     P,
     C,
@@ -355,61 +401,43 @@ def _greedy_accept_kernel(
     BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0)
-    keys, tokens = Keys + row * T * C, Tokens + row * T
-    p = tl.arange(0, BLOCK_P)
+    n, path, emitted, bonus = _greedy_path(
+        Keys + row * T * C, Tokens + row * T, Ret, P, C, D1, BLOCK_P, BLOCK_J, BLOCK_C
+    )
     j = tl.arange(0, BLOCK_J)
-    c = tl.arange(0, BLOCK_C)
-    node = tl.load(Ret + p[:, None] * D1 + j[None, :], mask=(p[:, None] < P) & (j[None, :] < D1), other=-1)
-    real = node >= 0  # (BLOCK_P, BLOCK_J): path p's node at depth j
-    up = tl.load(Parent + tl.maximum(node, 0), mask=real, other=-1)
-    tok = tl.load(tokens + tl.maximum(node, 0), mask=real, other=0)
-    # the parent's prediction: the best of its C chunk keys (BLOCK_P, BLOCK_J, BLOCK_C), then its column
-    at = keys + tl.maximum(up, 0)[:, :, None] * C + c[None, None, :]
-    pred = tl.max(tl.load(at, mask=real[:, :, None] & (c < C)[None, None, :], other=_DEAD), 2)
-    ok = real & ((tok == _column(pred)) | (up < 0))  # the root is kept
-    accepted = tl.min(tl.where(ok, BLOCK_J, j[None, :]), 1) - 1  # (BLOCK_P,) leading accepted nodes, root excluded
-    n = tl.max(accepted, 0)
-    best = tl.min(tl.where(accepted == n, p, BLOCK_P), 0)  # the first longest path
-    path = tl.maximum(tl.load(Ret + best * D1 + j, mask=j < D1, other=0), 0)  # (BLOCK_J,)
-    after = tl.maximum(tl.load(Ret + best * D1 + j + 1, mask=j + 1 < D1, other=0), 0)  # path[j + 1]
-    last = tl.maximum(tl.load(Ret + best * D1 + n), 0)
-    bonus = _column(tl.max(tl.load(keys + last * C + c, mask=c < C, other=_DEAD), 0))  # the prediction after it
-    emitted = tl.where(j == n, bonus, tl.load(tokens + after, mask=j + 1 < D1, other=0))  # padding past n + 1
-    tl.store(Path + row * D1 + j, path, mask=j < D1)
-    tl.store(Out + row * (D1 + 1), n.to(tl.int64))
-    tl.store(Out + row * (D1 + 1) + 1 + j, emitted, mask=j < D1)
-    tl.store(Root + row, bonus)
+    _store_accepted(Path + row * D1, Out + row * (D1 + 1), Root + row, n, path, emitted, bonus, j, D1)
+
+
+def _accept_blocks(keys: torch.Tensor, retrieve: torch.Tensor) -> dict:
+    """The acceptance's tile sizes (``_greedy_path``) and its warps: the (P, J, C) key gather ~16 keys a thread."""
+    (p, d1), c = retrieve.shape, keys.shape[-1]
+    block_p, block_j, block_c = triton.next_power_of_2(p), triton.next_power_of_2(d1), triton.next_power_of_2(c)
+    warps = max(1, min(8, block_p * block_j * block_c // 512))
+    return dict(D1=d1, BLOCK_P=block_p, BLOCK_J=block_j, BLOCK_C=block_c, num_warps=warps)
 
 
 @torch.library.custom_op("medusa_llama::greedy_accept", mutates_args=("out", "root"))
 def greedy_accept(
-    keys: torch.Tensor,
-    tokens: torch.Tensor,
-    parent: torch.Tensor,
-    retrieve: torch.Tensor,
-    out: torch.Tensor,
-    root: torch.Tensor,
+    keys: torch.Tensor, tokens: torch.Tensor, retrieve: torch.Tensor, out: torch.Tensor, root: torch.Tensor
 ) -> torch.Tensor:
     """Greedy acceptance and the step's emitted tokens in one launch (``acceptance.accept_into``, its reference).
 
     keys (..., T, C): ``argmax_keys`` of the logits after each node (the kernel takes each node's argmax from its C
-    chunks' keys where it reads it: no argmax kernel between); tokens (..., T) long, the tree's tokens; parent (T,),
-    retrieve (P, D+1): the tree's. Writes out (..., D+2) = [n, accepted tokens, bonus token, padding] and root (...)
+    chunks' keys where it reads it: no argmax kernel between); tokens (..., T) long, the tree's tokens; retrieve
+    (P, D+1): the tree's paths. Writes out (..., D+2) = [n, accepted tokens, bonus token, padding] and root (...)
     = the bonus token; returns the first longest accepted path (..., D+1), clamped."""
     t, c, (p, d1) = tokens.shape[-1], keys.shape[-1], retrieve.shape
     rows = tokens.numel() // t
     path = torch.empty(*tokens.shape[:-1], d1, dtype=torch.long, device=tokens.device)
-    block_p, block_j, block_c = triton.next_power_of_2(p), triton.next_power_of_2(d1 + 1), triton.next_power_of_2(c)
-    warps = max(1, min(8, block_p * block_j * block_c // 512))  # the (P, J, C) key gather: ~16 keys a thread
     _greedy_accept_kernel[(rows,)](
-        keys.contiguous(), tokens.contiguous(), parent.contiguous(), retrieve.contiguous(), path, out, root, t, p, c,
-        D1=d1, BLOCK_P=block_p, BLOCK_J=block_j, BLOCK_C=block_c, num_warps=warps,
+        keys.contiguous(), tokens.contiguous(), retrieve.contiguous(), path, out, root, t, p, c,
+        **_accept_blocks(keys, retrieve),
     )  # fmt: skip
     return path
 
 
 @greedy_accept.register_fake
-def _(keys, tokens, parent, retrieve, out, root):
+def _(keys, tokens, retrieve, out, root):
     return tokens.new_empty(*tokens.shape[:-1], retrieve.shape[1])
 
 
@@ -562,11 +590,8 @@ def tree_tokens(
 
 
 @triton.jit
-def _path_inputs_kernel(
+def _store_path_inputs(
     Hidden,  # (T, D) the verify forward's hidden states
-    Path,  # (D1,) the accepted path's nodes (clamped; rows past n are padding)
-    Tok,  # (D1,) the emitted tokens: each path row's successor
-    N,  # (1,) the accepted length n
     Table,  # (V, D) the input embedding (read with HAS_TABLE)
     Rope,  # (2, S, HD) cos and sin of every position
     Len,  # (1,) the prefix cache's length, advanced by n + 1 in place
@@ -575,6 +600,54 @@ def _path_inputs_kernel(
     CsOut,  # (2, D1, HD) cos and sin at the new rows' positions
     Slots,  # (D1,) the new rows' slots: length .. length + D1 - 1
     Start,  # (1,) the length before the extend
+    length,  # the value at Len, loaded by the caller (first: nothing else it loads waits for it)
+    node,  # (BLOCK_R,) the accepted path's nodes (clamped; rows past n are padding)
+    tok,  # (BLOCK_R,) the emitted tokens: each path row's successor
+    n,  # the accepted length
+    r,  # (BLOCK_R,) arange
+    D,
+    S,
+    D1: tl.constexpr,
+    HD: tl.constexpr,
+    HAS_TABLE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_HD: tl.constexpr,
+):
+    """``path_inputs``' work for one program, given the path and its tokens (loaded, or computed by the caller)."""
+    r_ok = r < D1
+    c = tl.arange(0, BLOCK_D)
+    ok = r_ok[:, None] & (c < D)[None, :]
+    tl.store(HOut + r[:, None] * D + c[None, :], tl.load(Hidden + node[:, None] * D + c[None, :], mask=ok), mask=ok)
+    if HAS_TABLE:
+        tl.store(EOut + r[:, None] * D + c[None, :], tl.load(Table + tok[:, None] * D + c[None, :], mask=ok), mask=ok)
+    slot = length + r
+    tl.store(Slots + r, slot, mask=r_ok)
+    h = tl.arange(0, BLOCK_HD)
+    rope_ok = (r_ok & (slot < S))[:, None] & (h < HD)[None, :]
+    at = slot[:, None] * HD + h[None, :]
+    out = r[:, None] * HD + h[None, :]
+    tl.store(CsOut + out, tl.load(Rope + at, mask=rope_ok, other=0.0), mask=rope_ok)
+    tl.store(CsOut + D1 * HD + out, tl.load(Rope + S * HD + at, mask=rope_ok, other=0.0), mask=rope_ok)
+    tl.store(Start, length)
+    advanced = length + n + 1
+    tl.debug_barrier()  # every thread has read the old length before it is overwritten
+    tl.store(Len, advanced)
+
+
+@triton.jit
+def _path_inputs_kernel(
+    Hidden,
+    Path,  # (D1,) the accepted path's nodes (clamped; rows past n are padding)
+    Tok,  # (D1,) the emitted tokens: each path row's successor
+    N,  # (1,) the accepted length n
+    Table,
+    Rope,
+    Len,
+    HOut,
+    EOut,
+    CsOut,
+    Slots,
+    Start,
     D,
     S,
     D1: tl.constexpr,
@@ -586,26 +659,12 @@ def _path_inputs_kernel(
 ):
     length = tl.load(Len)
     r = tl.arange(0, BLOCK_R)
-    r_ok = r < D1
-    c = tl.arange(0, BLOCK_D)
-    ok = r_ok[:, None] & (c < D)[None, :]
-    node = tl.load(Path + r, mask=r_ok, other=0)
-    tl.store(HOut + r[:, None] * D + c[None, :], tl.load(Hidden + node[:, None] * D + c[None, :], mask=ok), mask=ok)
-    if HAS_TABLE:
-        tok = tl.load(Tok + r, mask=r_ok, other=0)
-        tl.store(EOut + r[:, None] * D + c[None, :], tl.load(Table + tok[:, None] * D + c[None, :], mask=ok), mask=ok)
-    slot = length + r
-    tl.store(Slots + r, slot, mask=r_ok)
-    h = tl.arange(0, BLOCK_HD)
-    rope_ok = (r_ok & (slot < S))[:, None] & (h < HD)[None, :]
-    at = slot[:, None] * HD + h[None, :]
-    out = r[:, None] * HD + h[None, :]
-    tl.store(CsOut + out, tl.load(Rope + at, mask=rope_ok, other=0.0), mask=rope_ok)
-    tl.store(CsOut + D1 * HD + out, tl.load(Rope + S * HD + at, mask=rope_ok, other=0.0), mask=rope_ok)
-    tl.store(Start, length)
-    advanced = length + tl.load(N) + 1
-    tl.debug_barrier()  # every thread has read the old length before it is overwritten
-    tl.store(Len, advanced)
+    node = tl.load(Path + r, mask=r < D1, other=0)
+    tok = tl.load(Tok + r, mask=r < D1, other=0) if HAS_TABLE else node
+    _store_path_inputs(
+        Hidden, Table, Rope, Len, HOut, EOut, CsOut, Slots, Start, length, node, tok, tl.load(N), r, D, S, D1, HD,
+        HAS_TABLE, BLOCK_D, BLOCK_HD,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("medusa_llama::path_inputs", mutates_args=("length",))
@@ -627,26 +686,142 @@ def path_inputs(
     rope (2, S, hd) (any trailing size-1 dimensions); length (1,) long, written in place."""
     hidden, path, tokens = hidden.contiguous(), path.contiguous(), tokens.contiguous()
     d1, d = path.numel(), hidden.shape[-1]
-    s = rope.shape[1]
+    rope, outs = _path_outputs(hidden, d1, table, rope)
+    _path_inputs_kernel[(1,)](
+        hidden, path, tokens, n, hidden if table is None else table.contiguous(), rope, length, *outs, d,
+        rope.shape[1], D1=d1, BLOCK_R=triton.next_power_of_2(d1), **_path_blocks(d, rope, table),
+    )  # fmt: skip
+    return outs
+
+
+def _path_outputs(
+    hidden: torch.Tensor, d1: int, table: torch.Tensor | None, rope: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``path_inputs``' rotary table as its kernel reads it (2, S, hd) and its five outputs, allocated."""
+    s, d = rope.shape[1], hidden.shape[-1]
     rope = rope.reshape(2, s, -1).contiguous()
-    hd = rope.shape[-1]
     rows = hidden.new_empty(d1, d)
     emb = hidden.new_empty(0, d) if table is None else table.new_empty(d1, d)
-    cos_sin = rope.new_empty(2, d1, hd)
+    cos_sin = rope.new_empty(2, d1, rope.shape[-1])
     slots = torch.empty(d1, dtype=torch.long, device=hidden.device)
-    start = torch.empty(1, dtype=torch.long, device=hidden.device)
-    _path_inputs_kernel[(1,)](
-        hidden, path, tokens, n, hidden if table is None else table.contiguous(), rope, length,
-        rows, emb, cos_sin, slots, start, d, s, D1=d1, HD=hd, HAS_TABLE=table is not None,
-        BLOCK_R=triton.next_power_of_2(d1), BLOCK_D=triton.next_power_of_2(d), BLOCK_HD=triton.next_power_of_2(hd),
-    )  # fmt: skip
-    return rows, emb, cos_sin, slots, start
+    return rope, (rows, emb, cos_sin, slots, slots.new_empty(1))
+
+
+def _path_blocks(d: int, rope: torch.Tensor, table: torch.Tensor | None) -> dict:
+    """``_store_path_inputs``' constants (but D1) for rows of D over the (2, S, hd) rotary table."""
+    hd = rope.shape[-1]
+    return dict(
+        HD=hd, HAS_TABLE=table is not None, BLOCK_D=triton.next_power_of_2(d), BLOCK_HD=triton.next_power_of_2(hd)
+    )
 
 
 @path_inputs.register_fake
-def _(hidden, path, tokens, n, table, rope, length):
+def _fake_path_inputs(hidden, path, tokens, n, table, rope, length):
     d1, d = path.numel(), hidden.shape[-1]
     hd = rope.numel() // (2 * rope.shape[1])
     emb = hidden.new_empty(0, d) if table is None else table.new_empty(d1, d)
     long = torch.empty(d1, dtype=torch.long, device=hidden.device)
     return hidden.new_empty(d1, d), emb, rope.new_empty(2, d1, hd), long, long.new_empty(1)
+
+
+@triton.jit
+def _accept_move_kernel(
+    Keys,  # (T, C) argmax_keys: the backbone's argmax after each node
+    Tokens,  # (T,) the tree's tokens
+    Ret,  # (P, D1) the tree's root-to-leaf paths
+    Path,  # (D1,) the accepted path, clamped
+    Out,  # (D1 + 1,) [n, emitted tokens]
+    Root,  # () the bonus token
+    K,  # (L, S, W) the backbone's caches of one sequence, W = n_kv * hd contiguous
+    V,
+    CacheLen,  # () the backbone's cache length (read only: ``cache_kernels.advance`` is the next launch)
+    Hidden,  # (T, D), then the prefix layer's inputs and outputs as ``_path_inputs_kernel`` has them
+    Table,
+    Rope,
+    Len,
+    HOut,
+    EOut,
+    CsOut,
+    Slots,
+    Start,
+    P,
+    C,
+    W,
+    stride_l,
+    stride_s,
+    D,
+    S,
+    D1: tl.constexpr,
+    HD: tl.constexpr,
+    HAS_TABLE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_HD: tl.constexpr,
+):
+    # Every program takes the acceptance itself (a grid has no barrier to wait for one program's): a few KB of keys
+    # from L2, and a dependent load round less than reading the path program 0 would write.
+    j = tl.arange(0, BLOCK_J)
+    layer = tl.program_id(0).to(tl.int64) - 1
+    if layer < 0:  # program 0: greedy_accept's writes, then path_inputs'
+        length = tl.load(Len)  # loaded first: it waits for nothing
+        n, path, emitted, bonus = _greedy_path(Keys, Tokens, Ret, P, C, D1, BLOCK_P, BLOCK_J, BLOCK_C)
+        _store_accepted(Path, Out, Root, n, path, emitted, bonus, j, D1)
+        _store_path_inputs(
+            Hidden, Table, Rope, Len, HOut, EOut, CsOut, Slots, Start, length, path, emitted, n, j, D, S, D1, HD,
+            HAS_TABLE, BLOCK_D, BLOCK_HD,
+        )  # fmt: skip
+    else:  # program l + 1: layer l's move (``_move_path_kernel``'s); no other program touches its slots
+        base = tl.load(CacheLen)
+        path = _greedy_path(Keys, Tokens, Ret, P, C, D1, BLOCK_P, BLOCK_J, BLOCK_C)[1]
+        _move_slots(K, V, layer * stride_l, base, path, j, D1, W, stride_s, BLOCK_W)
+
+
+@torch.library.custom_op("medusa_llama::accept_move", mutates_args=("out", "root", "k_cache", "v_cache", "length"))
+def accept_move(
+    keys: torch.Tensor,
+    tokens: torch.Tensor,
+    retrieve: torch.Tensor,
+    out: torch.Tensor,
+    root: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: torch.Tensor,
+    hidden: torch.Tensor,
+    table: torch.Tensor | None,
+    rope: torch.Tensor,
+    length: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Medusa step's greedy acceptance, the commit's KV move and the prefix layer's inputs in one launch, for one
+    sequence: ``path = greedy_accept(keys, tokens, retrieve, out, root)``, then ``cache_kernels.move_path(k_cache,
+    v_cache, cache_len, path)``, then ``path_inputs(hidden, path, out[1:], out[:1], table, rope, length)`` (their
+    arguments, as they have them, with one row: keys (T, C), tokens (T,), out (D+2,), root 0-d, caches
+    (L, 1, S, n_kv, hd), cache_len 0-d). Returns ``(path, *path_inputs' five outputs)``. The backbone's cache
+    length is left as it was: ``cache_kernels.advance(cache_len, out[0])`` is the next launch (every program of the
+    move reads the old length; Triton has no grid-wide barrier to order the advance after them).
+
+    L + 1 programs: each takes the acceptance (``_greedy_path``) itself; program 0 writes it and the prefix layer's
+    inputs, program l + 1 moves layer l's accepted slots. Three launches before (2-5 us of GPU time each on an H200,
+    plus the gap between launches in a CUDA graph) -> one."""
+    n_layers, b, _, n_kv, hd = k_cache.shape
+    assert keys.dim() == 2 and b == 1, "one sequence"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == hd and k_cache.stride(4) == 1
+    (p, d1), d = retrieve.shape, hidden.shape[-1]
+    hidden = hidden.contiguous()
+    rope, outs = _path_outputs(hidden, d1, table, rope)
+    path = torch.empty(d1, dtype=torch.long, device=tokens.device)
+    _accept_move_kernel[(n_layers + 1,)](
+        keys.contiguous(), tokens.contiguous(), retrieve.contiguous(), path, out, root, k_cache, v_cache, cache_len,
+        hidden, hidden if table is None else table.contiguous(), rope, length, *outs,
+        p, keys.shape[-1], n_kv * hd, k_cache.stride(0), k_cache.stride(2), d, rope.shape[1],
+        BLOCK_W=triton.next_power_of_2(n_kv * hd), **_accept_blocks(keys, retrieve), **_path_blocks(d, rope, table),
+    )  # fmt: skip
+    return (path, *outs)
+
+
+@accept_move.register_fake
+def _(keys, tokens, retrieve, out, root, k_cache, v_cache, cache_len, hidden, table, rope, length):
+    path = tokens.new_empty(retrieve.shape[1])
+    return (path, *_fake_path_inputs(hidden, path, path, path, table, rope, length))

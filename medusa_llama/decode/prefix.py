@@ -385,6 +385,7 @@ class PrefixCache(BatchedPrefixCache):
         n: torch.Tensor,
         emitted: torch.Tensor,
         table: torch.Tensor | None,
+        inputs: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         """A decode step's extend by its accepted path: ``extend(hidden[path], n + 1, table[emitted])``, the
         gathers, the slots, the rotary tables and the length's advance in one launch (``kernels.path_inputs``).
@@ -392,11 +393,15 @@ class PrefixCache(BatchedPrefixCache):
         hidden (T, D): the verify forward's states; path (D1,) long: the accepted path, clamped (rows past n are
         padding); n (1,) or 0-d long: the accepted nodes; emitted (D1,) long: each path row's successor token;
         table (V, D): the input embedding for the token input (None: a layer without it). Returns (D1, D). Only
-        for a ``fused`` cache (the kernel path) and at most ``KERNEL_MAX_ROWS`` rows."""
+        for a ``fused`` cache (the kernel path) and at most ``KERNEL_MAX_ROWS`` rows. ``inputs``: that launch's
+        outputs, already made with the acceptance (``acceptance.accept_move_into``, which advanced the length):
+        only the layer runs."""
         from medusa_llama.decode import kernels
 
         token = self.layer.token is not None
-        rows, emb, cos_sin, slots, start = kernels.path_inputs(
-            hidden, path, emitted, n, table if token else None, self.rope_table, self.lengths
-        )
+        if inputs is None:
+            inputs = kernels.path_inputs(
+                hidden, path, emitted, n, table if token else None, self.rope_table, self.lengths
+            )
+        rows, emb, cos_sin, slots, start = inputs
         return self._extend_fused(rows[None], emb[None] if token else None, slots[None], cos_sin, start, True)[0]

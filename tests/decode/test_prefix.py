@@ -354,6 +354,51 @@ def test_prefix_heads_on_the_kernel_path_greedy_equals_vanilla(one_thread, token
     torch.testing.assert_close(dec.heads_input(), expected_head_input(bb, dec.heads, prompt, ref), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("heads_kind", ["random", "oracle"])
+@pytest.mark.parametrize("token_input", [False, True])
+def test_fused_accept_decodes_as_the_separate_launches(one_thread, token_input, heads_kind, monkeypatch):
+    """The kernel path's step with ``acceptance.FUSED_ACCEPT`` (the acceptance, the backbone's K/V move and the
+    prefix layer's inputs in one launch, ``kernels.accept_move``) and without (their own launches): both decode as
+    vanilla greedy (fp32), with the same accepted lengths, caches (lengths and committed K/V, the backbone's and the
+    prefix layer's) and heads' input. Random heads accept little (steps of n = 0 among them), the oracle the whole
+    depth of every step (the longest path)."""
+    from medusa_llama.decode import acceptance, kernels
+
+    monkeypatch.setattr(prefix, "FUSED_EXTEND", True)
+    if heads_kind == "oracle":
+        monkeypatch.setattr(proposal, "propose", lambda heads, *args, **row: heads.propose(*args))
+    dev = kernel_device()
+    bb = make_backbone(tiny_llama().to(dev), FakeTokenizer(), "tiny", 64, "fast")
+    prompt, count = list(range(3, 14)), 6 if heads_kind == "random" else 17
+    ref = VanillaDecoder(bb).generate(prompt, GenerationConfig(max_new_tokens=40, stop_at_eos=False)).tokens
+    bb.tree_kernel = bb.model.use_fused_kernels = True
+    calls, fused_call = [], kernels.accept_move
+    monkeypatch.setattr(kernels, "accept_move", lambda *args: calls.append(1) or fused_call(*args))
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(acceptance, "FUSED_ACCEPT", fused)
+        calls.clear()
+        if heads_kind == "oracle":
+            heads = OracleChain(bb, len(prompt), ref, token_input)
+        else:
+            heads = prefix_heads(std=0.05, prefix_token_input=token_input)
+        dec = MedusaDecoder(bb, heads, builtin_tree("tree16"))
+        out = dec.generate(prompt, GenerationConfig(max_new_tokens=count, stop_at_eos=False))
+        assert out.tokens == ref[:count] and len(calls) == (out.steps if fused else 0)
+        n, pc = int(bb.cache_len), dec.prefix_cache
+        assert int(pc.length) == n
+        state = [bb.model.k_cache[:, :, :n], bb.model.v_cache[:, :, :n], pc.k[:, :n], pc.v[:, :n], dec.heads_input()]
+        runs.append((out.accepted_per_depth, [x.clone() for x in state]))
+    (depths, state), (ref_depths, ref_state) = runs
+    assert depths == ref_depths
+    if heads_kind == "random":
+        assert depths[0] < out.steps  # steps of n = 0
+    else:
+        assert depths[-1] == out.steps  # every step accepted its whole depth
+    for a, b in zip(state, ref_state, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("gemms", [False, True], ids=["kernels", "gemms"])
 @pytest.mark.parametrize("dtype", [torch.float32, LOW])
 @pytest.mark.parametrize("token_input", [False, True])

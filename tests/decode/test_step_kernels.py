@@ -4,6 +4,7 @@ over chunks, greedy acceptance with the step's emitted tokens, and the whole bat
 and the kernel path cuts the step's launches (``op_count``)."""
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -232,6 +233,27 @@ def test_kernel_path_launches_fewer_kernels(one_thread):
         assert counter.syncs == 0 or not path
     assert counts[True]["acceptance"] == 2  # the argmax's chunks (argmax_keys) and the acceptance that reduces them
     assert counts[True]["proposal"] < counts[False]["proposal"]
+
+
+def test_fused_accept_launches_one_kernel_for_three(one_thread, monkeypatch):
+    """The prefix heads' step on the kernel path: with ``acceptance.FUSED_ACCEPT`` the acceptance, the backbone's K/V
+    move and the prefix layer's inputs are one launch (``accept_move``) where they were three (``greedy_accept``,
+    ``move_path``, ``path_inputs``), and the commit only advances; the rest of the step is the same."""
+    from medusa_llama.decode import acceptance
+
+    monkeypatch.setattr(prefix, "FUSED_EXTEND", True)
+    kernel_device()
+    bb = make_backbone(tiny_llama().to(torch.bfloat16), FakeTokenizer(), "tiny", 64, "fast")
+    bb.tree_kernel = bb.model.use_fused_kernels = True
+    heads = random_heads(prefix_attention=True, prefix_num_heads=4, prefix_token_input=True)
+    launched = {}
+    for fused in (False, True):
+        monkeypatch.setattr(acceptance, "FUSED_ACCEPT", fused)
+        phases = count_step(MedusaDecoder(bb, heads, builtin_tree("tree16")), list(range(3, 14))).phases
+        launched[fused] = sum(phases.values(), Counter())
+    assert launched[False] - launched[True] == Counter(greedy_accept=1, move_path=1, path_inputs=1)
+    assert launched[True] - launched[False] == Counter(accept_move=1)
+    assert phases["acceptance"]["accept_move"] == 1 and phases["commit"] == {"advance": 1}
 
 
 def test_greedy_kernel_path_reads_the_logits_uncast(one_thread):
