@@ -44,18 +44,24 @@ import triton.language as tl
 from medusa_llama.decode.kernels import _INTERPRETED, _NAN_KEY
 from medusa_llama.decode.topk import _DEAD, _LOW, _pack
 
-FUSED_ARGMAX = False
-"""The greedy GPU steps take their argmax keys from ``argmax_linear`` (True) or by ``argmax_keys`` from the LM head's
-logits (False: cuBLAS, then the argmax's launch). Off until the H200 measures the fused kernel
-(``benchmarks/lm_head_speed.py``; ``benchmarks/step_profile.py --set lm_head.FUSED_ARGMAX=True`` A/Bs the step)."""
+FUSED_ARGMAX = True
+"""The greedy GPU steps of at least ``FUSED_MIN_ROWS`` rows take their argmax keys from ``argmax_linear`` (True) or
+by ``argmax_keys`` from the LM head's logits (False: cuBLAS, then the argmax's launch). On the H200 (SmolLM2-135M's
+49152 x 576 head, bf16, ``benchmarks/lm_head_speed.py``, results/gpu/issue8/session10/) the fused launch took 17.5,
+17.4, 20.0 and 26.2 us at T = 4, 16, 64, 128 against 18.6, 19.3, 23.5 and 28.2 for cuBLAS + ``argmax_keys``, but
+17.8-19.5 against 17.5 at T = 1; in the steps' graph replays it cut the tree16-128 Medusa steps by 0.4-1 %."""
+FUSED_MIN_ROWS = 2
+"""The fewest rows that take the fused launch: one row (the vanilla step) keeps cuBLAS's GEMV, faster there."""
 BLOCK_N = 128
 """Vocabulary columns a program (49152 / 128: 384 programs, each reading 128 x 576 weights once)."""
+BLOCK_N_MANY_ROWS = 64
+"""Columns a program for more than 64 rows (128-row tiles): twice the programs (26.2 against 28.5 us at T = 128)."""
 BLOCK_K = 64
 """The K tile (the hidden size, 576: 9 tiles)."""
 BLOCK_M_MAX = 128
 """The most rows a program: T is padded to a power of two of at least 16 (``tl.dot``'s least), up to this; more rows
 take more programs (each reading the weight tile again, from L2: programs of one column block run side by side)."""
-NUM_STAGES = 4
+NUM_STAGES = 3
 """Software-pipeline stages of the K loop (the weight tiles' loads in flight)."""
 NUM_WARPS = 4
 """Warps a program of up to 64 rows; 128-row tiles take twice as many (their fp32 accumulator: 64 KB)."""
@@ -127,7 +133,7 @@ def _argmax_linear_kernel(
 def _tiles(rows: int, n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for ``rows`` rows, ``n`` columns and a hidden size ``k``."""
     block_m = min(BLOCK_M_MAX, max(16, triton.next_power_of_2(rows)))
-    block_n = min(BLOCK_N, max(16, triton.next_power_of_2(n)))
+    block_n = min(BLOCK_N if rows <= 64 else BLOCK_N_MANY_ROWS, max(16, triton.next_power_of_2(n)))
     block_k = min(BLOCK_K, max(16, triton.next_power_of_2(k)))
     return block_m, block_n, block_k, NUM_WARPS * (2 if block_m >= 128 else 1)
 

@@ -43,7 +43,8 @@ _FREE = {
 
 
 def launches(func, args) -> int:
-    """Kernel launches of one dispatched op on CUDA: 0 for views and allocations, else 1 (the Triton top-k 1 or 2)."""
+    """Kernel launches of one dispatched op on CUDA: 0 for views and allocations, else 1 (the Triton top-k 1 or 2, the
+    fused LM head + argmax 2)."""
     name = func._schema.name
     if name.startswith("aten::"):
         return 0 if func.is_view or name[6:] in _FREE else 1
@@ -51,6 +52,8 @@ def launches(func, args) -> int:
         from medusa_llama.decode.topk import CHUNK
 
         return 1 if args[0].shape[-1] <= CHUNK else 2
+    if name == "medusa_llama::argmax_linear":  # the keys' fill, then the GEMM
+        return 2
     return 1
 
 

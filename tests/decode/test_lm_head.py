@@ -108,6 +108,7 @@ def test_greedy_decoding_with_the_fused_lm_head_equals_it_without(one_thread, dt
     kernel_device()
     monkeypatch.setattr(proposal, "propose", lambda heads, *args: heads.propose(*args))  # the oracle proposes
     monkeypatch.setattr(lm_head, "BLOCK_N", 32)
+    monkeypatch.setattr(lm_head, "FUSED_MIN_ROWS", 1)  # the vanilla step's one row too (by default cuBLAS's)
     calls = [0]
     fused = lm_head.argmax_linear
 
@@ -138,3 +139,16 @@ def test_greedy_decoding_with_the_fused_lm_head_equals_it_without(one_thread, dt
             assert answer == VanillaDecoder(reference).generate(prompt, cfg).tokens == runs[1][0]
             assert runs[1][2] < len(answer) - 1 or tree_name is None  # the tree's candidates were accepted
     assert calls[0] > 0
+
+
+def test_greedy_logits_fuses_from_fused_min_rows(monkeypatch):
+    """``Backbone.greedy_logits``: the fused keys (..., 1) for ``FUSED_MIN_ROWS`` rows or more, the LM head's logits
+    (..., V) below (the vanilla step's one row), and the logits everywhere with ``FUSED_ARGMAX`` off."""
+    kernel_device()
+    bb = make_backbone(tied_llama(torch.float32), FakeTokenizer(), "tiny", 256, "fast")
+    vocab = bb.lm_head.weight.shape[0]
+    for rows, on, width in ((1, True, vocab), (2, True, 1), (5, True, 1), (5, False, vocab)):
+        monkeypatch.setattr(lm_head, "FUSED_ARGMAX", on)
+        out = bb.greedy_logits(torch.randn(rows, bb.lm_head.weight.shape[1]))
+        assert out.shape == (rows, width)
+        assert (out.dtype == torch.long) == (width == 1)

@@ -219,9 +219,13 @@ def test_batched_decoder_on_the_kernel_path_equals_vanilla(one_thread, monkeypat
     assert [r.tokens for r in BatchedDecoder(bb, 2).generate_many(prompts, GREEDY)] == refs
 
 
-def test_kernel_path_launches_fewer_kernels(one_thread):
+@pytest.mark.parametrize("fused_argmax", [False, True])
+def test_kernel_path_launches_fewer_kernels(one_thread, fused_argmax, monkeypatch):
     """Outside the verify forward the GPU path launches far fewer kernels than the PyTorch path, none syncs."""
     pytest.importorskip("triton")
+    from medusa_llama.decode import lm_head
+
+    monkeypatch.setattr(lm_head, "FUSED_ARGMAX", fused_argmax)
     kernel_device()
     counts = {}
     for path in (False, True):
@@ -231,7 +235,10 @@ def test_kernel_path_launches_fewer_kernels(one_thread):
         counter = count_step(MedusaDecoder(bb, heads, builtin_tree("tree16")), list(range(3, 14)))
         counts[path] = {phase: sum(ops.values()) for phase, ops in counter.phases.items()}
         assert counter.syncs == 0 or not path
-    assert counts[True]["acceptance"] == 2  # the argmax's chunks (argmax_keys) and the acceptance that reduces them
+    # the argmax's chunks (argmax_keys) and the acceptance that reduces them; with the fused LM head the keys come from
+    # the LM head's launch (its fill and GEMM) and the acceptance is the one launch
+    assert counts[True]["acceptance"] == (1 if fused_argmax else 2)
+    assert counts[True]["lm_head"] == (2 if fused_argmax else 1)
     assert counts[True]["proposal"] < counts[False]["proposal"]
 
 
@@ -259,13 +266,21 @@ def test_fused_accept_launches_one_kernel_for_three(one_thread, monkeypatch):
 def test_greedy_kernel_path_reads_the_logits_uncast(one_thread):
     """On the kernel path the greedy rule takes the LM head's bf16 logits as they are (no cast in the LM head phase)
     and its choice costs two launches: the argmax's chunks, then the acceptance (Medusa) or the token written into
-    the root and ``out[1]`` (vanilla: no argmax, no copies)."""
+    the root and ``out[1]`` (vanilla: no argmax, no copies). With the fused LM head (``lm_head.FUSED_ARGMAX``, a
+    tree's rows) the argmax is in the LM head's launch and the acceptance reads its keys."""
     pytest.importorskip("triton")
+    from medusa_llama.decode import lm_head
+
     kernel_device()
     bb = make_backbone(tiny_llama().to(torch.bfloat16), FakeTokenizer(), "tiny", 64, "fast")
     bb.tree_kernel = bb.model.use_fused_kernels = True
+    with pytest.MonkeyPatch.context() as mp:  # the tree's argmax by its own launch, not in the LM head's
+        mp.setattr(lm_head, "FUSED_ARGMAX", False)
+        unfused = count_step(MedusaDecoder(bb, random_heads(), builtin_tree("tree16")), list(range(3, 14))).phases
+    fused = count_step(MedusaDecoder(bb, random_heads(), builtin_tree("tree16")), list(range(3, 14))).phases
+    assert fused["lm_head"] == {"argmax_linear": 2} and fused["acceptance"] == {"greedy_accept": 1}  # fill + GEMM
     vanilla = count_step(VanillaDecoder(bb), list(range(3, 14))).phases
-    medusa = count_step(MedusaDecoder(bb, random_heads(), builtin_tree("tree16")), list(range(3, 14))).phases
+    medusa = unfused
     assert vanilla["acceptance"] == {"argmax_keys": 1, "greedy_token": 1}
     assert medusa["acceptance"] == {"argmax_keys": 1, "greedy_accept": 1}
     for phases in (vanilla, medusa):
