@@ -69,6 +69,10 @@ Triton's default 4: on the H200 the tree16 / 32 / 64 steps (192 to 576 merge pro
 1.9 % less time, the vanilla step (9 programs) the same (results/gpu/issue8/session10/ab1/steps_ab1.txt)."""
 
 
+MERGE_ROWS_WARPS = 4
+"""Warps per several-row merge program (``KernelConfig.merge_rows`` > 1)."""
+
+
 def kernel_config(head_dim: int, rows: int) -> KernelConfig:
     """The split kernel's tiles for ``rows`` = T * (query heads per KV head) query rows."""
     rows_p2 = triton.next_power_of_2(rows)
@@ -317,6 +321,7 @@ def _launch(q, k_cache, v_cache, cache_len, tree_mask, c: KernelConfig) -> torch
             o_part, l_part, out, cache_len, t, stride_cl, out.stride(0), out.stride(1), out.stride(2),
             N_KV=n_kv, G=g, HD=hd, NUM_SPLITS=num_splits, SPLIT_N=split_n,
             BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_R=c.merge_rows, BLOCK_D=block_d,
+            num_warps=MERGE_ROWS_WARPS,
         )  # fmt: skip
         return out
     _merge_kernel[(rows, b * n_kv)](
