@@ -56,7 +56,7 @@ TUNED: dict[tuple[int, int], KernelConfig] = {
     (64, 64): KernelConfig(16, 64, 1, 4, 2),
     (64, 128): KernelConfig(32, 64, 1, 4, 3),
     (64, 256): KernelConfig(64, 64, 1, 4, 1),
-    (64, 512): KernelConfig(64, 64, 2, 4, 1, 4),
+    (64, 512): KernelConfig(64, 64, 2, 4, 1),
     (128, 1): KernelConfig(16, 32, 1, 4, 2),
     (128, 64): KernelConfig(64, 32, 4, 4, 3),
 }
