@@ -64,9 +64,10 @@ TUNED: dict[tuple[int, int], KernelConfig] = {
 
 
 MERGE_WARPS = 1
-"""Warps per one-row merge program (its splits x head dim: 16 x 64 values for SmolLM2 at 2,048 slots). One, not
-Triton's default 4: on the H200 the tree16 / 32 / 64 steps (192 to 576 merge programs a layer) took 1.0, 1.4 and
-1.9 % less time, the vanilla step (9 programs) the same (results/gpu/issue8/session10/ab1/steps_ab1.txt)."""
+"""Warps per one-row merge program for heads of up to 64 dims (its splits x head dim: 16 x 64 values for SmolLM2 at
+2,048 slots); larger heads (Llama-2-7B's 128) keep Triton's default 4, not measured with fewer. One, not 4: on the
+H200 the tree16 / 32 / 64 steps (192 to 576 merge programs a layer) took 1.0, 1.4 and 1.9 % less time, the vanilla
+step (9 programs) the same (results/gpu/issue8/session10/ab1/steps_ab1.txt)."""
 
 
 MERGE_ROWS_WARPS = 4
@@ -327,7 +328,7 @@ def _launch(q, k_cache, v_cache, cache_len, tree_mask, c: KernelConfig) -> torch
     _merge_kernel[(rows, b * n_kv)](
         o_part, l_part, out, cache_len, t, stride_cl, out.stride(0), out.stride(1), out.stride(2),
         N_KV=n_kv, G=g, HD=hd, NUM_SPLITS=num_splits, SPLIT_N=split_n,
-        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=MERGE_WARPS,
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=MERGE_WARPS if hd <= 64 else 4,
     )  # fmt: skip
     return out
 
