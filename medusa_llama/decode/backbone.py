@@ -70,14 +70,14 @@ class Backbone:
         """What the greedy rule's kernels read on the GPU path (``acceptance.greedy_kernel``), (..., D) ->: the argmax
         keys (..., 1) int64 of the LM head's logits in its dtype, by ``lm_head.argmax_linear`` (the GEMM and the argmax
         in one launch, the logits never written) where ``lm_head.FUSED_ARGMAX`` holds, for ``lm_head.FUSED_MIN_ROWS``
-        rows or more (a tree's verify; the vanilla step's one row keeps cuBLAS); else the logits (..., V) in the LM
-        head's dtype (``logits(hidden, float32=False)``), which ``accept_into`` / ``next_token_into`` key by
-        ``kernels.argmax_keys``."""
+        rows or more (a tree's verify; the vanilla step's one row keeps cuBLAS) and hidden sizes up to
+        ``lm_head.FUSED_MAX_HIDDEN``; else the logits (..., V) in the LM head's dtype (``logits(hidden,
+        float32=False)``), which ``accept_into`` / ``next_token_into`` key by ``kernels.argmax_keys``."""
         from medusa_llama.decode import lm_head
 
         head = self.lm_head  # an LM head with a bias (rare) keeps the unfused path
         rows = hidden.numel() // hidden.shape[-1]
-        fused = lm_head.FUSED_ARGMAX and rows >= lm_head.FUSED_MIN_ROWS
+        fused = lm_head.FUSED_ARGMAX and rows >= lm_head.FUSED_MIN_ROWS and hidden.shape[-1] <= lm_head.FUSED_MAX_HIDDEN
         if fused and getattr(head, "bias", None) is None and head.weight.dtype == hidden.dtype:
             return lm_head.argmax_linear(hidden, head.weight)
         return self.logits(hidden, float32=False)

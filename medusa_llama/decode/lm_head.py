@@ -52,6 +52,9 @@ by ``argmax_keys`` from the LM head's logits (False: cuBLAS, then the argmax's l
 17.8-19.5 against 17.5 at T = 1; in the steps' graph replays it cut the tree16-128 Medusa steps by 0.4-1 %."""
 FUSED_MIN_ROWS = 2
 """The fewest rows that take the fused launch: one row (the vanilla step) keeps cuBLAS's GEMV, faster there."""
+FUSED_MAX_HIDDEN = 1024
+"""The largest hidden size that takes the fused launch: it was measured at SmolLM2's 576 only; wider LM heads (a 7B's
+4096, a K loop of 64 tiles) keep cuBLAS + ``argmax_keys`` until a GPU run shows the kernel pays there."""
 BLOCK_N = 128
 """Vocabulary columns a program (49152 / 128: 384 programs, each reading 128 x 576 weights once)."""
 BLOCK_N_MANY_ROWS = 64

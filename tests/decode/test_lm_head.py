@@ -143,12 +143,16 @@ def test_greedy_decoding_with_the_fused_lm_head_equals_it_without(one_thread, dt
 
 def test_greedy_logits_fuses_from_fused_min_rows(monkeypatch):
     """``Backbone.greedy_logits``: the fused keys (..., 1) for ``FUSED_MIN_ROWS`` rows or more, the LM head's logits
-    (..., V) below (the vanilla step's one row), and the logits everywhere with ``FUSED_ARGMAX`` off."""
+    (..., V) below (the vanilla step's one row), for a hidden size above ``FUSED_MAX_HIDDEN`` and everywhere with
+    ``FUSED_ARGMAX`` off."""
     kernel_device()
     bb = make_backbone(tied_llama(torch.float32), FakeTokenizer(), "tiny", 256, "fast")
     vocab = bb.lm_head.weight.shape[0]
-    for rows, on, width in ((1, True, vocab), (2, True, 1), (5, True, 1), (5, False, vocab)):
+    hidden = bb.lm_head.weight.shape[1]
+    cases = ((1, True, hidden, vocab), (2, True, hidden, 1), (5, True, hidden, 1), (5, False, hidden, vocab))
+    for rows, on, widest, width in cases + ((5, True, hidden - 1, vocab),):  # a head wider than FUSED_MAX_HIDDEN
         monkeypatch.setattr(lm_head, "FUSED_ARGMAX", on)
+        monkeypatch.setattr(lm_head, "FUSED_MAX_HIDDEN", widest)
         out = bb.greedy_logits(torch.randn(rows, bb.lm_head.weight.shape[1]))
         assert out.shape == (rows, width)
         assert (out.dtype == torch.long) == (width == 1)
