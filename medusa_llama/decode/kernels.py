@@ -260,22 +260,26 @@ def _column(key):
 
 
 @triton.jit
+def _best_key(x, cols, live, N, AXIS: tl.constexpr):
+    """The best of fp32 values ``x`` along ``AXIS`` as one ``topk._keys`` key: the largest value at its lowest column
+    (``cols``, broadcast against x; ``live`` masks columns past N), after fp32 and int32 reductions (the int64 key of
+    every element cost more: 6.3 us for 64 rows of 49152 on an H200). ``argmax_keys`` and ``lm_head`` share it."""
+    top = tl.max(x, AXIS)
+    first = tl.min(tl.where((x == tl.expand_dims(top, AXIS)) & live, cols, N), AXIS)  # -0.0 == +0.0 here
+    key = _pack(top, first)
+    # torch.argmax's NaN rule: a NaN is the maximum, the first NaN wins (one high word above +inf's for every NaN)
+    first_nan = tl.min(tl.where((x != x) & live, cols, N), AXIS)
+    return tl.where(first_nan < N, (first_nan ^ _LOW).to(tl.int64) | _NAN_KEY, key)
+
+
+@triton.jit
 def _argmax_keys_kernel(X, Keys, N, stride_row, C, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK + tl.arange(0, BLOCK)
     live = cols < N
     x = tl.load(X + row * stride_row + cols, mask=live, other=float("-inf")).to(tl.float32)
-    # fp32 and int32 reductions over the chunk, then one key (``topk._keys``' packing) for its best: the int64 key of
-    # every element cost more (measured: 6.3 us for 64 rows of 49152 on an H200).
-    nan = (x != x) & live
-    top = tl.max(x, 0)
-    first = tl.min(tl.where((x == top) & live, cols, N), 0)  # the first of equal maxima (-0.0 == +0.0)
-    key = _pack(top, first)
-    # torch.argmax's NaN rule: a NaN is the maximum, the first NaN wins (one high word above +inf's for every NaN)
-    first_nan = tl.min(tl.where(nan, cols, N), 0)
-    key = tl.where(first_nan < N, (first_nan ^ _LOW).to(tl.int64) | _NAN_KEY, key)
-    tl.store(Keys + row * C + chunk, key)
+    tl.store(Keys + row * C + chunk, _best_key(x, cols, live, N, 0))
 
 
 @torch.library.custom_op("medusa_llama::argmax_keys", mutates_args=())

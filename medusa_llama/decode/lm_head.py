@@ -41,8 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from medusa_llama.decode.kernels import _INTERPRETED, _NAN_KEY
-from medusa_llama.decode.topk import _DEAD, _LOW, _pack
+from medusa_llama.decode.kernels import _INTERPRETED, _best_key
+from medusa_llama.decode.topk import _DEAD
 
 FUSED_ARGMAX = True
 """The greedy GPU steps of at least ``FUSED_MIN_ROWS`` rows take their argmax keys from ``argmax_linear`` (True) or
@@ -123,13 +123,7 @@ def _argmax_linear_kernel(
         v = acc
     live = (cols < N)[None, :]
     v = tl.where(live, v, float("-inf"))
-    # each row's best of the tile as one key: the largest value at its lowest column, then the NaN rule
-    # (``kernels._argmax_keys_kernel``'s reduction, over axis 1 of a tile)
-    top = tl.max(v, 1)
-    first = tl.min(tl.where((v == top[:, None]) & live, cols[None, :], N), 1)  # -0.0 == +0.0 here too
-    key = _pack(top, first)
-    first_nan = tl.min(tl.where((v != v) & live, cols[None, :], N), 1)
-    key = tl.where(first_nan < N, (first_nan ^ _LOW).to(tl.int64) | _NAN_KEY, key)
+    key = _best_key(v, cols[None, :], live, N, 1)  # each row's best of the tile
     tl.atomic_max(Keys + rows, key, mask=rows < M, sem="relaxed")  # order is irrelevant: the launch's end publishes
 
 
