@@ -5,8 +5,9 @@ Prints, for prompts of new lengths:
 1. the prefill's wall time (host) against the sum of its kernels' device time: a prefill whose wall time is far above
    its kernel time is paying per-op host overhead (eager dispatch), not GPU work;
 2. the first token of each decoder (``generate`` with one new token), as ``bench`` measures it;
-3. one graph replay of the vanilla and the Medusa step, and the Medusa step's kernels grouped by phase (eager, with
-   ``torch.profiler``): how many kernels each phase launches and their device time.
+3. the graph replays of the vanilla and the Medusa step (medians of interleaved rounds, as ``--steps-only``);
+4. the Medusa step's kernels grouped by phase (eager, with ``torch.profiler``): how many kernels each phase launches
+   and their device time.
 
 Usage (GPU): python benchmarks/step_profile.py [--tree PATH] [--heads DIR] [--prefix-extend fused|unfused] [--detail]
 
@@ -197,7 +198,8 @@ def main() -> None:
         rv = van.generate(prompt(n), one)
         rm = med.generate(prompt(n + 1), one)
         print(f"P={n:4d}: vanilla {1e3 * rv.prefill_s:6.2f} ms, medusa {1e3 * rm.prefill_s:6.2f} ms")
-    cfg = steps(bb, van, med, prompt, one)
+    variant_steps(bb, heads, args)  # section 3, as --steps-only prints it
+    cfg = GenerationConfig().acceptance_config()
     print("\n## 4. the Medusa step eager, by phase (torch.profiler over 10 steps; each phase a record_function)")
     med.generate(prompt(300), one)
     order = ["verify_forward", "lm_head", "acceptance", "commit", "proposal"]  # the step's mark() order
@@ -231,26 +233,11 @@ def main() -> None:
         detail(bb, van, med, cfg, prompt)
 
 
-def steps(bb, van, med, prompt, one):
-    """Section 3: one graph replay of each decoder's step, 300 tokens cached. Returns the acceptance config."""
-    print("\n## 3. steps (graph replays, 300 tokens cached)")
-    cfg = GenerationConfig().acceptance_config()
-    times = {}
-    for name, dec in (("vanilla", van), ("medusa", med)):
-        dec.generate(prompt(300), one)
-        step = dec._step_for(cfg)
-        for _ in range(3):  # steps advance the cache; a few hundred replays stay within 2048
-            step()
-        times[name] = timed(step, 200)
-        print(f"{name}: {times[name]:.3f} ms per step replay")
-    print(f"ratio medusa / vanilla: {times['medusa'] / times['vanilla']:.3f}")
-    return cfg
-
-
 def variant_steps(bb, heads, args) -> None:
-    """``--steps-only``: graph replays of the vanilla and the Medusa step, 300 tokens cached, for every tree of
-    ``--tree`` (comma-separated) and every knob variant (none, then each ``--vary``), each variant's steps built
-    (captured) with its knob set. Rounds interleave all steps (drift hits all alike); each prints its median."""
+    """Section 3 (alone with ``--steps-only``): graph replays of the vanilla and the Medusa step, 300 tokens cached,
+    for every tree of ``--tree`` (comma-separated) and every knob variant (none, then each ``--vary``), each variant's
+    steps built (captured) with its knob set. Rounds interleave all steps (drift hits all alike); each prints its
+    median."""
     gen = torch.Generator().manual_seed(0)
     one = GenerationConfig(max_new_tokens=1, stop_at_eos=False)
     cfg = GenerationConfig().acceptance_config()
